@@ -1,0 +1,176 @@
+"""Building and loading models and tokenizers: named random-init architectures, HF models, LoRA, attention.
+
+Sits at the start of the model side of the flow: the trainer, the reference-cache builder and the
+evaluator get their (model, tokenizer) here. Named architectures (`llama-tiny`, `gpt2-small`,
+`llama-8b`) are built from a config with no download, seeded and deterministic; anything else is a
+Hugging Face causal LM by local path or hub name. The trainer feeds the model's trunk (no LM head) and
+hands the head's weight to the fused loss, so `trunk_and_head` is here too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _named_config(name: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if name == "llama-tiny":
+        # Small enough to train on 2 CPU cores in minutes; real Llama block structure (GQA, RoPE, SwiGLU).
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
+        )
+    if name == "gpt2-small":
+        return GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+    if name == "llama-8b":
+        # Llama-3.1-8B shapes: 8.03e9 parameters.
+        return LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+            rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown named architecture {name!r}; named architectures: llama-tiny, gpt2-small, llama-8b")
+
+
+def is_named_architecture(name: str) -> bool:
+    from engine.config import NAMED_ARCHITECTURES
+
+    return name in NAMED_ARCHITECTURES
+
+
+def load_tokenizer(name_or_path: str | None = None, *, revision: str | None = None):
+    """The bundled tokenizer (None or a named architecture), else a HF tokenizer by path or hub name."""
+    from transformers import AutoTokenizer
+
+    if name_or_path is None or is_named_architecture(name_or_path):
+        return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    if tok.pad_token is None:
+        # Packed training never pads inside a sequence; the pad id only fills row tails and batched generation.
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        from engine.data.build_tokenizer import CHAT_TEMPLATE
+
+        tok.chat_template = CHAT_TEMPLATE.replace("<|user|>", "User:").replace("<|assistant|>", "Assistant:").replace(
+            "<|end|>", tok.eos_token or ""
+        ).replace("{{ bos_token }}", "{{ bos_token or '' }}")
+    return tok
+
+
+def resolve_attn_implementation(requested: str, device: torch.device | str) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn is importable, else sdpa (packed rows use position ids)."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise RuntimeError("model.attn_implementation flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa")
+        return requested
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_model(
+    name: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
+):
+    """Random-init named architecture, deterministic for (name, seed). device='meta' allocates nothing."""
+    from transformers import AutoModelForCausalLM
+
+    if vocab_size is None:
+        vocab_size = len(load_tokenizer())
+        vocab_size = (vocab_size + 63) // 64 * 64  # rows past the tokenizer are never targeted
+    cfg = _named_config(name, vocab_size)
+    cfg._attn_implementation = attn_implementation
+    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    return model.to(device)
+
+
+def load_model(cfg, *, device: str | torch.device = "cpu", name: str | None = None, for_training: bool = True):
+    """Model for a run from a ModelConfig (`name` overrides cfg.name, e.g. a separate reference model).
+
+    Applies the attention choice, gradient checkpointing and LoRA (when cfg.lora_r > 0 and for_training).
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = name or cfg.name
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    if is_named_architecture(name):
+        model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
+        ).to(device)
+    model.config.use_cache = False  # packed rows rely on attention_mask=None and no KV cache
+    if not for_training:
+        return model.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def apply_lora(model, cfg):
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in cfg.lora_target_modules if t in present]
+    if not targets:
+        raise ValueError(
+            f"model.lora_target_modules {cfg.lora_target_modules} match no module of {type(model).__name__}; "
+            f"candidates include {sorted(n for n in present if 'proj' in n or n.startswith('c_'))}"
+        )
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def trunk_and_head(model):
+    """(trunk module returning final hidden states, LM-head module) of a causal LM, through a peft wrapper.
+
+    The fused loss multiplies the trunk's hidden states by the head's weight itself, so the [N, V]
+    logits the HF forward would build are never created.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    trunk = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if trunk is None or trunk is base:
+        trunk = getattr(base, base.base_model_prefix)
+    return trunk, head
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_pretrained(name_or_path: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """(model, tokenizer) for inference: a save_pretrained directory, a hub name, or a named architecture."""
+    from transformers import AutoModelForCausalLM
+
+    if is_named_architecture(name_or_path):
+        model, tok = build_model(name_or_path, dtype=dtype, device=device), load_tokenizer()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype]).to(device)
+        path = Path(name_or_path)
+        has_tok = path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tok = load_tokenizer(name_or_path) if has_tok or not path.exists() else load_tokenizer()
+    return model.eval(), tok
