@@ -327,6 +327,11 @@ def _field_hints(cls: type) -> dict[str, Any]:
 
 def _parse_scalar(text: str, hint: Any, where: str) -> Any:
     """Turn a command-line string into the field's type (YAML syntax: 1e-5, true, null, [a, b])."""
+    if text == "":
+        return _coerce("", hint, where)  # YAML reads "" as null; on the command line it means the empty string
+    if hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint)):
+        # Strings are taken verbatim: YAML 1.1 would turn "off"/"no"/"on" into booleans.
+        return None if text in ("null", "None", "~") and type(None) in typing.get_args(hint) else text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -352,6 +357,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where "5e-6" (no dot) is a string: accept what users write.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
@@ -361,6 +372,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):
+            # In YAML files `mode: off` arrives as False (YAML 1.1); our string settings mean the word.
+            return "on" if value else "off"
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return str(value)

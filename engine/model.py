@@ -76,6 +76,12 @@ def resolve_attn_implementation(requested: str, device: torch.device | str) -> s
     return "sdpa"
 
 
+def default_vocab_size() -> int:
+    """Vocabulary of the named architectures built with the bundled tokenizer: its size rounded up to 64
+    (matmul-friendly; rows past the tokenizer are never targeted)."""
+    return (len(load_tokenizer()) + 63) // 64 * 64
+
+
 def build_model(
     name: str,
     *,
@@ -89,8 +95,7 @@ def build_model(
     from transformers import AutoModelForCausalLM
 
     if vocab_size is None:
-        vocab_size = len(load_tokenizer())
-        vocab_size = (vocab_size + 63) // 64 * 64  # rows past the tokenizer are never targeted
+        vocab_size = default_vocab_size()
     cfg = _named_config(name, vocab_size)
     cfg._attn_implementation = attn_implementation
     torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype

@@ -48,6 +48,17 @@ def test_overrides_are_typed():
     assert cfg.loss.beta == 0.25 and cfg.optim.max_steps == 7
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.checkpoint.export_final is False and cfg.ref_cache.dir is None
+    # YAML 1.1 reads 5e-6 (no dot) as a string; it must still be a number, on the command line and in files.
+    assert load_config(["--optim.lr", "5e-6", "--optim.max_steps", "1e3"]).optim.lr == 5e-6
+    assert load_config(["--deviation.semantic_model", ""]).deviation.semantic_model == ""
+
+
+def test_numbers_without_a_dot_and_bare_off_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 5e-6\nref_cache:\n  mode: off\n")
+    cfg = load_config(["--config", str(p)])
+    assert cfg.optim.lr == 5e-6 and cfg.ref_cache.mode == "off"
+    assert load_config(["--ref_cache.mode", "off"]).ref_cache.mode == "off"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,12 @@ def test_deterministic():
     assert generate_rows(20, seed=5) != generate_rows(20, seed=6)
 
 
+def test_prompts_are_distinct():
+    for n in (240, 1000):
+        titles = [r["post_title"] for r in generate_rows(n, seed=1)]
+        assert len(set(titles)) == n
+
+
 def test_schema_and_ground_truth():
     rows = generate_rows(50, seed=0)
     for row in rows:

@@ -60,6 +60,11 @@ _PROMPT_SUBJECTS = (
     "an old lighthouse", "a forgotten song", "the moon", "a broken clock", "a stray cat", "the ocean",
     "a locked library", "a paper crane", "the first snow", "a borrowed coat", "a silver coin", "the north wind",
 )
+_PROMPT_SETTINGS = (
+    "", " It happens on a Tuesday.", " Nobody else notices.", " It is the year 3000.", " You are ninety years old.",
+    " The power has been out for a week.", " It is your wedding day.", " You have one hour.",
+    " The sky is green.", " You cannot speak.",
+)
 
 
 @dataclass(frozen=True)
@@ -193,9 +198,16 @@ def generate_rows(
     rng = random.Random(seed)
     rows = []
     t0 = 1_500_000_000
+    # Distinct prompts (a repeated title would merge two rows into one prompt group downstream):
+    # combinations drawn without replacement, numbered past the 960 that exist.
+    n_combos = len(_PROMPT_HOOKS) * len(_PROMPT_SUBJECTS) * len(_PROMPT_SETTINGS)
+    combos = rng.sample(range(n_combos), min(num_prompts, n_combos))
     for p in range(num_prompts):
-        hook = rng.choice(_PROMPT_HOOKS).format(x=rng.choice(_PROMPT_SUBJECTS))
-        title = f"[WP] {hook}"
+        c = combos[p % n_combos]
+        hook_i, rest = divmod(c, len(_PROMPT_SUBJECTS) * len(_PROMPT_SETTINGS))
+        subject_i, setting_i = divmod(rest, len(_PROMPT_SETTINGS))
+        hook = _PROMPT_HOOKS[hook_i].format(x=_PROMPT_SUBJECTS[subject_i]) + _PROMPT_SETTINGS[setting_i]
+        title = f"[WP] {hook}" + (f" (part {p // n_combos + 1})" if p >= n_combos else "")
         post_time = t0 + p * 3600
         texts, scores, times, truth = [], [], [], []
         for _ in range(rng.randint(min_responses, max_responses)):

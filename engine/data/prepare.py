@@ -1,0 +1,201 @@
+"""`prepare_data`: the one call that turns a config's data source into packed rows.
+
+The trainer, the reference-cache builder and `python -m engine.data prepare` all call it, so they
+see the same pairs, split, weights, token ids and rows:
+
+    load + validate + clean (loading.py) -> drop over-long responses (tokenize.py)
+    -> [deviation, for divpo] -> pairs (pairs.py) -> [deviation, for weights] -> split by prompt
+    -> attach weights -> tokenise, cached (tokenize.py) -> pack (packing.py)
+
+Everything skipped on the way is counted by reason in `PreparedData.counts` and, with `out_dir`,
+written to `data_report.json` next to the run's other outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.data.loading import DataError, LoadReport, load_any
+from engine.data.packing import (
+    PackedRow,
+    microbatch_padding_fraction,
+    pack_pairs,
+    packing_padding_fraction,
+    padded_pairs_padding_fraction,
+)
+from engine.data.sampler import RowSampler
+from engine.data.pairs import attach_weights, build_pairs, pair_skip_counts, response_pair_counts, split_by_prompt
+from engine.data.records import Pair, Response, content_id
+from engine.data.tokenize import TokenizedPair, filter_long_responses, tokenization_fingerprint, tokenize_pairs_with_counts
+
+
+@dataclass
+class PreparedData:
+    train_pairs: list[Pair]
+    val_pairs: list[Pair]
+    train_tokenized: list[TokenizedPair]
+    val_tokenized: list[TokenizedPair]
+    train_rows: list[PackedRow]
+    val_rows: list[PackedRow]
+    load_report: LoadReport
+    counts: dict[str, int]  # responses / prompts / pairs dropped after loading, by reason
+    padding_fraction: float  # train micro-batches as collated (each padded to its longest row)
+    padding_fraction_to_capacity: float  # train rows padded to max_tokens_per_row (static shapes)
+    fingerprint: str  # train pair ids + tokenization fingerprint: what per-sequence caches key on
+    tokenization_fingerprint: str
+    responses: list[Response] = field(default_factory=list)
+    deviation: Any = None  # the DeviationResult when one was computed
+    weights_attached: bool = False
+    report: dict = field(default_factory=dict)
+
+
+def _responses_of_pairs(pairs: list[Pair]) -> list[Response]:
+    """Distinct responses of pair-form data, so the deviation pipeline can weight them."""
+    seen: dict[str, Response] = {}
+    for p in pairs:
+        for rid, text, score in ((p.chosen_id, p.chosen, p.chosen_score), (p.rejected_id, p.rejected, p.rejected_score)):
+            if rid not in seen:
+                seen[rid] = Response(prompt_id=p.prompt_id, response_id=rid, prompt=p.prompt, text=text, score=score)
+    return list(seen.values())
+
+
+def _deviation(responses, cfg, pair_counts=None):
+    from engine.deviation import compute_deviation  # heavy (embedders): only when weights or divpo need it
+
+    return compute_deviation(responses, cfg.deviation, cache_dir=cfg.deviation.cache_dir, pair_counts=pair_counts)
+
+
+def train_fingerprint(pairs: list[Pair], tok_fp: str) -> str:
+    return content_id("train-set", tok_fp, *(p.pair_id for p in pairs))
+
+
+def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None, verbose: bool = True) -> PreparedData:
+    """Load, clean, pair, weight, split, tokenise and pack the data of `cfg` (an engine.config.Config)."""
+    d = cfg.data
+    t0 = time.perf_counter()
+    loaded = load_any(d.source, strict=d.strict, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed)
+    if verbose:
+        print(loaded.report.summary(), flush=True)
+    counts: dict[str, int] = {}
+    needs_weights = compute_weights and cfg.loss.needs_weights and cfg.deviation.enabled
+    deviation = None
+
+    if loaded.kind == "responses":
+        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens)
+        if n_long:
+            counts["response_too_long"] = n_long
+        if d.pairs == "divpo":
+            deviation = _deviation(responses, cfg)
+        pairs = build_pairs(
+            responses, d.pairs, min_gap=d.min_gap, max_pairs_per_prompt=d.max_pairs_per_prompt, rho=d.divpo_rho,
+            seed=d.seed, deviation=deviation,
+        )
+        counts.update(pair_skip_counts(responses, pairs))
+    else:
+        if d.pairs == "divpo":
+            raise DataError(
+                f"{d.source} holds ready-made pairs; divpo builds its own pairs from scored responses: use a "
+                f"WritingPrompts-schema source or another data.pairs mode"
+            )
+        pairs = loaded.pairs
+        responses = _responses_of_pairs(pairs)
+
+    if needs_weights and (deviation is None or cfg.deviation.count_duplicates):
+        # count_duplicates weights each response once per pair that uses it, so it needs the pairs.
+        pc = response_pair_counts(pairs) if cfg.deviation.count_duplicates else None
+        deviation = _deviation(responses, cfg, pair_counts=pc)
+    if needs_weights:
+        pairs = attach_weights(pairs, deviation)
+    train_pairs, val_pairs = split_by_prompt(pairs, d.val_fraction, d.seed)
+
+    tok_kw = dict(
+        max_prompt_length=d.max_prompt_length, max_length=d.max_length, nll_on_prompt=cfg.loss.nll_on_prompt,
+        max_response_tokens=d.max_response_tokens, cache_dir=d.cache_dir, num_workers=d.num_workers,
+    )
+    train_tok, dropped_t = tokenize_pairs_with_counts(train_pairs, tokenizer, **tok_kw)
+    val_tok, dropped_v = tokenize_pairs_with_counts(val_pairs, tokenizer, **tok_kw)
+    for k, v in list(dropped_t.items()) + list(dropped_v.items()):
+        counts[f"pair_{k}"] = counts.get(f"pair_{k}", 0) + v
+    if not train_tok:
+        raise DataError(
+            f"{d.source}: no training pair survived (load report: {loaded.report.counts}, drops: {counts}); "
+            f"check the source, data.pairs, data.max_length and data.val_fraction"
+        )
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pack_kw = dict(pad_id=pad_id, nll_on_prompt=cfg.loss.nll_on_prompt)
+    train_rows = pack_pairs(train_tok, d.max_tokens_per_row, **pack_kw)
+    val_rows = pack_pairs(val_tok, d.max_tokens_per_row, **pack_kw) if val_tok else []
+    tok_fp = tokenization_fingerprint(
+        tokenizer, max_prompt_length=d.max_prompt_length, max_length=d.max_length,
+        max_response_tokens=d.max_response_tokens, nll_on_prompt=cfg.loss.nll_on_prompt,
+    )
+    cap_frac = packing_padding_fraction(train_rows, d.max_tokens_per_row)
+    # The padding the trainer actually computes on: epoch-0 micro-batches of one rank, as sampled.
+    plan = RowSampler([r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed)
+    pad_frac = microbatch_padding_fraction(train_rows, list(plan))
+    report = {
+        "load": loaded.report.to_dict(),
+        "kind": loaded.kind,
+        "pair_mode": d.pairs if loaded.kind == "responses" else "given",
+        "responses": len(responses),
+        "pairs": {"train": len(train_pairs), "val": len(val_pairs)},
+        "tokenized_pairs": {"train": len(train_tok), "val": len(val_tok)},
+        "dropped": dict(sorted(counts.items())),
+        "rows": {"train": len(train_rows), "val": len(val_rows)},
+        "tokens": {"train": sum(r.num_tokens for r in train_rows), "val": sum(r.num_tokens for r in val_rows)},
+        "max_tokens_per_row": d.max_tokens_per_row,
+        "rows_per_batch": d.rows_per_batch,
+        "padding_fraction_packed": pad_frac,
+        "padding_fraction_packed_to_capacity": cap_frac,
+        "padding_fraction_padded_pairs": padded_pairs_padding_fraction(train_tok, 8),
+        "weights_attached": bool(needs_weights),
+        "fingerprint": train_fingerprint(train_pairs, tok_fp),
+        "tokenization_fingerprint": tok_fp,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if verbose:
+        print(
+            f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs -> {len(train_rows)} rows of <= "
+            f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of {d.rows_per_batch} row(s), "
+            f"{100 * cap_frac:.2f}% if padded to the row size (padded pair batches of 8: "
+            f"{100 * report['padding_fraction_padded_pairs']:.1f}%); dropped {report['dropped'] or 'nothing'}",
+            flush=True,
+        )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "data_report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out / "data_report.json")
+    return PreparedData(
+        train_pairs=train_pairs, val_pairs=val_pairs, train_tokenized=train_tok, val_tokenized=val_tok,
+        train_rows=train_rows, val_rows=val_rows, load_report=loaded.report, counts=counts, padding_fraction=pad_frac,
+        padding_fraction_to_capacity=cap_frac,
+        fingerprint=report["fingerprint"], tokenization_fingerprint=tok_fp, responses=responses, deviation=deviation,
+        weights_attached=bool(needs_weights), report=report,
+    )
+
+
+def write_pairs_jsonl(path: str | Path, prepared: PreparedData) -> int:
+    """pairs.jsonl: one pair a line (prompt, chosen, rejected, upvotes, ids, split; weights when computed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
+            for p in pairs:
+                row = p.to_dict()
+                if not prepared.weights_attached:
+                    row.pop("chosen_weight")
+                    row.pop("rejected_weight")
+                row["split"] = split
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    tmp.replace(path)
+    return n
