@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE ?= 1
 
 $(DEPS_STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	@# The CPU torch wheel first, so that no dependency can pull a CUDA build.
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-build-isolation -r requirements.lock
@@ -26,6 +26,8 @@ $(DEPS_STAMP): requirements.lock
 
 $(PKG_STAMP): $(DEPS_STAMP) pyproject.toml setup.py $(wildcard csrc/*)
 	$(PIP) install --no-build-isolation --no-deps -e .
+	@# DeepSpeed JIT-compiles its CPU communication op on first use (~40 s): do it once here, not in the first run.
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" >/dev/null
 	@touch $@
 
 venv: $(PKG_STAMP)

@@ -1,0 +1,469 @@
+"""kernels/: every backend of linear_logprob and fused_preference_loss against the eager reference.
+
+fp32 is compared tightly (rtol 1e-5); half precision uses the flash-attention rule: the backend's
+error against an fp64 reference is at most 2x the error of the same-precision eager run. The
+Triton kernels run on CPU through the interpreter (conftest sets TRITON_INTERPRET=1), so their
+shapes stay small; larger vocabularies run on the torch/eager backends and on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.losses import OBJECTIVES, preference_loss
+from kernels import (
+    BACKEND_ENV_VAR,
+    fused_preference_loss,
+    fused_preference_loss_ref,
+    linear_logprob,
+    linear_logprob_ref,
+    resolve_backend,
+)
+
+IGNORE = -100
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    """A backend forced from the environment would make every comparison eager-vs-eager."""
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+
+
+@dataclasses.dataclass
+class Batch:
+    hidden: torch.Tensor  # [N, D] float64 master copy
+    weight: torch.Tensor  # [V, D] float64 master copy
+    targets: torch.Tensor
+    segment_ids: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    num_segments: int
+    chosen_weights: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+    def cast(self, dtype, device="cpu", requires_grad=True):
+        h = self.hidden.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        w = self.weight.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        return h, w
+
+    def quantised(self, dtype):
+        """The same batch with hidden and weight rounded through `dtype`: the fp64 reference of a
+        half-precision run starts from the inputs that run sees, so only compute error is compared."""
+        return dataclasses.replace(self, hidden=self.hidden.to(dtype).double(), weight=self.weight.to(dtype).double())
+
+    def to(self, device):
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "num_segments"}
+        )
+
+
+def make_batch(num_pairs: int, row_len: int, d: int, v: int, seed: int = 0, max_resp: int = 9) -> Batch:
+    """A packed batch of 2 * num_pairs sequences in rows of row_len tokens, flattened to [N].
+
+    Sequences are placed in a random order of their segment ids (unsorted runs); each has a prompt
+    (ignored targets), a response and an ignored boundary token; rows end in padding (segment -1).
+    Sequence 0 has a single response token, sequence 1 an empty response (all targets ignored).
+    """
+    g = torch.Generator().manual_seed(seed)
+    s = 2 * num_pairs
+    rows_t, rows_s, cur_t, cur_s = [], [], [], []
+    for sid in torch.randperm(s, generator=g).tolist():
+        p = int(torch.randint(1, 5, (1,), generator=g))
+        r = {0: 1, 1: 0}.get(sid, int(torch.randint(1, max_resp + 1, (1,), generator=g)))
+        if p + r > row_len:
+            raise ValueError(f"row_len {row_len} too short for a sequence of {p + r} tokens")
+        if len(cur_t) + p + r > row_len:
+            pad = row_len - len(cur_t)
+            rows_t.append(cur_t + [IGNORE] * pad)
+            rows_s.append(cur_s + [-1] * pad)
+            cur_t, cur_s = [], []
+        tg = [IGNORE] * (p - 1) + torch.randint(0, v, (r,), generator=g).tolist() + [IGNORE]
+        cur_t += tg
+        cur_s += [sid] * (p + r)
+    pad = row_len - len(cur_t)
+    rows_t.append(cur_t + [IGNORE] * pad)
+    rows_s.append(cur_s + [-1] * pad)
+    targets = torch.tensor(rows_t).reshape(-1)
+    segment_ids = torch.tensor(rows_s).reshape(-1)
+    n = targets.numel()
+    order = torch.randperm(s, generator=g)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) * (1.5 / d**0.5)
+    return Batch(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        segment_ids=segment_ids,
+        chosen=order[:num_pairs].clone(),
+        rejected=order[num_pairs:].clone(),
+        num_segments=s,
+        chosen_weights=torch.rand(num_pairs, generator=g, dtype=torch.float64) * 1.5 + 0.25,
+        ref_chosen=-torch.rand(num_pairs, generator=g, dtype=torch.float64) * 40,
+        ref_rejected=-torch.rand(num_pairs, generator=g, dtype=torch.float64) * 40,
+    )
+
+
+def fused_kwargs(b: Batch, objective: str) -> dict:
+    return dict(
+        objective=objective,
+        beta=0.25 if objective in ("orpo", "dorpo") else 0.1,
+        chosen_weights=b.chosen_weights.float(),
+        ref_chosen_logps=b.ref_chosen.float(),
+        ref_rejected_logps=b.ref_rejected.float(),
+    )
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
+    """rtol comparison with an absolute floor at rtol * max|expected| (entries near 0 of a gradient)."""
+    expected = expected.double()
+    atol = rtol * max(expected.abs().max().item(), 1e-12)
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# Shapes: (num_pairs, row_len, D, V); row lengths are odd, so N is never a multiple of a block.
+TRITON_SHAPES = [(4, 23, 64, 1000), (5, 17, 96, 1000), (1, 13, 64, 1000)]
+TORCH_SHAPES = TRITON_SHAPES + [(6, 41, 512, 1000), (8, 37, 256, 32003)]
+
+
+def _backend_shapes():
+    for shape in TRITON_SHAPES:
+        yield pytest.param("triton", shape, id=f"triton-{'x'.join(map(str, shape))}")
+    for shape in TORCH_SHAPES:
+        yield pytest.param("torch", shape, id=f"torch-{'x'.join(map(str, shape))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_logprob
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,shape", list(_backend_shapes()))
+def test_linear_logprob_fp32_matches_eager(backend, shape):
+    b = make_batch(*shape, seed=sum(shape))
+    h, w = b.cast(torch.float32)
+    h_ref, w_ref = b.cast(torch.float32)
+    # A random upstream gradient so every sequence's weight in dH / dW differs.
+    g_up = torch.randn(b.num_segments, generator=torch.Generator().manual_seed(1))
+
+    seq, cnt = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend=backend, chunk_tokens=16)
+    seq_ref, cnt_ref = linear_logprob_ref(h_ref, w_ref, b.targets, b.segment_ids, b.num_segments)
+    assert seq.dtype == torch.float32 and seq.shape == (b.num_segments,)
+    assert torch.equal(cnt, cnt_ref)
+    assert cnt[0] == 1 and cnt[1] == 0  # the single-token and the empty response
+    assert seq[1] == 0
+    close(seq, seq_ref, what="seq_logps")
+    dh, dw = torch.autograd.grad((seq * g_up).sum(), [h, w])
+    dh_ref, dw_ref = torch.autograd.grad((seq_ref * g_up).sum(), [h_ref, w_ref])
+    close(dh, dh_ref, what="d hidden")
+    close(dw, dw_ref, what="d weight")
+    # Prompt, boundary and padding rows get exactly zero gradient.
+    assert (dh[b.targets == IGNORE] == 0).all()
+
+
+def test_linear_logprob_ref_matches_float64_math():
+    """The reference itself against a direct float64 computation (guards the oracle)."""
+    b = make_batch(3, 19, 32, 50, seed=3)
+    seq, cnt = linear_logprob_ref(b.hidden, b.weight, b.targets, b.segment_ids, b.num_segments)
+    logits = b.hidden @ b.weight.T
+    expected = torch.zeros(b.num_segments, dtype=torch.float64)
+    for t in range(b.targets.numel()):
+        if b.targets[t] != IGNORE:
+            row = logits[t]
+            expected[b.segment_ids[t]] += row[b.targets[t]] - torch.logsumexp(row, 0)
+    close(seq, expected, rtol=1e-12, what="ref vs float64 loop")
+    assert cnt.tolist() == [int(((b.segment_ids == s) & (b.targets != IGNORE)).sum()) for s in range(b.num_segments)]
+
+
+def test_linear_logprob_frozen_weight_and_no_grad():
+    b = make_batch(3, 21, 64, 1000, seed=5)
+    h, _ = b.cast(torch.float32)
+    w = b.weight.float()  # frozen LM head (e.g. LoRA on the trunk only)
+    seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend="torch", chunk_tokens=8)
+    (dh,) = torch.autograd.grad(seq.sum(), [h])
+    h_ref, _ = b.cast(torch.float32)
+    seq_ref, _ = linear_logprob_ref(h_ref, w, b.targets, b.segment_ids, b.num_segments)
+    (dh_ref,) = torch.autograd.grad(seq_ref.sum(), [h_ref])
+    close(dh, dh_ref, what="d hidden, frozen weight")
+    with torch.no_grad():
+        seq_ng, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend="triton")
+    assert not seq_ng.requires_grad
+    close(seq_ng, seq_ref.detach(), what="no_grad seq_logps")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_preference_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_case(b: Batch, objective: str, backend: str, dtype=torch.float32, chunk_tokens=None, device="cpu"):
+    h, w = b.cast(dtype, device=device)
+    out = fused_preference_loss(
+        h, w, b.targets, b.segment_ids, b.chosen, b.rejected,
+        backend=backend, return_output=True, chunk_tokens=chunk_tokens, **fused_kwargs(b, objective),
+    )  # fmt: skip
+    dh, dw = torch.autograd.grad(out.loss, [h, w])
+    return out, dh, dw
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("backend,shape", list(_backend_shapes()))
+def test_fused_fp32_matches_eager(objective, backend, shape):
+    b = make_batch(*shape, seed=7 + sum(shape))
+    # chunk_tokens=16 forces several pair-aligned chunks on the torch backend.
+    out, dh, dw = _fused_case(b, objective, backend, chunk_tokens=16)
+    ref, dh_ref, dw_ref = _fused_case(b, objective, "eager")
+    assert out.loss.dim() == 0
+    close(out.loss, ref.loss, what="loss")
+    close(dh, dh_ref, what="d hidden")
+    close(dw, dw_ref, what="d weight")
+    assert out.metrics.keys() == ref.metrics.keys()
+    for k in ref.metrics:
+        close(out.metrics[k], ref.metrics[k], rtol=1e-4, what=f"metric {k}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("objective", ["ddpo", "dorpo"])
+def test_fused_two_pass_fallback(objective, backend):
+    """Pairs bigger than 4 chunks and segments shared by two pairs take the two-pass schedule."""
+    b = make_batch(4, 23, 64, 1000, seed=11, max_resp=12)
+    out, dh, dw = _fused_case(b, objective, backend, chunk_tokens=2)
+    ref, dh_ref, dw_ref = _fused_case(b, objective, "eager")
+    close(out.loss, ref.loss, what="loss (big pairs)")
+    close(dh, dh_ref, what="d hidden (big pairs)")
+    close(dw, dw_ref, what="d weight (big pairs)")
+    # The same chosen response in two pairs ("all" pairing reuses responses).
+    chosen = b.chosen.clone()
+    chosen[1] = chosen[0]
+    shared = dataclasses.replace(b, chosen=chosen)
+    out, dh, dw = _fused_case(shared, objective, backend, chunk_tokens=16)
+    ref, dh_ref, dw_ref = _fused_case(shared, objective, "eager")
+    close(out.loss, ref.loss, what="loss (shared segment)")
+    close(dh, dh_ref, what="d hidden (shared segment)")
+    close(dw, dw_ref, what="d weight (shared segment)")
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_fused_loss_is_preference_loss_of_eager_sums(objective, backend):
+    b = make_batch(4, 23, 64, 1000, seed=13)
+    h, w = b.cast(torch.float32)
+    seq, cnt = linear_logprob_ref(h.detach(), w.detach(), b.targets, b.segment_ids, b.num_segments)
+    kw = fused_kwargs(b, objective)
+    expected = preference_loss(
+        objective, seq[b.chosen], seq[b.rejected], cnt[b.chosen], cnt[b.rejected], beta=kw["beta"],
+        chosen_weights=kw["chosen_weights"], ref_chosen_logps=kw["ref_chosen_logps"],
+        ref_rejected_logps=kw["ref_rejected_logps"],
+    )  # fmt: skip
+    loss = fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)
+    close(loss, expected.loss, what=f"{backend} loss vs preference_loss")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_grad_output_scaling_and_frozen_weight(backend):
+    b = make_batch(3, 19, 64, 1000, seed=17)
+    kw = fused_kwargs(b, "dpo")
+    h, w = b.cast(torch.float32)
+    (3.5 * fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)).backward()
+    h_ref, w_ref = b.cast(torch.float32)
+    (3.5 * fused_preference_loss_ref(h_ref, w_ref, b.targets, b.segment_ids, b.chosen, b.rejected, **kw)).backward()
+    close(h.grad, h_ref.grad, what="scaled d hidden")
+    close(w.grad, w_ref.grad, what="scaled d weight")
+    # Frozen LM head: only d hidden is produced.
+    h2, _ = b.cast(torch.float32)
+    w2 = b.weight.float()
+    loss = fused_preference_loss(h2, w2, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)
+    (dh,) = torch.autograd.grad(loss, [h2])
+    close(dh, h_ref.grad / 3.5, what="d hidden, frozen weight")
+    with torch.no_grad():
+        loss_ng = fused_preference_loss(h2, w2, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)
+    assert not loss_ng.requires_grad
+    close(loss_ng, loss.detach(), what="no_grad loss")
+
+
+# ---------------------------------------------------------------------------------------------
+# Half precision: within 2x the error of the same-precision eager run against fp64
+# ---------------------------------------------------------------------------------------------
+
+
+def _err(x: torch.Tensor, ref64: torch.Tensor) -> float:
+    return (x.double() - ref64).abs().max().item()
+
+
+def _assert_half_ok(name, x, x_eager, ref64):
+    e, e_eager = _err(x, ref64), _err(x_eager, ref64)
+    # The small floor covers eager runs that happen to land (almost) exactly on the fp64 value.
+    floor = 1e-6 * max(ref64.abs().max().item(), 1e-12)
+    assert e <= 2 * e_eager + floor, f"{name}: error {e:.3g} > 2 x eager's {e_eager:.3g} (+{floor:.2g})"
+
+
+HALF_CASES = [
+    pytest.param("torch", torch.float16, id="torch-fp16"),
+    pytest.param("torch", torch.bfloat16, id="torch-bf16"),
+    pytest.param("triton", torch.float16, id="triton-fp16"),
+    pytest.param("triton", torch.bfloat16, id="triton-bf16"),
+]
+
+
+@pytest.mark.parametrize("objective", ["ddpo", "dorpo"])
+@pytest.mark.parametrize("backend,dtype", HALF_CASES)
+def test_fused_half_precision(backend, dtype, objective):
+    b = make_batch(4, 23, 64, 1000, seed=19).quantised(dtype)
+    ref64, dh64, dw64 = _fused_case(b, objective, "eager", dtype=torch.float64)
+    out_e, dh_e, dw_e = _fused_case(b, objective, "eager", dtype=dtype)
+    out, dh, dw = _fused_case(b, objective, backend, dtype=dtype, chunk_tokens=16)
+    assert dh.dtype == dtype and dw.dtype == dtype
+    _assert_half_ok("loss", out.loss, out_e.loss, ref64.loss.double())
+    _assert_half_ok("d hidden", dh, dh_e, dh64)
+    _assert_half_ok("d weight", dw, dw_e, dw64)
+
+
+@pytest.mark.parametrize("backend,dtype", HALF_CASES)
+def test_linear_logprob_half_precision(backend, dtype):
+    b = make_batch(5, 17, 96, 1000, seed=23).quantised(dtype)
+    g_up = torch.randn(b.num_segments, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    res = {}
+    for name, be, dt in (("ref64", "eager", torch.float64), ("eager", "eager", dtype), ("test", backend, dtype)):
+        h, w = b.cast(dt)
+        seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend=be, chunk_tokens=16)
+        res[name] = (seq, *torch.autograd.grad((seq * g_up.to(seq.dtype)).sum(), [h, w]))
+    for i, what in enumerate(("seq_logps", "d hidden", "d weight")):
+        _assert_half_ok(what, res["test"][i], res["eager"][i], res["ref64"][i].double())
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection and errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("eager", "cpu") == "eager"
+    if HAS_CUDA:
+        assert resolve_backend("auto", "cuda") == "triton"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "eager")
+    assert resolve_backend("torch", "cpu") == "eager"
+    monkeypatch.setenv(BACKEND_ENV_VAR, "cuda-magic")
+    with pytest.raises(ValueError, match=BACKEND_ENV_VAR):
+        resolve_backend("auto", "cpu")
+    monkeypatch.delenv(BACKEND_ENV_VAR)
+    with pytest.raises(ValueError, match="valid values"):
+        resolve_backend("fast", "cpu")
+
+
+def test_env_var_forces_backend_in_ops(monkeypatch):
+    """ENGINE_KERNEL_BACKEND=eager makes the op take the reference path (full logits under autograd)."""
+    b = make_batch(2, 17, 64, 1000, seed=29)
+    h, w = b.cast(torch.float32)
+    monkeypatch.setenv(BACKEND_ENV_VAR, "eager")
+    seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend="triton")
+    assert "LinearLogprob" not in type(seq.grad_fn).__name__
+    monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
+    seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend="eager")
+    assert "LinearLogprob" in type(seq.grad_fn).__name__
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "eager"])
+def test_errors_name_the_problem(backend):
+    b = make_batch(2, 17, 64, 1000, seed=31)
+    h, w = b.cast(torch.float32)
+    bad_t = b.targets.clone()
+    bad_t[b.targets != IGNORE] = 1000
+    if backend != "eager":  # eager raises torch's own gather index error
+        with pytest.raises(ValueError, match="targets outside"):
+            linear_logprob(h, w, bad_t, b.segment_ids, b.num_segments, backend=backend)
+        with pytest.raises(ValueError, match="num_segments"):
+            linear_logprob(h, w, b.targets, b.segment_ids, 2, backend=backend)
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_logprob(h, w[:, :10], b.targets, b.segment_ids, b.num_segments, backend=backend)
+    with pytest.raises(ValueError, match="must both be"):
+        fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected[:1], objective="sft", beta=0.1,
+                              backend=backend)  # fmt: skip
+    with pytest.raises(ValueError, match="ref_"):
+        fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, objective="dpo", beta=0.1,
+                              backend=backend)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the compiled Triton kernels at a real vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("objective", ["ddpo", "dorpo", "sft"])
+def test_fused_triton_cuda_fp32(objective):
+    b = make_batch(8, 129, 256, 32003, seed=37, max_resp=100).to("cuda")
+    out, dh, dw = _fused_case(b, objective, "triton", device="cuda")
+    ref, dh_ref, dw_ref = _fused_case(b, objective, "eager", device="cuda")
+    close(out.loss, ref.loss, what="loss")
+    close(dh, dh_ref, rtol=2e-5, what="d hidden")
+    close(dw, dw_ref, rtol=2e-5, what="d weight")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_triton_cuda_half(dtype):
+    b = make_batch(8, 129, 256, 32003, seed=41, max_resp=100).quantised(dtype).to("cuda")
+    ref64, dh64, dw64 = _fused_case(b, "dorpo", "eager", dtype=torch.float64, device="cuda")
+    out_e, dh_e, dw_e = _fused_case(b, "dorpo", "eager", dtype=dtype, device="cuda")
+    out, dh, dw = _fused_case(b, "dorpo", "triton", dtype=dtype, device="cuda")
+    _assert_half_ok("loss", out.loss, out_e.loss, ref64.loss.double())
+    _assert_half_ok("d hidden", dh, dh_e, dh64)
+    _assert_half_ok("d weight", dw, dw_e, dw64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU: the kernels still compile to H100 machine code (the interpreter does not compile)
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels  # noqa: F401  (the package re-exports functions named like its submodules)
+ll, fp = sys.modules["kernels.linear_logprob"], sys.modules["kernels.fused_preference_loss"]
+target = GPUTarget("cuda", 90, 32)
+def compile_(fn, sig, consts):
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options={"num_warps": 8})
+    assert k.asm["cubin"], fn.__name__
+    assert k.metadata.shared <= 227 * 1024, (fn.__name__, k.metadata.shared)
+for dt, bd in (("bf16", 128), ("fp16", 128), ("fp32", 64)):
+    blocks = {"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_D": bd, "DOT_FP32": dt == "fp32", "INPUT_PRECISION": "ieee"}
+    common = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "rows_ptr": "*i64", "targets_ptr": "*i64", "lse_ptr": "*fp32"}
+    dims = {"M": "i32", "V": "i32", "D": "i32", "stride_hn": "i64", "stride_hd": "i64", "stride_wv": "i64", "stride_wd": "i64"}
+    cx = {k: "constexpr" for k in blocks}
+    compile_(ll._linear_logprob_fwd_kernel, {**common, "logp_ptr": "*fp32", **dims, **cx}, blocks)
+    bwd = {**common, "grad_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", **dims, "stride_dhn": "i64", "stride_dwv": "i64"}
+    flags = {"COMPUTE_DH": True, "COMPUTE_DW": True}
+    compile_(ll._linear_logprob_bwd_kernel, {**bwd, **cx, "COMPUTE_DH": "constexpr", "COMPUTE_DW": "constexpr"}, {**blocks, **flags})
+    row = {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "lse_ptr": "*fp32"}
+    tail = {"V": "i32", "stride_c": "i64", "BLOCK_V": "constexpr"}
+    compile_(fp._chunk_logprob_fwd_kernel, {**row, "logp_ptr": "*fp32", **tail}, {"BLOCK_V": 4096})
+    compile_(fp._chunk_logprob_bwd_kernel, {**row, "grad_ptr": "*fp32", **tail}, {"BLOCK_V": 4096})
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_h100():
+    """Catches what only the GPU compiler rejects (dot shapes, dtypes, shared memory) on a CPU-only box."""
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    if spec is None or not (Path(spec.origin).parent / "bin" / "ptxas").exists():
+        pytest.skip("triton's bundled ptxas is not installed")
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(repo), TRITON_DEFAULT_FP_FUSION="1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
