@@ -299,6 +299,12 @@ class Config:
             "data.pairs divpo ranks responses by deviation: set deviation.enabled true",
         )
         _check(
+            not (self.loss.nll_on_prompt and self.loss.objective != "sft"),
+            f"loss.nll_on_prompt puts targets on prompt tokens, which the fused loss would also count in the "
+            f"preference log-probs of {self.loss.objective}; it is supported with loss.objective sft only, "
+            "set loss.nll_on_prompt false",
+        )
+        _check(
             not (self.parallel.precision == "bf16" and self.model.dtype == "float16"),
             "parallel.precision bf16 with model.dtype float16 mixes half formats: use model.dtype bfloat16 or float32",
         )
