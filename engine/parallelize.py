@@ -1,0 +1,167 @@
+"""Process groups and DeepSpeed: the one place that knows about parallelism.
+
+The trainer asks for a `DistEnv` (rank, world, device) and a DeepSpeed engine around its loss module;
+everything ZeRO-specific (config dict, gathering partitioned parameters for export) lives here, so the
+model and the step loop stay unaware of how parameters are sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg) -> DistEnv:
+    """Join (or create, for a plain `python -m engine.train`) the process group.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; without them we start a world of one on
+    loopback so that DeepSpeed, which always needs a process group, works the same way.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("parallel.backend nccl needs CUDA GPUs; use parallel.backend gloo (or auto) on CPU")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (used to skip a non-finite step everywhere)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def deepspeed_config(cfg, *, total_steps: int) -> dict:
+    """DeepSpeed JSON derived from our config; a user's parallel.deepspeed_config overrides its keys."""
+    p, o = cfg.parallel, cfg.optim
+    zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage >= 2:
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True, reduce_scatter=True)
+    if p.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        # One micro-batch is `data.rows_per_batch` packed rows; DeepSpeed only uses this for bookkeeping.
+        "train_micro_batch_size_per_gpu": cfg.data.rows_per_batch,
+        "gradient_accumulation_steps": o.grad_accum,
+        "gradient_clipping": o.max_grad_norm,
+        "zero_optimization": zero,
+        # Our optimizer is torch's AdamW (fused/CPU Adam need compiled ops that CPUs here don't have).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": p.precision == "bf16"},
+        "fp16": {"enabled": p.precision == "fp16", "initial_scale_power": 16},
+    }
+    if p.deepspeed_config:
+        with open(p.deepspeed_config) as f:
+            user = json.load(f)
+        for k, v in user.items():
+            ds[k] = {**ds[k], **v} if isinstance(v, dict) and isinstance(ds.get(k), dict) else v
+    return ds
+
+
+def lr_lambda(cfg, total_steps: int):
+    """Linear warmup then cosine / linear decay to 0 / constant, as a multiplier of optim.lr."""
+    warmup = int(round(cfg.optim.warmup_ratio * total_steps))
+    schedule = cfg.optim.schedule
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def setup_deepspeed(module: torch.nn.Module, cfg, *, total_steps: int):
+    """(engine, optimizer, scheduler) with torch AdamW over the trainable parameters."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable parameters: check model.lora_r / lora_target_modules")
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, total_steps=total_steps)
+    )
+    return engine, optimizer, scheduler
+
+
+@contextlib.contextmanager
+def gathered_parameters(module: torch.nn.Module, zero_stage: int):
+    """Full parameters of a ZeRO-3 partitioned module for the duration of the block (a no-op below stage 3)."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
