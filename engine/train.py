@@ -179,6 +179,8 @@ def train(cfg: Config) -> dict:
 
     writer = None
     metrics_path = run_dir / "metrics.jsonl"
+    if env.is_main and resume_from is None:
+        metrics_path.unlink(missing_ok=True)  # a fresh run starts its log anew; a resumed one appends
     if env.is_main and cfg.logging.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
