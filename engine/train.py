@@ -132,6 +132,12 @@ def train(cfg: Config) -> dict:
     from engine.model import load_model, load_tokenizer
     from engine.refcache import ensure_cache, on_the_fly_reference
 
+    wandb = None
+    if cfg.logging.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("logging.wandb is true but the wandb package is not installed: pip install wandb, or set logging.wandb false") from None
     env = parallelize.init_distributed(cfg.parallel)
     torch.manual_seed(cfg.data.seed + env.rank)
     run_dir = cfg.logging.run_dir
@@ -185,6 +191,8 @@ def train(cfg: Config) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
+    if env.is_main and wandb is not None:
+        wandb.init(name=cfg.logging.run_name, dir=str(run_dir), config=cfg.to_dict(), resume="allow")
     bar = None
     if env.is_main and cfg.logging.progress:
         from tqdm import tqdm
@@ -207,7 +215,8 @@ def train(cfg: Config) -> dict:
             sampler.set_epoch(state["epoch"])
 
     stream = batches()
-    while state["step"] < total_steps and not stop.stop:
+    stopped = False
+    while state["step"] < total_steps and not stopped:
         t0 = time.time()
         acc: dict[str, float] = {}
         tokens = pad = 0
@@ -266,20 +275,26 @@ def train(cfg: Config) -> dict:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k != "step":
                         writer.add_scalar(f"train/{k}", v, state["step"])
+            if wandb is not None:
+                wandb.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=state["step"])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        # Ranks may receive SIGTERM a step apart: decide together, or the collectives would deadlock.
+        stopped = parallelize.all_ranks_agree(stop.stop)
         every = cfg.checkpoint.every_steps
-        if (every and state["step"] % every == 0) or stop.stop:
+        if (every and state["step"] % every == 0) or stopped:
             checkpoint.save(engine, ckpt_dir, state["step"], state, cfg, rank=env.rank, keep_last=cfg.checkpoint.keep_last)
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
+    if env.is_main and wandb is not None:
+        wandb.finish()
     if ref_cache is not None:
         ref_cache.assert_no_reference_used()  # with a cache, no reference model may have been loaded or run
 
-    if stop.stop:
+    if stopped:
         if env.is_main:
             print(f"SIGTERM: checkpoint saved at step {state['step']} in {ckpt_dir}; resume with --checkpoint.resume auto")
         return {}

@@ -192,7 +192,12 @@ def test_two_nodes_simulated_on_loopback(tmp_path):
         assert p.returncode == 0, err[-4000:]
     lines = (tmp_path / "twonode" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
-    assert (tmp_path / "twonode" / "final" / "config.json").is_file()
+    # The export is a plain transformers checkpoint.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "twonode" / "final")
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert AutoTokenizer.from_pretrained(tmp_path / "twonode" / "final").chat_template
 
 
 def _losses(run_dir):
@@ -259,3 +264,20 @@ print("LOADS", loads, summary["reference"])
     r = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "LOADS [True] cache" in r.stdout  # only the policy was loaded
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    cmd = [sys.executable, *_train_cmd(tmp_path, "term", "--optim.max_steps", "500", "--loss.objective", "sft")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: checkpoint saved" in out
+    ckpts = list((tmp_path / "term" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "MANIFEST.json").is_file()
+    assert not (tmp_path / "term" / "final").exists()
