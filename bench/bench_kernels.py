@@ -78,6 +78,12 @@ CONFIGS = [
     Config("cpu-small", pairs=4, seq_len=256, prompt=32, d=256, v=8000, dtype=torch.float32, device="cpu", reps=10, warmup=1),
     Config("cpu-target", pairs=8, seq_len=512, prompt=64, d=512, v=32000, dtype=torch.float32, device="cpu", reps=1, warmup=0),
     Config("gpu-8b", pairs=16, seq_len=512, prompt=64, d=4096, v=128256, dtype=torch.bfloat16, device="cuda", reps=10, warmup=2),
+    # Sweeps for the report's plots (eager vs torch only, to stay inside make bench's budget): tokens N
+    # at fixed D, V; then vocabulary V at fixed N, D (the n512 point is also the V=8000 point).
+    *[Config(f"cpu-sweep-n{2 * 4 * t}", pairs=4, seq_len=t, prompt=8, d=128, v=8000, dtype=torch.float32, device="cpu",
+             reps=10, warmup=1) for t in (32, 64, 128, 256)],
+    *[Config(f"cpu-sweep-v{v}", pairs=4, seq_len=64, prompt=8, d=128, v=v, dtype=torch.float32, device="cpu",
+             reps=10, warmup=1) for v in (2000, 16000, 32000)],
 ]  # fmt: skip
 
 
@@ -319,7 +325,7 @@ def measure(benchmark, cfg: Config, op: str, backend: str, objective: str, run, 
 
 def _backends(cfg: Config, with_baselines: bool) -> list[str]:
     out = ["eager", "torch"] + (["triton"] if cfg.device == "cuda" else [])
-    if with_baselines:
+    if with_baselines and not cfg.name.startswith("cpu-sweep"):
         out.append("liger")
         if cfg.device == "cuda" and _version("cut-cross-entropy"):
             out.append("cce")
@@ -329,12 +335,13 @@ def _backends(cfg: Config, with_baselines: bool) -> list[str]:
 FUSED_CASES = [
     pytest.param(cfg, be, obj, id=f"{cfg.name}-{obj}-{be}", marks=_cfg_param(cfg).marks)
     for cfg in CONFIGS
-    for obj in (("dpo",) if cfg.name == "cpu-target" else ("dpo", "orpo"))
+    for obj in (("dpo", "orpo") if cfg.name in ("cpu-small", "gpu-8b") else ("dpo",))
     for be in _backends(cfg, with_baselines=True)
 ]
 LOGPROB_CASES = [
     pytest.param(cfg, be, id=f"{cfg.name}-{be}", marks=_cfg_param(cfg).marks)
     for cfg in CONFIGS
+    if not cfg.name.startswith("cpu-sweep")
     for be in _backends(cfg, with_baselines=False)
 ]
 

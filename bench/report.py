@@ -1,0 +1,446 @@
+"""BENCHMARKS.md from the benchmark CSVs: ratio tables per comparison group, environments, plots.
+
+Run:  python -m bench.report [--results bench/results] [--out BENCHMARKS.md]
+(`bench/run.py` calls it after the benchmarks.) Where this sits: the last step of `make bench`; it
+reads every `bench/results/*.csv` the benchmark modules appended to and writes the document and
+`bench/results/plots/*.png`. Every number in the document is formatted from a CSV cell or computed
+from cells of rows of one run (a ratio's numerator and denominator come from the same run id); no
+figure is typed in here.
+
+Run ids: rows with a `run_id` column carry it. Rows of modules that record no run id are attributed
+to the orchestrated run whose job wrote them (bench/results/runs.csv: one line per job with its start
+and end time) and otherwise to their commit, so a comparison never mixes two runs' rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+OUT = REPO / "BENCHMARKS.md"
+RUNS_CSV = "runs.csv"
+RUNS_FIELDS = ["run_id", "mode", "job", "csv", "status", "reason", "start", "end", "seconds", "commit", "hardware"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one results file is grouped and compared."""
+
+    stem: str  # file name without .csv
+    title: str
+    intro: str
+    group: tuple[str, ...]  # a comparison: rows sharing these values (within one run)
+    member: tuple[str, ...]  # what differs inside a comparison (backend, system + variant, ...)
+    time: str  # median time column
+    time_unit: str
+    p10: str | None = None
+    p90: str | None = None
+    mem: str | None = "peak_mem_mb"
+    throughput: str | None = None
+    throughput_label: str = "tokens/s"
+    baseline: dict = field(default_factory=dict)  # member values of the reference row of a comparison
+    baseline_label: str = ""
+    ratio_by: str = "time"  # "time": baseline_time / time; "throughput": throughput / baseline_throughput
+    others: tuple[tuple[str, dict], ...] = ()  # extra ratio columns: (label, member values)
+    extra: tuple[str, ...] = ()  # further columns shown as they are
+    sweeps: tuple[tuple[str, tuple[str, ...], str], ...] = ()  # (x column, fixed columns, x label)
+    versions: tuple[str, ...] = ("torch",)
+    notes_col: str | None = None
+
+
+SPECS = [
+    Spec(
+        "train", "End-to-end training: this engine vs TRL DPOTrainer",
+        "Same model (random init, same seed), same preference pairs in the same number per step, same "
+        "optimizer, precision and hardware; one worker process per row (bench/bench_train.py). Ratios are "
+        "tokens/s (real tokens) of the row over TRL's, and peak memory of the row over TRL's, from the same run.",
+        group=("bench", "model", "pairs_per_step"), member=("system", "variant"),
+        time="step_time_ms_median", time_unit="ms/step", p10="step_time_ms_p10", p90="step_time_ms_p90",
+        throughput="tokens_per_s", baseline={"system": "trl", "variant": "ref_forward"},
+        baseline_label="TRL (ref forward)", ratio_by="throughput",
+        others=(("TRL (precomputed ref)", {"system": "trl", "variant": "precomputed_ref"}),),
+        extra=("tokens_per_step", "reps", "mfu"), versions=("torch", "transformers", "trl", "deepspeed"), notes_col="notes",
+        sweeps=(("tokens_per_step", ("model",), "real tokens per step (pairs per step x 2 x mean sequence length)"),),
+    ),
+    Spec(
+        "kernels", "Kernel microbenchmarks: fused LM-head ops, forward + backward",
+        "Per backend on identical packed batches (bench/bench_kernels.py); N tokens, D hidden, V vocabulary. "
+        "Speed-up = eager time / row time; memory ratio = row peak / eager peak; both from the same run.",
+        group=("bench", "op", "objective", "N", "D", "V", "dtype", "device"), member=("backend",),
+        time="time_ms_median", time_unit="ms", p10="time_ms_p10", p90="time_ms_p90", throughput="tokens_per_s",
+        baseline={"backend": "eager"}, baseline_label="eager PyTorch",
+        others=(("Liger", {"backend": "liger"}),), extra=("reps",),
+        sweeps=(("N", ("op", "objective", "D", "V", "dtype", "device"), "tokens N (sequence length x sequences)"),
+                ("V", ("op", "objective", "N", "D", "dtype", "device"), "vocabulary size V")),
+        versions=("torch", "triton", "liger"),
+    ),  # fmt: skip
+    Spec(
+        "native", "Native CPU chunk ops vs PyTorch",
+        "One [C, V] logits chunk per call (bench/bench_native.py). Speed-up = torch time / native time, same run.",
+        group=("bench", "op", "C", "V", "dtype"), member=("impl",), time="time_ms", time_unit="ms", p10="p10", p90="p90",
+        baseline={"impl": "torch"}, baseline_label="torch", extra=("reps",),
+        sweeps=(("V", ("op", "C", "dtype"), "vocabulary size V"), ("C", ("op", "V", "dtype"), "chunk rows C")),
+    ),  # fmt: skip
+    Spec(
+        "refcache", "Training step with and without the reference cache",
+        "The trainer's micro-step on the same packed rows (bench/bench_refcache.py). Speed-up = on-the-fly "
+        "step time / row step time; memory ratio = row peak / on-the-fly peak; same run.",
+        group=("bench", "config", "model", "dtype", "lora_r"), member=("variant",),
+        time="step_time_ms_median", time_unit="ms/step", p10="step_time_ms_p10", p90="step_time_ms_p90",
+        baseline={"variant": "on_the_fly"}, baseline_label="on-the-fly reference",
+        extra=("tokens_per_step", "ref_time_ms_median", "reps"), versions=("torch", "transformers"), notes_col="note",
+    ),  # fmt: skip
+    Spec(
+        "deviation", "Deviation: weights, FAISS knn, embedding throughput",
+        "engine.deviation at scale (bench/bench_deviation.py); times in seconds per call.",
+        group=("bench", "config", "n", "dims", "groups"), member=("backend",), time="time_s", time_unit="s",
+        p10="time_p10", p90="time_p90", throughput="throughput", throughput_label="throughput",
+        extra=("throughput_unit", "reps"), versions=("torch", "faiss", "numpy"), notes_col="note",
+    ),  # fmt: skip
+]
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _f(v) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _ts(v: str) -> _dt.datetime | None:
+    try:
+        t = _dt.datetime.fromisoformat(v)
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+def attribute_runs(stem: str, rows: list[dict], jobs: list[dict]) -> None:
+    """Set `_run` on every row: its run_id, else the orchestrated job that wrote it, else its commit."""
+    spans = []
+    for j in jobs:
+        if Path(j.get("csv", "")).stem == stem and _ts(j.get("start")) and _ts(j.get("end")):
+            spans.append((_ts(j["start"]), _ts(j["end"]), j["run_id"]))
+    for r in rows:
+        rid = (r.get("run_id") or "").strip()
+        if not rid:
+            t = _ts(r.get("timestamp"))
+            rid = next((s[2] for s in spans if t is not None and s[0] <= t <= s[1]), "")
+        r["_run"] = rid or f"commit {r.get('commit') or 'unknown'}"
+        r["_t"] = _ts(r.get("timestamp")) or _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def _key(r: dict, cols) -> tuple:
+    return tuple((r.get(c) or "").strip() for c in cols)
+
+
+def _matches(r: dict, want: dict) -> bool:
+    return all((r.get(k) or "") == v for k, v in want.items())
+
+
+def select_comparisons(spec: Spec, rows: list[dict]) -> list[tuple[tuple, str, list[dict]]]:
+    """(group key, run, rows) per comparison group: the latest run holding the group's baseline row (or
+    the latest run at all when no run has one); inside it, the latest row per member."""
+    groups: OrderedDict[tuple, list[dict]] = OrderedDict()
+    for r in rows:
+        groups.setdefault(_key(r, spec.group), []).append(r)
+    out = []
+    for g, rs in groups.items():
+        runs: dict[str, list[dict]] = {}
+        for r in rs:
+            runs.setdefault(r["_run"], []).append(r)
+        latest = lambda run: max(x["_t"] for x in runs[run])  # noqa: E731
+        with_base = [run for run in runs if spec.baseline and any(_matches(x, spec.baseline) for x in runs[run])]
+        run = max(with_base or list(runs), key=latest)
+        members: OrderedDict[tuple, dict] = OrderedDict()
+        for r in sorted(runs[run], key=lambda x: x["_t"]):
+            members[_key(r, spec.member)] = r  # later rows of the same member win
+        first: dict[tuple, int] = {}
+        for i, r in enumerate(runs[run]):
+            first.setdefault(_key(r, spec.member), i)  # members keep the order the benchmark wrote them in
+        out.append((g, run, [members[k] for k in sorted(members, key=first.__getitem__)]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ format
+
+
+def fmt(v, digits: int = 1) -> str:
+    x = _f(v)
+    if x is None:
+        return "-" if v in (None, "") else str(v)
+    if abs(x) >= 1e6:
+        return f"{x:.3g}"
+    if digits == 0 or (x == int(x) and abs(x) >= 100):
+        return f"{x:,.0f}"
+    return f"{x:,.{digits}f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def ratio(spec: Spec, row: dict, base: dict | None, what: str) -> float | None:
+    """time: base_time / row_time (speed-up); throughput: row / base; mem: row / base."""
+    if base is None:
+        return None
+    if what == "mem":
+        a, b = _f(row.get(spec.mem)) if spec.mem else None, _f(base.get(spec.mem)) if spec.mem else None
+        return a / b if a is not None and b not in (None, 0.0) and a > 0 else None
+    if spec.ratio_by == "throughput" and spec.throughput:
+        a, b = _f(row.get(spec.throughput)), _f(base.get(spec.throughput))
+        return a / b if a is not None and b else None
+    a, b = _f(row.get(spec.time)), _f(base.get(spec.time))
+    return b / a if a and b is not None else None
+
+
+def comparison_table(spec: Spec, rows: list[dict]) -> list[str]:
+    base = next((r for r in rows if spec.baseline and _matches(r, spec.baseline)), None)
+    others = [(lbl, next((r for r in rows if _matches(r, want)), None)) for lbl, want in spec.others]
+    others = [(lbl, r) for lbl, r in others if r is not None and r is not base]
+    head = [" / ".join(spec.member), f"time ({spec.time_unit}) median [p10-p90]"]
+    if spec.throughput:
+        head.append(spec.throughput_label)
+    if spec.mem:
+        head.append("peak MB")
+    head += list(spec.extra)
+    speed = "tokens/s vs " if spec.ratio_by == "throughput" else "speed-up vs "
+    if base is not None:
+        head += [speed + spec.baseline_label] + ([f"memory vs {spec.baseline_label}"] if spec.mem else [])
+    head += [speed + lbl for lbl, _ in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = _f(r.get(spec.time))
+        if t is None:
+            cells = [" ".join(_key(r, spec.member)), "not measured: " + (r.get(spec.notes_col or "", "") or "no timing")]
+            cells += ["-"] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        digits = 3 if t < 10 else 1
+        span = f" [{fmt(r.get(spec.p10), digits)}-{fmt(r.get(spec.p90), digits)}]" if spec.p10 and spec.p90 else ""
+        cells = [" ".join(_key(r, spec.member)), fmt(t, digits) + span]
+        if spec.throughput:
+            cells.append(fmt(r.get(spec.throughput)))
+        if spec.mem:
+            cells.append(fmt(r.get(spec.mem)))
+        cells += [fmt(r.get(c), 4) if c == "mfu" else (r.get(c) or "-") if not _f(r.get(c)) else fmt(r.get(c), 0 if c == "reps" else 1)
+                  for c in spec.extra]  # fmt: skip
+        if base is not None:
+            cells.append(fmt_ratio(ratio(spec, r, base, "time")))
+            if spec.mem:
+                cells.append(fmt_ratio(ratio(spec, r, base, "mem")))
+        cells += [fmt_ratio(ratio(spec, r, o, "time")) for _, o in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def environments(spec: Spec, rows: list[dict]) -> list[str]:
+    seen: OrderedDict[tuple, None] = OrderedDict()
+    for r in rows:
+        hw = re.sub(r";?\s*load1 [0-9.]+", "", r.get("hardware", "") or "").strip()
+        seen[(hw, *(f"{v} {r.get(v)}" for v in spec.versions if r.get(v)), f"commit {r.get('commit', '?')}")] = None
+    return ["- " + "; ".join(x for x in k if x) for k in seen]
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def find_sweeps(spec: Spec, rows: list[dict]) -> list[tuple[str, str, tuple, str, dict[tuple, list[dict]]]]:
+    """Sweeps in the rows: (x column, x label, fixed values, run, {member: rows sorted by x}) where, inside
+    one run, one member has >= 3 distinct x values with every fixed column equal."""
+    found = []
+    for xcol, fixed, xlabel in spec.sweeps:
+        buckets: dict[tuple, dict[str, list[dict]]] = {}
+        for r in rows:
+            if _f(r.get(xcol)) is None or _f(r.get(spec.time)) is None:
+                continue
+            buckets.setdefault(_key(r, fixed), {}).setdefault(r["_run"], []).append(r)
+        for fx, runs in buckets.items():
+            best = None
+            for run, rs in runs.items():
+                series: dict[tuple, dict[float, dict]] = {}
+                for r in sorted(rs, key=lambda x: x["_t"]):
+                    series.setdefault(_key(r, spec.member), {})[_f(r[xcol])] = r
+                series = {m: pts for m, pts in series.items() if len(pts) >= 3}
+                if series and (best is None or max(x["_t"] for x in rs) > best[0]):
+                    best = (max(x["_t"] for x in rs), run, {m: [pts[x] for x in sorted(pts)] for m, pts in series.items()})
+            if best is not None:
+                found.append((xcol, xlabel, fx, best[1], best[2]))
+    return found
+
+
+def plot_sweep(spec: Spec, xcol: str, xlabel: str, fixed: tuple, run: str, series: dict, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed_cols = next(f for x, f, _ in spec.sweeps if x == xcol)
+    desc = ", ".join(f"{c}={v}" for c, v in zip(fixed_cols, fixed) if v)
+    panels = [(spec.time, f"time ({spec.time_unit})")] + ([(spec.mem, "peak memory (MB)")] if spec.mem else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels):
+        for member, rs in series.items():
+            xs = [_f(r[xcol]) for r in rs]
+            ys = [_f(r.get(col)) for r in rs]
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(member))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{spec.stem}: {desc} (run {run})", fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{spec.stem}-{xcol}-{desc}").strip("-").lower()
+    path = out_dir / f"{slug}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- document
+
+
+def _gpu_rows(stem: str, rows: list[dict]) -> bool:
+    if stem == "kernels":
+        return any((r.get("device") or "").startswith("cuda") for r in rows)
+    if stem == "train":
+        return any((r.get("bench") or "").startswith("gpu") for r in rows)
+    return any("GPU" in (r.get("hardware") or "") or "NVIDIA" in (r.get("hardware") or "") for r in rows)
+
+
+MISSING_WITHOUT_GPU = {
+    "kernels": "the gpu-8b rows (Llama-3-8B head: D 4096, V 128256, bf16) for the eager, torch and Triton backends, "
+               "Liger-Kernel (compiled) and Cut Cross-Entropy (`cut-cross-entropy`, reduction='none' + the loss), "
+               "timed with CUDA synchronisation and measured with torch.cuda.max_memory_allocated",
+    "train": "the llama-8b DDPO rows (gpu-8b-lora, gpu-8b-full: packing, FlashAttention when installed, fused Triton "
+             "loss, reference cache) against TRL's DPOTrainer on the same GPU, and every MFU figure (MFU is left empty on CPU)",
+    "refcache": "the GPU step-time and memory rows (e.g. gpt2-small in bf16)",
+    "deviation": "the builtin:minilm embedding throughput on a GPU and FAISS on GPU",
+}  # fmt: skip
+
+
+def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> str:
+    """Write the document (and plots) from the CSVs in `results_dir`; returns the markdown."""
+    plots_dir = plots_dir or results_dir / "plots"
+    jobs = read_rows(results_dir / RUNS_CSV) if (results_dir / RUNS_CSV).exists() else []
+    files = sorted(p for p in results_dir.glob("*.csv") if p.name != RUNS_CSV)
+    specs = {s.stem: s for s in SPECS}
+    order = [s.stem for s in SPECS] + sorted(p.stem for p in files if p.stem not in specs)
+    data = {p.stem: read_rows(p) for p in files}
+    for stem, rows in data.items():
+        attribute_runs(stem, rows, jobs)
+
+    if plots_dir.exists():
+        for old in plots_dir.glob("*.png"):
+            old.unlink()  # plots of sweeps no longer in the data must not linger
+    md = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench.report` (run by `make bench` / `make bench-full`, i.e. `python -m bench.run "
+        "[--quick]`) from the CSV rows in `bench/results/`. Do not edit by hand: every number below is a CSV cell or a "
+        "ratio of two cells of rows from the same run.",
+        "",
+        "Ratios: *speed-up vs X* = X's median time / the row's median time (> 1: the row is faster); *tokens/s vs X* = "
+        "the row's tokens/s / X's; *memory vs X* = the row's peak memory / X's (< 1: the row uses less). Times are the "
+        "median of the timed repetitions with the 10th-90th percentile range in brackets; `reps` is the number of timed "
+        "repetitions after warm-up.",
+        "",
+    ]
+    missing = []
+    for stem in order:
+        rows = data.get(stem)
+        spec = specs.get(stem)
+        if rows is None:
+            if spec is not None:
+                missing.append(f"- `{stem}.csv`: no rows at all (the benchmark has not been run here).")
+            continue
+        if spec is None:
+            md += _generic_section(stem, rows)
+            continue
+        md += [f"## {spec.title}", "", spec.intro, ""]
+        for g, run, rs in select_comparisons(spec, rows):
+            label = ", ".join(f"{c}={v}" for c, v in zip(spec.group, g) if v)
+            md += [f"### {label}", "", f"Run `{run}`.", ""]
+            md += comparison_table(spec, rs)
+            notes = [(" ".join(_key(r, spec.member)), r.get(spec.notes_col)) for r in rs if spec.notes_col and r.get(spec.notes_col)]
+            if notes:
+                md += [""] + [f"- {m}: {n}" for m, n in notes]
+            md.append("")
+        sweeps = find_sweeps(spec, rows)
+        if sweeps:
+            md += ["Plots (time and peak memory against the swept dimension; one run each):", ""]
+            for xcol, xlabel, fx, run, series in sweeps:
+                path = plot_sweep(spec, xcol, xlabel, fx, run, series, plots_dir)
+                rel = path.relative_to(out_path.parent) if path.is_relative_to(out_path.parent) else path
+                md.append(f"![{stem} vs {xcol}]({rel.as_posix()})")
+            md.append("")
+        else:
+            if spec.sweeps:
+                md += [f"No plot: no run of `{stem}.csv` holds a sweep (>= 3 values of "
+                       f"{' or '.join(x for x, _, _ in spec.sweeps)} with the other dimensions fixed).", ""]  # fmt: skip
+        md += ["Hardware and versions of these rows:", ""] + environments(spec, rows) + [""]
+        if stem in MISSING_WITHOUT_GPU and not _gpu_rows(stem, rows):
+            missing.append(f"- `{stem}.csv`: no CUDA GPU was available to the runs behind these rows, so {MISSING_WITHOUT_GPU[stem]} are missing.")
+
+    if jobs:
+        last = max(jobs, key=lambda j: _ts(j.get("start")) or _dt.datetime.min.replace(tzinfo=_dt.timezone.utc))["run_id"]
+        js = [j for j in jobs if j["run_id"] == last]
+        md += ["## Last orchestrated run", "", f"Run `{last}` ({js[0].get('mode', '')}), commit {js[0].get('commit', '')}, "
+               f"{js[0].get('hardware', '')}:", "", "| job | status | seconds | results | reason |", "|---|---|---|---|---|"]  # fmt: skip
+        md += [f"| {j['job']} | {j['status']} | {fmt(j.get('seconds'))} | {j.get('csv') or '-'} | {j.get('reason') or ''} |" for j in js]
+        md.append("")
+        missing += [f"- job `{j['job']}` of run `{last}`: {j['status']}: {j.get('reason')}" for j in js if j["status"] != "ok"]
+    md += ["## Missing rows", ""] + (missing or ["- none"]) + [""]
+    text = "\n".join(md)
+    out_path.write_text(text)
+    return text
+
+
+def _generic_section(stem: str, rows: list[dict]) -> list[str]:
+    """A results file without a spec: its rows of the latest run, as they are."""
+    last = max(rows, key=lambda r: r["_t"])["_run"]
+    rs = [r for r in rows if r["_run"] == last]
+    cols = [c for c in rs[0] if not c.startswith("_")]
+    md = [f"## {stem}", "", f"Rows of run `{last}` from `{stem}.csv` (no comparison defined for this file).", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+    md += ["| " + " | ".join((r.get(c) or "").replace("|", "/") for c in cols) + " |" for r in rs]
+    return md + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(RESULTS_DIR), help="directory of the *.csv results")
+    p.add_argument("--out", default=str(OUT), help="markdown file to write")
+    p.add_argument("--plots", default=None, help="directory for PNG plots (default: <results>/plots)")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_dir():
+        raise SystemExit(f"results directory {results} does not exist; run `make bench` (python -m bench.run --quick) first")
+    render(results, Path(args.out), Path(args.plots) if args.plots else None)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
