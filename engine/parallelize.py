@@ -155,6 +155,23 @@ def setup_deepspeed(module: torch.nn.Module, cfg, *, total_steps: int):
     return engine, optimizer, scheduler
 
 
+def step_with_grad_norm(engine) -> float | None:
+    """engine.step(), returning the pre-clipping global gradient norm at an accumulation boundary.
+
+    DeepSpeed records the norm for ZeRO and mixed precision, but its plain fp32 stage-0 path clips and
+    discards it; there the gradients are already all-reduced at the boundary, so we measure them first.
+    """
+    measured = None
+    if engine.is_gradient_accumulation_boundary() and not engine.zero_optimization() and not (
+        engine.fp16_enabled() or engine.bfloat16_enabled()
+    ):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        measured = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    engine.step()
+    reported = engine.get_global_grad_norm()
+    return float(reported) if reported is not None else measured
+
+
 @contextlib.contextmanager
 def gathered_parameters(module: torch.nn.Module, zero_stage: int):
     """Full parameters of a ZeRO-3 partitioned module for the duration of the block (a no-op below stage 3)."""

@@ -221,6 +221,7 @@ def train(cfg: Config) -> dict:
         acc: dict[str, float] = {}
         tokens = pad = 0
         skipped = False
+        grad_norm = None
         for _ in range(cfg.optim.grad_accum):
             batch = collate([rows[i] for i in next(stream)], device=env.device)
             if ref_cache is not None:
@@ -233,7 +234,7 @@ def train(cfg: Config) -> dict:
                 skipped = True
                 continue
             engine.backward(out.loss)
-            engine.step()
+            grad_norm = parallelize.step_with_grad_norm(engine)
             for k, v in out.metrics.items():
                 acc[k] = acc.get(k, 0.0) + float(v) / cfg.optim.grad_accum
             acc["loss"] = acc.get("loss", 0.0) + float(out.loss.detach()) / cfg.optim.grad_accum
@@ -261,7 +262,7 @@ def train(cfg: Config) -> dict:
             "epoch": state["epoch"],
             **acc,
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
             "mfu": (flops_per_token * tokens / dt / (peak_flops * env.world_size)) if peak_flops else None,
             "peak_memory_mb": _peak_memory_mb(env.device),
