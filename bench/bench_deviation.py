@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import os
-import platform
 import resource
-import subprocess
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import git_commit as _commit
+from bench.common import hardware as _hardware
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deviation.csv"
 COLUMNS = ["bench", "config", "n", "dims", "groups", "backend", "time_s", "time_p10", "time_p90", "reps",
@@ -38,29 +38,6 @@ COLUMNS = ["bench", "config", "n", "dims", "groups", "backend", "time_s", "time_
            "timestamp", "note"]
 
 
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = ""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"; GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    try:
-        load = f"; load1 {os.getloadavg()[0]:.1f}"
-    except OSError:
-        load = ""
-    return f"{cpu}; {cores} cores{gpu}{load}"
 
 
 def _versions() -> dict:
@@ -73,15 +50,6 @@ def _versions() -> dict:
     return out
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
-        return (sha or "no-commit") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _append(row: dict) -> None:

@@ -27,10 +27,7 @@ import csv
 import dataclasses
 import datetime
 import gc
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import git_commit as _git_commit  # noqa: E402
+from bench.common import hardware as _hardware  # noqa: E402
+from bench.common import version as _version  # noqa: E402
 from engine.losses import preference_loss  # noqa: E402
 from kernels import fused_preference_loss, linear_logprob  # noqa: E402
 
@@ -240,34 +240,10 @@ class PeakMeter:
             self.peaks.append(_proc_status_mb("VmHWM") - self.base)
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
-def _hardware(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()} threads={torch.get_num_threads()}"
 
 
-def _version(mod: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(mod)
-    except Exception:  # not installed
-        return ""
 
 
 def write_row(row: dict) -> None:

@@ -23,9 +23,7 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import git_commit as _commit  # noqa: E402
+from bench.common import hardware as _hardware  # noqa: E402
 from kernels import chunk_ops  # noqa: E402
 
 CSV_PATH = ROOT / "bench" / "results" / "native.csv"
@@ -81,25 +81,8 @@ def time_ms(fn, reset, reps: int, warmup: int = 3) -> tuple[float, float, float]
     return statistics.median(times), q[0], q[-1]
 
 
-def _hardware() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "uncommitted"
-    except OSError:
-        return "unknown"
 
 
 def make_inputs(C: int, V: int, dtype: torch.dtype, seed: int = 0):

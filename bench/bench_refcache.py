@@ -28,8 +28,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,6 +41,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.common import git_commit as _commit  # noqa: E402
+from bench.common import hardware  # noqa: E402
+
+
+def _hardware() -> str:
+    return hardware("cuda" if torch.cuda.is_available() else "cpu")
 
 RESULTS_CSV = REPO / "bench" / "results" / "refcache.csv"
 CSV_FIELDS = [
@@ -143,26 +148,8 @@ def worker(variant: str, overrides: list[str], cache_dir: str, reps: int, warmup
     }  # fmt: skip
 
 
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    load = f"; load1 {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return f"{cpu} x{os.cpu_count()} threads={torch.get_num_threads()}{load}"
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha or "no-commit") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _append(row: dict) -> None:
