@@ -299,8 +299,6 @@ def run_experiment(
                 f"{s.get('theme_share', {}).get('space', float('nan')):.3f}  ({t_train:.0f}s train, "
                 f"{records[-1].eval_time_s:.0f}s eval)")
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     phases["total_s"] = time.time() - t_start
     return {
         "records": records,

@@ -31,6 +31,10 @@ class DistEnv:
         return self.rank == 0
 
 
+# Environment variables init_distributed set itself for a world of one (see release_own_world).
+_OWNED_ENV: dict[str, str] = {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,9 +50,15 @@ def init_distributed(cfg) -> DistEnv:
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed reads LOCAL_RANK from the environment on every initialize; the rendezvous address
+        # is only needed while the group does not exist yet.
+        owned = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        if "MASTER_ADDR" not in os.environ and not dist.is_initialized():
+            owned["MASTER_ADDR"] = "127.0.0.1"
+        if "MASTER_PORT" not in os.environ and not dist.is_initialized():
+            owned["MASTER_PORT"] = str(_free_port())
+        os.environ.update(owned)
+        _OWNED_ENV.update(owned)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
@@ -60,6 +70,19 @@ def init_distributed(cfg) -> DistEnv:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def release_own_world() -> None:
+    """Remove the variables `init_distributed` set for a world of one it created; keep the group.
+
+    Child processes started afterwards must not inherit RANK/MASTER_PORT (they would join, or collide
+    with, this process's store). The group itself stays for the next in-process run to reuse:
+    DeepSpeed caches process-group handles in module globals, so destroying and re-creating the group
+    in one process leaves it holding stale ones. A launcher-made world (torchrun) is left alone.
+    """
+    for key in _OWNED_ENV:
+        os.environ.pop(key, None)
+    _OWNED_ENV.clear()
 
 
 def barrier() -> None:

@@ -127,7 +127,18 @@ def _log_line(path: Path, record: dict) -> None:
 
 
 def train(cfg: Config) -> dict:
-    """Run training as configured; returns the final summary (rank 0; other ranks get {})."""
+    """Run training as configured; returns the final summary (rank 0; other ranks get {}).
+
+    Callable repeatedly in one process (the experiment does): a world of one it created is released
+    on the way out; a torchrun world belongs to the launcher and stays.
+    """
+    try:
+        return _train(cfg)
+    finally:
+        parallelize.release_own_world()
+
+
+def _train(cfg: Config) -> dict:
     from engine.data import RowSampler, collate, prepare_data
     from engine.model import load_model, load_tokenizer
     from engine.refcache import ensure_cache, on_the_fly_reference

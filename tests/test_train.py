@@ -283,3 +283,19 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     ckpts = list((tmp_path / "term" / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "MANIFEST.json").is_file()
     assert not (tmp_path / "term" / "final").exists()
+
+
+def test_a_world_of_one_leaves_no_variables_behind(monkeypatch):
+    from engine import parallelize
+    from engine.config import ParallelConfig
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = parallelize.init_distributed(ParallelConfig())
+    assert env.world_size == 1 and torch.distributed.is_initialized()
+    parallelize.release_own_world()
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # children must not inherit them
+    again = parallelize.init_distributed(ParallelConfig())  # a second in-process run reuses the group
+    assert again.world_size == 1 and os.environ["LOCAL_RANK"] == "0"  # DeepSpeed needs it during a run
+    parallelize.release_own_world()
+    assert "RANK" not in os.environ
