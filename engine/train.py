@@ -105,7 +105,7 @@ def _gpu_peak_flops(device: torch.device) -> float | None:
 
 
 def _flops_per_token(model) -> float:
-    """6 x trainable-path parameters (forward + backward), the usual MFU convention (Kaplan et al.)."""
+    """6 x parameters per token (forward + backward), the usual MFU convention (Kaplan et al. 2020)."""
     n = sum(p.numel() for p in model.parameters())
     return 6.0 * n
 
@@ -156,6 +156,13 @@ def _train(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     t_start = time.time()
+    if env.is_main:
+        from engine.plan import PlanError, plan_from_config
+
+        try:
+            print(plan_from_config(cfg, env.world_size).summary())
+        except (PlanError, OSError, ValueError) as e:  # advisory only: never stops a run
+            print(f"memory plan unavailable for {cfg.model.name}: {e}")
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name, revision=cfg.model.revision)
     prepared = prepare_data(cfg, tokenizer, out_dir=run_dir if env.is_main else None)
