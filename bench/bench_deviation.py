@@ -20,7 +20,6 @@ process peak RSS for the embedder benches (torch allocations are invisible to tr
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import resource
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import append_csv
 from bench.common import git_commit as _commit
 from bench.common import hardware as _hardware
 
@@ -53,13 +53,7 @@ def _versions() -> dict:
 
 
 def _append(row: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists() or RESULTS.stat().st_size == 0
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in COLUMNS})
+    append_csv(RESULTS, [{k: row.get(k, "") for k in COLUMNS}], COLUMNS)
     print(", ".join(f"{k}={row.get(k)}" for k in ("bench", "config", "n", "time_s", "throughput", "throughput_unit", "note")))
 
 

@@ -23,7 +23,6 @@ GPU config "gpu-8b": Llama-3-8B head (D=4096, V=128256), 16 pairs x 1024 tokens,
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import gc
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import append_csv  # noqa: E402
 from bench.common import git_commit as _git_commit  # noqa: E402
 from bench.common import hardware as _hardware  # noqa: E402
 from bench.common import version as _version  # noqa: E402
@@ -246,14 +246,6 @@ class PeakMeter:
 
 
 
-def write_row(row: dict) -> None:
-    RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS_CSV.exists() or RESULTS_CSV.stat().st_size == 0
-    with open(RESULTS_CSV, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
 
 
 def measure(benchmark, cfg: Config, op: str, backend: str, objective: str, run, reset) -> dict:
@@ -290,7 +282,7 @@ def measure(benchmark, cfg: Config, op: str, backend: str, objective: str, run, 
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )  # fmt: skip
     benchmark.extra_info.update(peak_mem_mb=row["peak_mem_mb"], tokens_per_s=row["tokens_per_s"])
-    write_row(row)
+    append_csv(RESULTS_CSV, [row], CSV_FIELDS)
     return row
 
 

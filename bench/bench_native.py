@@ -20,7 +20,6 @@ Run: `PYTHONPATH=. python bench/bench_native.py [--shapes 512x32003,256x128256] 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import statistics
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import append_csv  # noqa: E402
 from bench.common import git_commit as _commit  # noqa: E402
 from bench.common import hardware as _hardware  # noqa: E402
 from kernels import chunk_ops  # noqa: E402
@@ -159,13 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += [{**meta, **r} for r in bench_one(C, V, dtype, args.reps)]
 
     path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(path, rows, COLUMNS)
     print(f"appended {len(rows)} rows to {path}")
 
 

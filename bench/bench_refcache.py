@@ -25,7 +25,6 @@ Default config: llama-tiny, synthetic data (64 prompts), DPO, fp32 on CPU; on CU
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import re
@@ -43,7 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import git_commit as _commit  # noqa: E402
-from bench.common import hardware  # noqa: E402
+from bench.common import append_csv, hardware  # noqa: E402
 
 
 def _hardware() -> str:
@@ -152,14 +151,6 @@ def worker(variant: str, overrides: list[str], cache_dir: str, reps: int, warmup
 
 
 
-def _append(row: dict) -> None:
-    RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS_CSV.exists() or RESULTS_CSV.stat().st_size == 0
-    with open(RESULTS_CSV, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in CSV_FIELDS})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     for variant, row in results.items():
         row = {**common, **row, "note": notes[variant]}
-        _append(row)
+        append_csv(RESULTS_CSV, [{k: row.get(k, "") for k in CSV_FIELDS}], CSV_FIELDS)
         print(", ".join(f"{k}={row[k]}" for k in ("config", "variant", "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90",
                                                  "ref_time_ms_median", "peak_mem_mb", "ref_model_mb", "note")))
     print(f"appended to {RESULTS_CSV}")
