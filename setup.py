@@ -1,4 +1,4 @@
-"""Builds the optional native extension `kernels._C` (csrc/); everything else is in pyproject.toml.
+"""Builds the optional native extension `ddpo_kernels._C` (csrc/); everything else is in pyproject.toml.
 
 What gets built:
 - the C++ CPU operators (csrc/ops.cpp) whenever a C++ compiler works;
@@ -17,7 +17,7 @@ import os
 
 from setuptools import setup
 
-NATIVE_NOTICE = "[setup.py] native extension kernels._C not built ({}); the pure-PyTorch paths will be used"
+NATIVE_NOTICE = "[setup.py] native extension ddpo_kernels._C not built ({}); the pure-PyTorch paths will be used"
 
 
 def _flag(name: str) -> bool:
@@ -43,7 +43,7 @@ def _native_extensions():
     )
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
-            name="kernels._C",
+            name="ddpo_kernels._C",
             sources=["csrc/ops.cpp", "csrc/ops_cuda.cu"],  # relative to setup.py, as setuptools requires
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
@@ -52,7 +52,7 @@ def _native_extensions():
         )
     else:
         ext = cpp_extension.CppExtension(
-            name="kernels._C",
+            name="ddpo_kernels._C",
             sources=["csrc/ops.cpp"],
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args={"cxx": cxx},

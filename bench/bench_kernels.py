@@ -44,7 +44,7 @@ from bench.common import git_commit as _git_commit  # noqa: E402
 from bench.common import hardware as _hardware  # noqa: E402
 from bench.common import version as _version  # noqa: E402
 from engine.losses import preference_loss  # noqa: E402
-from kernels import fused_preference_loss, linear_logprob  # noqa: E402
+from ddpo_kernels import fused_preference_loss, linear_logprob  # noqa: E402
 
 RESULTS_CSV = REPO / "bench" / "results" / "kernels.csv"
 CSV_FIELDS = [

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 from bench.common import append_csv  # noqa: E402
 from bench.common import git_commit as _commit  # noqa: E402
 from bench.common import hardware as _hardware  # noqa: E402
-from kernels import chunk_ops  # noqa: E402
+from ddpo_kernels import chunk_ops  # noqa: E402
 
 CSV_PATH = ROOT / "bench" / "results" / "native.csv"
 COLUMNS = [

@@ -422,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_epilogue_cpu(
 }  // namespace ddpo
 
 #ifdef DDPO_PYTHON_MODULE
-// setup.py builds this file as the Python extension kernels._C: an empty module whose import
+// setup.py builds this file as the Python extension ddpo_kernels._C: an empty module whose import
 // runs the registrations below. The JIT build (a plain shared library) does not need it.
 #include <Python.h>
 extern "C" PyObject* PyInit__C(void) {

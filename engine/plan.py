@@ -535,7 +535,7 @@ def _final_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
 
 
 def _fused_chunk_tokens(vocab_size: int) -> int:
-    from kernels.linear_logprob import default_chunk_tokens
+    from ddpo_kernels.linear_logprob import default_chunk_tokens
 
     return default_chunk_tokens(vocab_size)
 

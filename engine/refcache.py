@@ -108,7 +108,7 @@ def sequence_logps(model, batch, *, backend: str = "auto") -> tuple[torch.Tensor
     and the LM head weight directly.
     """
     from engine.model import trunk_and_head
-    from kernels import linear_logprob
+    from ddpo_kernels import linear_logprob
 
     trunk, head = trunk_and_head(model)
     with torch.no_grad():

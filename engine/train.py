@@ -81,7 +81,7 @@ class _FusedHead(torch.nn.Linear):
     def forward(self, hidden, targets=None, **loss_kwargs):
         if targets is None:
             return super().forward(hidden)
-        from kernels import fused_preference_loss
+        from ddpo_kernels import fused_preference_loss
 
         out = fused_preference_loss(hidden, self.weight, targets, return_output=True, **loss_kwargs)
         # A plain tuple, not the LossOutput dataclass: ZeRO-3 attaches its pre-backward hook (which

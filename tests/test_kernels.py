@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine.losses import OBJECTIVES, preference_loss
-from kernels import (
+from ddpo_kernels import (
     BACKEND_ENV_VAR,
     fused_preference_loss,
     fused_preference_loss_ref,
@@ -432,8 +432,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels  # noqa: F401  (the package re-exports functions named like its submodules)
-ll, fp = sys.modules["kernels.linear_logprob"], sys.modules["kernels.fused_preference_loss"]
+import ddpo_kernels  # noqa: F401  (the package re-exports functions named like its submodules)
+ll, fp = sys.modules["ddpo_kernels.linear_logprob"], sys.modules["ddpo_kernels.fused_preference_loss"]
 target = GPUTarget("cuda", 90, 32)
 def compile_(fn, sig, consts):
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options={"num_warps": 8})

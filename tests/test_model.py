@@ -64,13 +64,3 @@ def test_load_pretrained_from_saved_dir(tmp_path):
     m2, tok = load_pretrained(str(tmp_path))
     assert all(torch.equal(x, y) for x, y in zip(m.parameters(), m2.parameters()))
     assert tok.chat_template is not None and len(tok) == len(load_tokenizer())
-
-
-def test_our_kernels_package_is_not_taken_for_hf_hub_kernels():
-    # transformers probes the import name `kernels` (Hugging Face's hub-kernels package) and would swap
-    # layers for hub kernels if ours looked like it: it must import cleanly and be judged "not available".
-    import kernels
-    from transformers.utils.import_utils import is_kernels_available
-
-    assert not hasattr(kernels, "__version__")
-    assert is_kernels_available() is False

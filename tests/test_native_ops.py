@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import chunk_ops
+from ddpo_kernels import chunk_ops
 
 REPO = Path(__file__).resolve().parent.parent
 IGNORE = -100
@@ -36,7 +36,7 @@ def native():
     loaded = chunk_ops.load_native()
     if not loaded:
         if os.environ.get("ENGINE_NATIVE_JIT") == "0":
-            pytest.skip("kernels._C is not built and ENGINE_NATIVE_JIT=0 forbids the JIT build")
+            pytest.skip("ddpo_kernels._C is not built and ENGINE_NATIVE_JIT=0 forbids the JIT build")
         has_cxx = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
         assert not has_cxx, f"a C++ compiler exists but the native ops failed to load: {chunk_ops._state['error']}"
         pytest.skip("no C++ compiler: native ops cannot be built here")
@@ -373,5 +373,5 @@ def test_setup_build_never_fails(tmp_path, env, notice):
         cwd=REPO, capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert notice in proc.stdout and "native extension kernels._C not built" in proc.stdout
+    assert notice in proc.stdout and "native extension ddpo_kernels._C not built" in proc.stdout
     assert not list(tmp_path.rglob("*.so"))

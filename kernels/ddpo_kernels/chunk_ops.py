@@ -12,7 +12,7 @@ Each op has a pure-PyTorch version (`*_ref`, the semantics) and a native one in 
 (`torch.ops.ddpo_ops.*`: a C++ CPU kernel, plus a CUDA kernel when the extension was
 built with nvcc). The public functions dispatch to the native op when the library is
 loaded and has a kernel for the tensors' device, else to the reference. The native
-library comes from `kernels._C` (built by `setup.py`) or, failing that, from a one-time
+library comes from `ddpo_kernels._C` (built by `setup.py`) or, failing that, from a one-time
 JIT build of the CPU sources (`torch.utils.cpp_extension.load`). `ENGINE_NATIVE_OPS=0`
 or `set_native_enabled(False)` forces the references (debugging, A/B comparisons).
 
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # kernels/ddpo_kernels/chunk_ops.py -> repo root
 _CSRC = _REPO_ROOT / "csrc"
 _OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
 # Rows per block in the reference backward: bounds its fp32 temporary to 256 x V floats.
@@ -252,15 +252,15 @@ def load_native() -> bool:
         if _ops_registered():  # loaded by someone else in this process
             _state.update(loaded=True, source="preloaded")
         else:
-            spec = importlib.util.find_spec("kernels._C")
+            spec = importlib.util.find_spec("ddpo_kernels._C")
             if spec is not None and spec.origin:
                 try:
-                    importlib.import_module("kernels._C")  # its import registers torch.ops.ddpo_ops
+                    importlib.import_module("ddpo_kernels._C")  # its import registers torch.ops.ddpo_ops
                     _state.update(loaded=_ops_registered(), source=spec.origin)
                 except ImportError as exc:  # stale build (other torch ABI), missing libcudart...
                     _state["error"] = f"{spec.origin}: {exc}"
             if not _state["loaded"] and os.environ.get("ENGINE_NATIVE_JIT", "1") != "0":
-                print(f"[kernels.chunk_ops] kernels._C not built; using the JIT build of {_CSRC} (first build ~1 min)")
+                print(f"[ddpo_kernels.chunk_ops] ddpo_kernels._C not built; using the JIT build of {_CSRC} (first build ~1 min)")
                 try:
                     _jit_build()
                     _state.update(loaded=_ops_registered(), source="jit")

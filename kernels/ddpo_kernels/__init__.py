@@ -58,8 +58,8 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
     return choice
 
 
-from kernels.fused_preference_loss import fused_preference_loss, fused_preference_loss_ref  # noqa: E402
-from kernels.linear_logprob import linear_logprob, linear_logprob_ref  # noqa: E402
+from ddpo_kernels.fused_preference_loss import fused_preference_loss, fused_preference_loss_ref  # noqa: E402
+from ddpo_kernels.linear_logprob import linear_logprob, linear_logprob_ref  # noqa: E402
 
 __all__ = [
     "BACKENDS",

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from engine.losses import LossOutput, preference_loss
-from kernels.chunk_ops import chunk_logprob_backward_, chunk_logprob_forward
-from kernels.linear_logprob import (
+from ddpo_kernels.chunk_ops import chunk_logprob_backward_, chunk_logprob_forward
+from ddpo_kernels.linear_logprob import (
     accumulate_chunk_grads,
     check_inputs,
     default_chunk_tokens,
@@ -319,7 +319,7 @@ def fused_preference_loss(
     Returns the scalar loss (differentiable w.r.t. hidden and weight), or with return_output=True
     the full LossOutput whose .loss is that differentiable scalar and whose .metrics are TRL-style.
     """
-    from kernels import resolve_backend
+    from ddpo_kernels import resolve_backend
 
     check_inputs(hidden, weight, targets, segment_ids)
     _check_pairs(chosen_segments, rejected_segments, hidden)

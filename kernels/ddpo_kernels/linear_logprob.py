@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunk_ops import chunk_logprob_backward_, chunk_logprob_forward
+from ddpo_kernels.chunk_ops import chunk_logprob_backward_, chunk_logprob_forward
 
 # Logits chunk budgets (fp32 bytes of one [chunk, V] block). CPU: 128 MiB keeps the extra peak at
 # N=8192, V=32000 near 10% of eager's (which holds several N x V fp32 tensors). GPU: 512 MiB gives
@@ -538,7 +538,7 @@ def linear_logprob(
     int64); seq_logps is differentiable w.r.t. hidden and weight. `chunk_tokens` sets the "torch"
     backend's rows per chunk (default: default_chunk_tokens, a 128 MiB (CPU) / 512 MiB (GPU) fp32 block).
     """
-    from kernels import resolve_backend
+    from ddpo_kernels import resolve_backend
 
     check_inputs(hidden, weight, targets, segment_ids)
     if num_segments < 0:
