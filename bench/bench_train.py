@@ -395,7 +395,7 @@ def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: 
     cmd = [sys.executable, "-m", "bench.bench_train", "--worker", f"{system}:{variant}", "--setup", s.name,
            "--reps", str(s.reps), "--warmup", str(s.warmup), "--min-reps", str(min_reps), "--cache-dir", cache_dir,
            "--data-cache", data_cache]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if s.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU setup stays on the CPU on a GPU machine too
         # Set before torch starts its OpenMP pool, so the pool has this many threads.

@@ -180,7 +180,7 @@ def test_report_attributes_rows_without_run_id_to_the_orchestrated_job(tmp_path)
 def test_bench_train_smoke(tmp_path):
     """Both systems' workers run at the smallest size and append well-formed rows."""
     out = tmp_path / "train.csv"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "bench.bench_train", "--setup", "cpu-tiny-smoke", "--reps", "2", "--warmup", "1",
            "--min-reps", "2", "--variants", "packed+cache,ref_forward", "--csv", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -463,7 +463,7 @@ def test_triton_kernels_compile_for_h100():
         pytest.skip("triton's bundled ptxas is not installed")
     repo = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(repo), TRITON_DEFAULT_FP_FUSION="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(repo), str(repo / "kernels")]), TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -59,7 +59,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     # Same intra-op thread count as this process, so float reductions are split the same way.
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env.pop(refcache.KILL_AFTER_PARTS_ENV, None)
