@@ -51,7 +51,8 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub model.")
     tokenizer: str | None = _f(None, "Tokenizer name/path; default: the model's own, or the bundled tokenizer for named architectures.")
     dtype: str = _f("float32", "Parameter dtype when loading: float32, bfloat16 or float16.")
-    attn_implementation: str = _f("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, flash_attention_2 or eager.")
+    attn_implementation: str = _f("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa_varlen), sdpa_varlen (per-sequence SDPA over packed rows), sdpa, flash_attention_2 or eager.")
+    disable_dropout: bool = _f(True, "Set the model's dropout probabilities to 0 (as TRL does): policy and reference log-probs stay comparable; LoRA dropout is separate.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (about 30% more compute).")
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
@@ -65,7 +66,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model", "attn_implementation", self.attn_implementation, ("auto", "sdpa", "flash_attention_2", "eager"))
+        _choice("model", "attn_implementation", self.attn_implementation, ("auto", "sdpa_varlen", "sdpa", "flash_attention_2", "eager"))
         _check(self.lora_r >= 0, f"model.lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}")
         _check(self.lora_r == 0 or self.lora_alpha > 0, f"model.lora_alpha must be > 0 with LoRA, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import torch
 
+from engine import attention
+
+attention.register()
+
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,15 +69,50 @@ def load_tokenizer(name_or_path: str | None = None, *, revision: str | None = No
     return tok
 
 
-def resolve_attn_implementation(requested: str, device: torch.device | str) -> str:
-    """auto: flash_attention_2 on CUDA when flash-attn is importable, else sdpa (packed rows use position ids)."""
+def resolve_attn_implementation(requested: str, device: torch.device | str, model_type: str | None = None) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn is importable, else sdpa_varlen (per-sequence SDPA over
+    packed rows, engine.attention) for the architectures it supports, else transformers' sdpa."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise RuntimeError("model.attn_implementation flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa")
+            raise RuntimeError("model.attn_implementation flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa_varlen")
+        if requested == attention.NAME and model_type is not None and model_type not in attention.VARLEN_MODEL_TYPES:
+            raise ValueError(f"model.attn_implementation {attention.NAME} supports model types {', '.join(attention.VARLEN_MODEL_TYPES)}; "
+                             f"this model is {model_type!r}: use sdpa or flash_attention_2")
         return requested
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if model_type is None or model_type in attention.VARLEN_MODEL_TYPES:
+        return attention.NAME
     return "sdpa"
+
+
+def prepare_for_preference_training(model, *, disable_dropout: bool = True) -> None:
+    """In-place changes every model of a run gets (policy, reference, cache builder), none of which changes
+    the function the model computes:
+
+    - transformers' Python tanh-GELU (NewGELUActivation, GPT-2's `gelu_new`) becomes torch's fused
+      kernel of the same formula: autograd then keeps the GELU input only, not the four intermediates
+      of the Python expression (measured on gpt2-small: 4 x 4 x 3,072 bytes per token and layer,
+      423 MB of a 743-token step).
+    - with `disable_dropout`, every dropout probability is set to 0 (TRL's DPOTrainer does the same
+      by default): the preference losses compare policy and reference log-probs of the same tokens,
+      so dropout only adds noise to the margins; it also keeps SDPA off its [L, L] math path (dropout
+      made gpt2-small materialise three [heads, L, L] tensors per layer, 910 MB at 743 tokens).
+      LoRA's own dropout is added later (apply_lora) and keeps model.lora_dropout.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+    if disable_dropout:
+        # Modules only, not the config: an exported model keeps its own dropout settings.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):  # Llama-style attention reads a float
+                m.attention_dropout = 0.0
 
 
 def default_vocab_size() -> int:
@@ -88,7 +127,7 @@ def build_model(
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = attention.NAME,
     vocab_size: int | None = None,
 ):
     """Random-init named architecture, deterministic for (name, seed). device='meta' allocates nothing."""
@@ -114,18 +153,21 @@ def load_model(cfg, *, device: str | torch.device = "cpu", name: str | None = No
 
     Applies the attention choice, gradient checkpointing and LoRA (when cfg.lora_r > 0 and for_training).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     name = name or cfg.name
-    attn = resolve_attn_implementation(cfg.attn_implementation, device)
     if is_named_architecture(name):
+        attn = resolve_attn_implementation(cfg.attn_implementation, device, _named_config(name, 64).model_type)
         model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn)
     else:
+        hf_cfg = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        attn = resolve_attn_implementation(cfg.attn_implementation, device, hf_cfg.model_type)
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
         ).to(device)
     model.config.use_cache = False  # packed rows rely on attention_mask=None and no KV cache
+    prepare_for_preference_training(model, disable_dropout=cfg.disable_dropout)
     if not for_training:
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
