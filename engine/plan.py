@@ -1,55 +1,65 @@
-"""Memory planner: the per-GPU memory budget of a training configuration, and the largest micro-batch that fits.
+"""Memory planner: the per-device memory budget of a training configuration, and the largest micro-batch that fits.
 
 Where this sits: beside the flow, not in it. Before a run, `python -m engine.plan ...` answers "does
 this fit, and how long can the packed rows be?"; at start-up the trainer logs
 `plan_from_config(cfg, world_size)` next to the measured peak so a gap between model and reality is
-visible in the first log lines. Nothing here allocates memory: shapes come from the model's config
-(named architectures of engine.model, a config.json, or a hub config already in the local cache).
+visible in the first log lines, and bench/bench_train.py prints the plan beside every measured
+engine row (CPU rows within 15% of the measured peak). Nothing here allocates memory: shapes come
+from the model's config (named architectures of engine.model, a config.json, or a hub config
+already in the local cache).
+
+What is planned is a run config (`engine.config.Config`, the trainer's own settings: one schema)
+plus where it runs (`PlanSettings`: ranks and device). The CLI takes the trainer's `--config` and
+`--section.field` overrides, or short flags that set the same fields:
 
     python -m engine.plan --model llama-8b --nodes 4 --gpus-per-node 8 --zero 3 \
         --max-tokens-per-row 8192 --gradient-checkpointing --lora-r 128 --gpu-memory-gb 80
+    python -m engine.plan --config configs/llama8b-ddpo.yaml --gpus-per-node 8
 
-The budget (all sizes in bytes, per GPU; N = rows_per_batch * max_tokens_per_row tokens of one
+The budget (all sizes in bytes, per rank; N = rows_per_batch * max_tokens_per_row tokens of one
 micro-batch; P parameters, T trainable parameters (P, or the LoRA adapters' count), W = nodes x
 gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
 
-- weights: (P + adapters) * w, divided by W under ZeRO-3, 0 on the GPU with --offload-params.
+- weights: (P + adapters) * w, divided by W under ZeRO-3, 0 on the GPU with offload_params.
   LoRA base weights are frozen and stored in w bytes too.
-- gradients: T * w (ZeRO 0/1), T * w / W (ZeRO 2/3); 0 with --offload-optimizer (ZeRO-Offload moves
+- gradients: T * w (ZeRO 0/1), T * w / W (ZeRO 2/3); 0 with offload_optimizer (ZeRO-Offload moves
   each reduced gradient partition to CPU; the reduce bucket that stays is under buffers).
 - optimizer states (master + moments): mixed precision keeps an fp32 master copy (4 bytes) and Adam's
-  fp32 m and v (4 + 4): 12 bytes per trainable parameter; fp32 training has no master copy (8 bytes).
-  Divided by W under ZeRO >= 1; 0 on the GPU with --offload-optimizer. (So bf16 mixed precision is
-  the usual 2 + 4 + 4 + 4 bytes per trained parameter for weights/master/m/v, and 2 for gradients.)
-- activations: see `activation_bytes_per_token_layer` for the per-layer formula (a Llama block with
-  FlashAttention: no seq^2 term). Without checkpointing every layer's saved tensors live until its
-  backward; with checkpointing (HF, one checkpoint per decoder layer) only each layer's input
-  (w * hidden per token) is kept, plus one layer's full activations while it is recomputed.
+  fp32 m and v (4 + 4): 12 bytes per trainable parameter; plain training keeps m and v in the
+  weights' dtype (8 bytes in fp32). Divided by W under ZeRO >= 1; 0 with offload_optimizer. The
+  engine's AdamW is torch's fused kernel, which allocates no per-tensor temporaries.
+- activations: see `activation_bytes_per_token_layer` for the per-layer formula (no seq^2 term:
+  FlashAttention on CUDA, per-sequence SDPA on CPU). Without checkpointing every layer's saved
+  tensors live until its backward; with checkpointing (HF, one checkpoint per decoder layer) only
+  each layer's input (w * hidden per token) is kept, plus one layer's full activations while it is
+  recomputed.
 - logits: eager (HF-style full logits) N * V * (w + 4 + 4): the logits in the compute dtype, the fp32
-  log-softmax kept for backward and its fp32 gradient. Fused (kernels.fused_preference_loss): one
-  fp32 [chunk, V] logits block, chunk = kernels.linear_logprob.default_chunk_tokens(V) (the "torch"
-  backend's default, a 128 MiB block; the "triton" backend keeps tiles in SRAM, so this is an upper
-  bound), plus the fp32 [V, D] dW accumulator the kernel fills when the LM head is trained (full
-  fine-tuning; LoRA leaves the head frozen). The [N, D] hidden gradient and the head's own gradient
-  are the same for both paths and are counted elsewhere (activations, gradients).
+  log-softmax kept for backward and its fp32 gradient. Fused (ddpo_kernels.fused_preference_loss):
+  one fp32 [chunk, V] logits block, chunk = ddpo_kernels.linear_logprob.default_chunk_tokens(V,
+  device) of the device planned for (the "torch" backend's block; the "triton" backend keeps tiles
+  in SRAM, so this is an upper bound), plus the fp32 [V, D] dW accumulator the kernel fills when the
+  LM head is trained (full fine-tuning; LoRA leaves the head frozen).
 - reference model: 0 with the reference log-prob cache (engine.refcache) or for objectives without a
-  reference (orpo, dorpo, sft); on the fly, a frozen copy of P parameters in --ref-dtype (divided by
-  W under ZeRO-3, as TRL prepares it with the policy's ZeRO-3 config; 0 on the GPU with
-  --offload-params), or 0 with LoRA (the reference is the base model with the adapters disabled).
-  The reference forward runs under no_grad before the policy forward, so its transient activations
-  do not add to the policy's peak.
-- DeepSpeed buffers (DeepSpeed 0.19 defaults, see DEEPSPEED_DEFAULTS): ZeRO-1 allocates one fp32
+  reference (orpo, dorpo, sft); on the fly (ref_cache.mode off), a frozen copy of P parameters in
+  ref_cache.dtype (divided by W under ZeRO-3; 0 with offload_params), or 0 with LoRA (the reference is
+  the base model with the adapters disabled). Its forward runs under no_grad before the policy's.
+- DeepSpeed buffers, from the run's own DeepSpeed JSON (engine.parallelize.deepspeed_config, with the
+  user's parallel.deepspeed_config applied; DeepSpeed 0.19 defaults for keys it leaves out, see
+  DEEPSPEED_DEFAULTS): ZeRO-0 on one rank none (the engine skips the all-reduce), on several
+  DeepSpeed's flat all-reduce bucket (up to 5e8 gradient elements); ZeRO-1 one fp32
   gradient-reduction bucket of reduce_bucket_size elements, ZeRO-2 one in the gradient dtype (two
   with overlap_comm); ZeRO-3 one reduce bucket in the gradient dtype, the gathered parameters in
-  flight (the largest single tensor, the LM head or embedding, plus one prefetch bucket, capped by
-  max_live_parameters) and the small "persistent" parameters (numel below
-  param_persistence_threshold: norms, biases) that every rank keeps whole. ZeRO-0 reduces in place.
-- runtime: a constant for the CUDA context and NCCL communicators (--runtime-overhead-gb, default 1.0
-  GiB; measure yours with torch.cuda.mem_get_info before the model is built). Allocator
+  flight (the largest single tensor plus one prefetch bucket, capped by max_live_parameters) and the
+  small "persistent" parameters (numel below param_persistence_threshold) every rank keeps whole.
+- runtime: a constant for the CUDA context and NCCL communicators (default 1.0 GiB on CUDA, 0 on
+  CPU; measure yours with torch.cuda.mem_get_info before the model is built). Allocator
   fragmentation is not modelled: leave headroom in --gpu-memory-gb.
 
-total = the sum of the above: a conservative peak (the activation and logits peaks happen in the
-same backward pass; the static parts are resident throughout).
+The peak: weights, optimizer states, reference, buffers and runtime are resident throughout; on top
+of them either the backward pass (activations + the loss's logits block + the gradients already
+accumulated from earlier micro-batches) or the optimizer step (every gradient), whichever is
+larger. Activations and gradients do not coexist in full: the gradients of a layer appear as its
+activations are freed.
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import OBJECTIVES, LossConfig
+from engine.config import OBJECTIVES, Config
 
 GIB = 1024**3
 
@@ -76,7 +86,8 @@ DEEPSPEED_DEFAULTS = {
     "param_persistence_threshold": 100_000,
 }
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+# DeepSpeed's ZeRO-0 all-reduce bucket (deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE, elements).
+ZERO0_ALLREDUCE_ELEMENTS = 500_000_000
 
 # Hub names whose shapes equal a named architecture, so a preset naming them can be planned offline
 # (the hub is not reachable from every machine that plans a run).
@@ -316,56 +327,46 @@ def model_shape(model: str, vocab_size: int | None = None) -> ModelShape:
 
 # ------------------------------------------------------------------------------------ settings
 
-@dataclass
-class PlanSettings:
-    """Everything the budget depends on; the CLI flags and plan_memory(**settings) map onto these fields."""
+DEVICES = ("cuda", "cpu")
 
-    model: str = "llama-8b"
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What a plan depends on: a run's `Config` and where the run happens.
+
+    Every training setting (model, ZeRO stage, precision, LoRA, offloading, batch geometry,
+    checkpointing, loss backend, reference mode, objective, the user's DeepSpeed JSON) is read from
+    `config`, the trainer's own schema; only what a config cannot know is added here: the number of
+    ranks, the device the plan is for (its fused-loss chunk budget, its attention kernel and its
+    runtime constant) and that constant.
+    """
+
+    config: Config = field(default_factory=Config)
     nodes: int = 1
-    gpus_per_node: int = 8
-    zero: int = 0
-    precision: str = "bf16"
-    lora_r: int = 0
-    lora_targets: tuple[str, ...] | None = None  # None: the family's usual projections
-    lora_dropout: float = 0.0
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    max_tokens_per_row: int = 2048
-    rows_per_batch: int = 1
-    gradient_checkpointing: bool = False
-    loss: str = "fused"
-    ref: str = "cache"
-    ref_dtype: str = "bf16"
-    objective: str = "dpo"
-    vocab_size: int | None = None  # only for llama-tiny, whose vocabulary follows the tokenizer
-    runtime_overhead_gib: float = 1.0
-    reduce_bucket_size: int = DEEPSPEED_DEFAULTS["reduce_bucket_size"]
-    prefetch_bucket_size: int = DEEPSPEED_DEFAULTS["prefetch_bucket_size"]
-    max_live_parameters: int = DEEPSPEED_DEFAULTS["max_live_parameters"]
-    param_persistence_threshold: int = DEEPSPEED_DEFAULTS["param_persistence_threshold"]
-    overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only)
+    gpus_per_node: int = 1
+    device: str = "cuda"
+    runtime_overhead_gib: float | None = None  # None: 1.0 GiB on CUDA (context + NCCL), 0 on CPU
 
     def __post_init__(self):
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise PlanError(msg)
-
-        for k in ("nodes", "gpus_per_node", "max_tokens_per_row", "rows_per_batch"):
+        for k in ("nodes", "gpus_per_node"):
             v = getattr(self, k)
-            need(isinstance(v, int) and v >= 1, f"{k} must be an integer >= 1, got {v!r}")
-        need(self.zero in (0, 1, 2, 3), f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
-        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        need(self.lora_r >= 0, f"lora_r must be >= 0 (0 trains all weights), got {self.lora_r}")
-        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        need(not self.offload_optimizer or self.zero >= 1, "offload_optimizer needs zero >= 1 (DeepSpeed offloads the partitioned optimizer)")
-        need(not self.offload_params or self.zero == 3, "offload_params needs zero 3 (only ZeRO-3 partitions parameters)")
-        need(self.loss in ("fused", "eager"), f"loss must be fused or eager, got {self.loss!r}")
-        need(self.ref in ("cache", "on_the_fly"), f"ref must be cache or on_the_fly, got {self.ref!r}")
-        need(self.ref_dtype in ("bf16", "fp32"), f"ref_dtype must be bf16 or fp32, got {self.ref_dtype!r}")
-        need(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        need(self.runtime_overhead_gib >= 0, f"runtime_overhead_gib must be >= 0, got {self.runtime_overhead_gib}")
-        if self.lora_targets is not None:
-            self.lora_targets = tuple(self.lora_targets)
+            if not isinstance(v, int) or v < 1:
+                raise PlanError(f"{k} must be an integer >= 1, got {v!r}")
+        if self.device not in DEVICES:
+            raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.runtime_overhead_gib is not None and self.runtime_overhead_gib < 0:
+            raise PlanError(f"runtime_overhead_gib must be >= 0, got {self.runtime_overhead_gib}")
+        if not isinstance(self.config, Config):
+            raise PlanError(f"config must be an engine.config.Config, got {type(self.config).__name__}")
+
+    @classmethod
+    def of(cls, overrides: dict[str, Any] | None = None, *, base: Config | None = None, **where) -> "PlanSettings":
+        """Settings from `{"section.field": value}` overrides of `base` (default: Config()), validated as
+        the trainer validates them; `where` sets nodes, gpus_per_node, device, runtime_overhead_gib."""
+        return cls(config=config_with(base or Config(), overrides or {}), **where)
+
+    def with_config(self, overrides: dict[str, Any]) -> "PlanSettings":
+        return dataclasses.replace(self, config=config_with(self.config, overrides))
 
     @property
     def world_size(self) -> int:
@@ -373,14 +374,42 @@ class PlanSettings:
 
     @property
     def tokens(self) -> int:
-        return self.rows_per_batch * self.max_tokens_per_row
+        return self.config.data.rows_per_batch * self.config.data.max_tokens_per_row
+
+    @property
+    def runtime_bytes(self) -> int:
+        gib = self.runtime_overhead_gib if self.runtime_overhead_gib is not None else (1.0 if self.device == "cuda" else 0.0)
+        return int(gib * GIB)
+
+
+def config_with(base: Config, overrides: dict[str, Any]) -> Config:
+    """`base` with `{"section.field": value}` overrides, through the config's own parsing and validation."""
+    from engine.config import ConfigError, from_dict
+
+    nested = base.to_dict()
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in nested or name not in nested[section]:
+            raise PlanError(f"unknown config setting {key!r}; settings are named section.field (see python -m engine.config --help)")
+        nested[section][name] = value
+    try:
+        return from_dict(nested)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ the plan
 
 @dataclass
 class MemoryPlan:
-    """Per-GPU bytes of each component; `total` is their sum. Alternatives show the other choice of each switch."""
+    """Per-GPU bytes of each component and the peak.
+
+    The components are the full size of each kind of memory; they are not all resident at once.
+    `at_peak` holds what is live at the peak: the static parts (weights, optimizer states, reference,
+    buffers, runtime) and either the backward pass's (activations + the loss's logits block, plus the
+    gradients when they accumulate over micro-batches) or the optimizer step's (every gradient),
+    whichever is larger (`peak_phase`). `total` is their sum.
+    """
 
     weights: int
     gradients: int
@@ -391,6 +420,8 @@ class MemoryPlan:
     buffers: int
     runtime: int
     total: int
+    peak_phase: str
+    at_peak: dict
     master_weights: int
     optimizer_moments: int
     activations_with_checkpointing: int
@@ -406,6 +437,7 @@ class MemoryPlan:
     world_size: int
     chunk_tokens: int
     activation_bytes_per_token_layer: int
+    attn_implementation: str
     settings: dict = field(default_factory=dict)
 
     COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "reference", "buffers", "runtime")
@@ -416,38 +448,42 @@ class MemoryPlan:
         return d
 
     def summary(self) -> str:
-        """One log line: the total and each component in GiB."""
-        parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in self.COMPONENTS)
-        return f"memory plan per GPU: total {self.total / GIB:.2f} GiB ({parts})"
+        """One log line: the peak and what is live at it, in GiB."""
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.at_peak.items())
+        return f"memory plan per GPU: peak {self.total / GIB:.2f} GiB in the {self.peak_phase} ({parts})"
 
     def table(self, gpu_bytes: int | None = None) -> str:
         s = self.settings
+        m, p, d = s["config"]["model"], s["config"]["parallel"], s["config"]["data"]
         alt = {
-            "activations": f"checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}; "
+            "activations": f"checkpointing {'on' if m['gradient_checkpointing'] else 'off'}; "
             f"with: {_gib(self.activations_with_checkpointing)}, without: {_gib(self.activations_without_checkpointing)}",
-            "logits": f"{s.get('loss')} loss; fused: {_gib(self.logits_fused)} (chunk {self.chunk_tokens}), eager: {_gib(self.logits_eager)}",
-            "reference": f"ref {s.get('ref')}; cache: {_gib(self.reference_cached)}, on the fly: {_gib(self.reference_on_the_fly)}",
+            "logits": f"loss backend {s['config']['loss']['backend']}; fused: {_gib(self.logits_fused)} (chunk {self.chunk_tokens}), "
+            f"eager: {_gib(self.logits_eager)}",
+            "reference": f"ref_cache.mode {s['config']['ref_cache']['mode']}; cache: {_gib(self.reference_cached)}, "
+            f"on the fly: {_gib(self.reference_on_the_fly)}",
             "optimizer": f"master {_gib(self.master_weights)} + moments {_gib(self.optimizer_moments)}",
-            "buffers": f"DeepSpeed ZeRO-{s.get('zero')} buckets / gathered params",
-            "runtime": "CUDA context + NCCL (constant)",
+            "buffers": f"DeepSpeed ZeRO-{p['zero_stage']} buckets / gathered params",
+            "runtime": "CUDA context + NCCL (constant)" if s["device"] == "cuda" else "none on CPU",
         }
         head = (
-            f"{s.get('model')}: {self.parameters:,} parameters ({self.trainable_parameters:,} trained"
-            + (f", LoRA r={s.get('lora_r')}" if s.get("lora_r") else "")
-            + f"); {s.get('nodes')} node(s) x {s.get('gpus_per_node')} GPU(s) = {self.world_size}, ZeRO-{s.get('zero')}, {s.get('precision')}"
-            + (", offload optimizer" if s.get("offload_optimizer") else "")
-            + (", offload params" if s.get("offload_params") else "")
-            + f"\nmicro-batch: {s.get('rows_per_batch')} row(s) x {s.get('max_tokens_per_row')} tokens = {self.tokens_per_micro_batch:,} tokens"
-            + f"; objective {s.get('objective')}"
+            f"{m['name']}: {self.parameters:,} parameters ({self.trainable_parameters:,} trained"
+            + (f", LoRA r={m['lora_r']}" if m["lora_r"] else "")
+            + f"); {s['nodes']} node(s) x {s['gpus_per_node']} {s['device'].upper()} rank(s) = {self.world_size}, "
+            + f"ZeRO-{p['zero_stage']}, {p['precision']}"
+            + (", offload optimizer" if p["offload_optimizer"] else "")
+            + (", offload params" if p["offload_params"] else "")
+            + f"\nmicro-batch: {d['rows_per_batch']} row(s) x {d['max_tokens_per_row']} tokens = "
+            + f"{self.tokens_per_micro_batch:,} tokens; objective {s['config']['loss']['objective']}; attention {self.attn_implementation}"
         )
-        lines = [head, "", f"{'component (per GPU)':<22}{'GiB':>10}  notes", "-" * 78]
+        lines = [head, "", f"{'component (per GPU)':<22}{'GiB':>10}{'at peak':>10}  notes", "-" * 88]
         for k in self.COMPONENTS:
-            lines.append(f"{k:<22}{getattr(self, k) / GIB:>10.3f}  {alt.get(k, '')}")
-        lines.append("-" * 78)
-        lines.append(f"{'total':<22}{self.total / GIB:>10.3f}")
+            lines.append(f"{k:<22}{getattr(self, k) / GIB:>10.3f}{self.at_peak.get(k, 0) / GIB:>10.3f}  {alt.get(k, '')}")
+        lines.append("-" * 88)
+        lines.append(f"{'peak (' + self.peak_phase + ')':<22}{'':>10}{self.total / GIB:>10.3f}")
         if gpu_bytes is not None:
             verdict = "fits" if self.total <= gpu_bytes else "does NOT fit"
-            lines.append(f"{'GPU memory':<22}{gpu_bytes / GIB:>10.3f}  {verdict}")
+            lines.append(f"{'device memory':<22}{'':>10}{gpu_bytes / GIB:>10.3f}  {verdict}")
         return "\n".join(lines)
 
 
@@ -472,8 +508,9 @@ def activation_bytes_per_token_layer(shape: ModelShape, act_bytes: int) -> int:
         4*a*I                    gate output (SiLU input), SiLU output, up output, their product (down's input)
         (Qwen3 q/k norms add (4 + a) * (Dq + Dkv))
       GPT-2 (LayerNorm, MHA, tanh-GELU): 2 x (a*D + 8) LayerNorm inputs and mean/rstd, 2 x a*D
-        normalised outputs, the same attention terms with Dkv = D, and 5*a*I for the MLP (c_fc's
-        output, the eager tanh-GELU's three saved intermediates, and its output, c_proj's input).
+        normalised outputs, the same attention terms with Dkv = D, and 2*a*I for the MLP (c_fc's
+        output, the GELU's input, and the GELU's output, c_proj's input: engine.model gives every
+        model torch's fused tanh-GELU, whose backward needs its input only).
     For Llama-3.1-8B in bf16: 20*D + 4*Dkv + 8*I + 4*H + 8 = 200,840 bytes (about 49 * D).
     LoRA changes these terms: see `lora_activation_delta`. tests/test_plan.py checks both byte for
     byte against the tensors autograd saves (saved_tensors_hooks) on llama-tiny, with PyTorch's CPU
@@ -484,7 +521,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, act_bytes: int) -> int:
     attn = a * (dq + 2 * dkv) + a * dq + 4 * hq
     if shape.family == "gpt2":
         norms = 2 * (a * d + 8) + 2 * a * d
-        mlp = 5 * a * shape.intermediate_size
+        mlp = 2 * a * shape.intermediate_size
     else:
         norms = 2 * (4 * d + 4 + 2 * a * d)
         mlp = 4 * a * shape.intermediate_size
@@ -534,99 +571,164 @@ def _final_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
     return (4 * d + 4 + a * d) + a * d + 2 * a * shape.head_dim
 
 
-def _fused_chunk_tokens(vocab_size: int) -> int:
+def _fused_chunk_tokens(vocab_size: int, device: str) -> int:
+    """Rows of the fused loss's fp32 [chunk, V] logits block on `device` (the kernels' own budget)."""
     from ddpo_kernels.linear_logprob import default_chunk_tokens
 
-    return default_chunk_tokens(vocab_size)
+    return default_chunk_tokens(vocab_size, device)
 
 
-def plan_memory(shape: ModelShape | None = None, **settings) -> MemoryPlan:
-    """Per-GPU memory plan for `settings` (PlanSettings fields). `shape` skips resolving settings['model'] again."""
-    s = PlanSettings(**settings)
+def planned_attn_implementation(requested: str, device: str, model_type: str | None) -> str:
+    """The attention kernel a run on `device` gets (engine.model's choice; on CUDA flash-attn is assumed
+    installed, as it should be for a GPU run)."""
+    from engine.attention import NAME, VARLEN_MODEL_TYPES
+
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "flash_attention_2"
+    return NAME if model_type is None or model_type in VARLEN_MODEL_TYPES else "sdpa"
+
+
+def _attention_extra_bytes_per_token_layer(shape: ModelShape, act_bytes: int, attn: str, row_len: int) -> int:
+    """What the chosen attention keeps beyond FlashAttention's q, k, v, output and logsumexp.
+
+    sdpa_varlen: the per-sequence outputs SDPA keeps and their concatenation (o_proj's input) are two
+    tensors, + a * Dq. eager: the softmax output [heads, L, L] of each row, + a * H * L per token.
+    sdpa over a packed row: its [L, L] bool mask is once per forward, not per layer (not counted).
+    """
+    if attn == "sdpa_varlen":
+        return act_bytes * shape.num_heads * shape.head_dim
+    if attn == "eager":
+        return act_bytes * shape.num_heads * row_len
+    return 0
+
+
+def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> MemoryPlan:
+    """Per-GPU memory plan of `settings`. `shape` skips resolving the config's model again."""
+    s = settings
+    cfg = s.config
+    m, p, d = cfg.model, cfg.parallel, cfg.data
     if shape is None:
-        shape = model_shape(s.model, s.vocab_size)
+        shape = model_shape(m.name)
     W = s.world_size
-    half = s.precision in ("bf16", "fp16")
-    w = 2 if half else 4  # weights, gradients and activations in the training dtype
+    mixed = p.precision in ("bf16", "fp16")
+    w = 2 if mixed or m.dtype in ("bfloat16", "float16") else 4  # weights, gradients and activations
     n = s.tokens
-    v, d = shape.vocab_size, shape.hidden_size
+    v, dh = shape.vocab_size, shape.hidden_size
 
     P = shape.num_parameters
-    lora_linears = shape.lora_linears(s.lora_targets or shape.default_lora_targets()) if s.lora_r else []
-    A = sum(s.lora_r * (lin.in_features + lin.out_features) * lin.count for lin in lora_linears)
-    T = A if s.lora_r else P
+    lora_linears = shape.lora_linears(m.lora_target_modules) if m.lora_r else []
+    A = sum(m.lora_r * (lin.in_features + lin.out_features) * lin.count for lin in lora_linears)
+    T = A if m.lora_r else P
+    zero = p.zero_stage
 
     def zero3_split(x: int) -> int:
-        return -(-x // W) if s.zero == 3 else x  # ceil: DeepSpeed pads partitions up
+        return -(-x // W) if zero == 3 else x  # ceil: DeepSpeed pads partitions up
 
-    weights = 0 if s.offload_params else zero3_split((P + A) * w)
-    if s.offload_optimizer:
+    weights = 0 if p.offload_params else zero3_split((P + A) * w)
+    if p.offload_optimizer:
         gradients = 0
     else:
-        gradients = T * w if s.zero in (0, 1) else -(-(T * w) // W)
-    master_per, moments_per = (4 if half else 0), 8
-    opt_div = 1 if s.zero == 0 else W
-    master = 0 if s.offload_optimizer else -(-(T * master_per) // opt_div)
-    moments = 0 if s.offload_optimizer else -(-(T * moments_per) // opt_div)
+        gradients = T * w if zero in (0, 1) else -(-(T * w) // W)
+    # Mixed precision: fp32 master + fp32 m and v. Plain training keeps m and v in the weights' dtype.
+    master_per, moments_per = (4, 8) if mixed else (0, 2 * w)
+    opt_div = 1 if zero == 0 else W
+    master = 0 if p.offload_optimizer else -(-(T * master_per) // opt_div)
+    moments = 0 if p.offload_optimizer else -(-(T * moments_per) // opt_div)
 
+    attn = planned_attn_implementation(m.attn_implementation, s.device, _model_type(shape))
     per_layer = activation_bytes_per_token_layer(shape, w)
+    per_layer += _attention_extra_bytes_per_token_layer(shape, w, attn, d.max_tokens_per_row)
     final = _final_bytes_per_token(shape, w)
-    if s.lora_r:
-        layer_delta, model_delta = lora_activation_delta(shape, w, s.lora_r, lora_linears, s.lora_dropout)
+    if m.lora_r:
+        layer_delta, model_delta = lora_activation_delta(shape, w, m.lora_r, lora_linears, m.lora_dropout)
         per_layer, final = per_layer + layer_delta, final + model_delta
     act_without = n * (shape.num_layers * per_layer + final)
-    act_with = n * (shape.num_layers * w * d + per_layer + final)
-    activations = act_with if s.gradient_checkpointing else act_without
+    act_with = n * (shape.num_layers * w * dh + per_layer + final)
+    activations = act_with if m.gradient_checkpointing else act_without
 
-    chunk = _fused_chunk_tokens(v)
-    head_trained = s.lora_r == 0
-    logits_fused = min(chunk, n) * v * 4 + (v * d * 4 if head_trained else 0)
+    chunk = _fused_chunk_tokens(v, s.device)
+    head_trained = m.lora_r == 0
+    logits_fused = min(chunk, n) * v * 4 + (v * dh * 4 if head_trained else 0)
     logits_eager = n * v * (w + 4 + 4)
-    logits = logits_fused if s.loss == "fused" else logits_eager
+    logits = logits_eager if cfg.loss.backend == "eager" else logits_fused
 
-    ref_bytes = 2 if s.ref_dtype == "bf16" else 4
-    needs_ref = LossConfig(objective=s.objective).needs_reference  # orpo/dorpo/sft have no reference term
-    ref_fly = 0 if (not needs_ref or s.lora_r or s.offload_params) else zero3_split(P * ref_bytes)
-    reference = ref_fly if s.ref == "on_the_fly" else 0
+    ref_bytes = 2 if cfg.ref_cache.dtype == "bfloat16" else 4
+    needs_ref = cfg.loss.needs_reference  # orpo/dorpo/sft have no reference term
+    ref_fly = 0 if (not needs_ref or m.lora_r or p.offload_params) else zero3_split(P * ref_bytes)
+    reference = ref_fly if cfg.ref_cache.mode == "off" else 0
 
-    buffers = _deepspeed_buffers(s, shape, w)
-    runtime = int(s.runtime_overhead_gib * GIB)
+    buffers = _deepspeed_buffers(s, shape, w, T)
+    runtime = s.runtime_bytes
     optimizer = master + moments
-    total = weights + gradients + optimizer + activations + logits + reference + buffers + runtime
+    static = {"weights": weights, "optimizer": optimizer, "reference": reference, "buffers": buffers, "runtime": runtime}
+    # Gradients of earlier micro-batches stay resident through a later backward.
+    accumulated = gradients if cfg.optim.grad_accum > 1 else 0
+    backward = {"activations": activations, "logits": logits, "gradients": accumulated}
+    step = {"gradients": gradients}
+    phase, live = ("backward", backward) if sum(backward.values()) >= sum(step.values()) else ("optimizer step", step)
+    at_peak = {k: v_ for k, v_ in {**static, **live}.items() if v_}
     return MemoryPlan(
         weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits,
-        reference=reference, buffers=buffers, runtime=runtime, total=total, master_weights=master,
-        optimizer_moments=moments, activations_with_checkpointing=act_with, activations_without_checkpointing=act_without,
-        logits_fused=logits_fused, logits_eager=logits_eager, reference_cached=0, reference_on_the_fly=ref_fly,
-        parameters=P, trainable_parameters=T, lora_parameters=A, tokens_per_micro_batch=n, world_size=W,
-        chunk_tokens=chunk, activation_bytes_per_token_layer=per_layer, settings=dataclasses.asdict(s),
-    )  # fmt: skip
+        reference=reference, buffers=buffers, runtime=runtime, total=sum(at_peak.values()), peak_phase=phase,
+        at_peak=at_peak, master_weights=master, optimizer_moments=moments, activations_with_checkpointing=act_with,
+        activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager,
+        reference_cached=0, reference_on_the_fly=ref_fly, parameters=P, trainable_parameters=T, lora_parameters=A,
+        tokens_per_micro_batch=n, world_size=W, chunk_tokens=chunk, activation_bytes_per_token_layer=per_layer,
+        attn_implementation=attn, settings=_settings_record(s),
+    )
 
 
-def _deepspeed_buffers(s: PlanSettings, shape: ModelShape, w: int) -> int:
-    overlap = s.overlap_comm if s.overlap_comm is not None else s.zero == 3
-    if s.zero == 0:
-        return 0
-    if s.zero == 1:
+def _settings_record(s: PlanSettings) -> dict:
+    return {"config": s.config.to_dict(), "nodes": s.nodes, "gpus_per_node": s.gpus_per_node, "device": s.device,
+            "runtime_overhead_gib": s.runtime_bytes / GIB}
+
+
+def _model_type(shape: ModelShape) -> str | None:
+    return {"llama": "llama", "gpt2": "gpt2"}.get(shape.family)
+
+
+def deepspeed_zero_settings(s: PlanSettings) -> dict:
+    """The ZeRO bucket settings the run's DeepSpeed JSON resolves to (engine.parallelize builds it; the
+    user's parallel.deepspeed_config overrides it), with DeepSpeed's defaults for the keys it leaves out."""
+    from engine.parallelize import deepspeed_config
+
+    zero = deepspeed_config(s.config, total_steps=1, device_type=s.device)["zero_optimization"]
+    out = {k: int(zero.get(k, dflt)) for k, dflt in DEEPSPEED_DEFAULTS.items()}
+    out["overlap_comm"] = bool(zero.get("overlap_comm", s.config.parallel.zero_stage == 3))
+    return out
+
+
+def _deepspeed_buffers(s: PlanSettings, shape: ModelShape, w: int, trainable: int) -> int:
+    zero = s.config.parallel.zero_stage
+    ds = deepspeed_zero_settings(s)
+    overlap, bucket = ds["overlap_comm"], ds["reduce_bucket_size"]
+    if zero == 0:
+        # One rank: the engine skips DeepSpeed's all-reduce (engine.parallelize). Several: DeepSpeed flattens
+        # up to 5e8 gradient elements into one bucket per all-reduce (freed after; counted as resident).
+        return 0 if s.world_size == 1 else min(trainable, ZERO0_ALLREDUCE_ELEMENTS) * w
+    if zero == 1:
         # ZeRO-1 stages the reduction in an fp32 accumulator bucket (stage_1_and_2.setup_buckets).
-        return s.reduce_bucket_size * 4 * (2 if overlap else 1)
-    if s.zero == 2:
-        return s.reduce_bucket_size * w * (2 if overlap else 1)
+        return bucket * 4 * (2 if overlap else 1)
+    if zero == 2:
+        return bucket * w * (2 if overlap else 1)
     # ZeRO-3: one reduce bucket per gradient dtype (stage3.py allocates it once), the parameters
     # gathered for the module running now plus the prefetch bucket, and the persistent small tensors.
-    largest = max(p.numel for p in shape.params)
-    gathered = min(s.max_live_parameters, largest + s.prefetch_bucket_size)
-    persistent = sum(p.numel * p.count for p in shape.params if p.numel < s.param_persistence_threshold)
-    return s.reduce_bucket_size * w + (gathered + persistent) * w
+    largest = max(p_.numel for p_ in shape.params)
+    gathered = min(ds["max_live_parameters"], largest + ds["prefetch_bucket_size"])
+    persistent = sum(p_.numel * p_.count for p_ in shape.params if p_.numel < ds["param_persistence_threshold"])
+    return bucket * w + (gathered + persistent) * w
 
 
 # ------------------------------------------------------------------------------------ fitting
 
-def largest_fitting(settings: PlanSettings | dict, gpu_bytes: int, *, field: str = "max_tokens_per_row", step: int | None = None) -> int:
-    """Largest value of `field` (max_tokens_per_row or rows_per_batch), a multiple of `step`, whose plan fits.
+def largest_fitting(settings: PlanSettings, gpu_bytes: int, *, field: str = "max_tokens_per_row", step: int | None = None) -> int:
+    """Largest value of data.`field` (max_tokens_per_row or rows_per_batch), a multiple of `step`, whose plan fits.
 
-    step defaults to 128 tokens (a tile-friendly row length) or 1 row. Returns 0 when not even one
-    step fits (the static parts alone exceed the GPU). Memory grows with the micro-batch, so an
+    step defaults to 128 tokens (a tile-friendly row length) or 1 row. A row must hold a pair
+    (max_tokens_per_row >= 2 x data.max_length, as the config requires), so the search starts there.
+    Returns 0 when not even the smallest valid value fits. Memory grows with the micro-batch, so an
     exponential search for an upper bound followed by bisection finds the boundary exactly.
     """
     if field not in ("max_tokens_per_row", "rows_per_batch"):
@@ -634,16 +736,15 @@ def largest_fitting(settings: PlanSettings | dict, gpu_bytes: int, *, field: str
     step = step or (128 if field == "max_tokens_per_row" else 1)
     if step < 1:
         raise PlanError(f"step must be >= 1, got {step}")
-    base = dataclasses.asdict(settings) if isinstance(settings, PlanSettings) else dict(settings)
-    PlanSettings(**base)  # validate once, up front
-    shape = model_shape(base.get("model", PlanSettings.model), base.get("vocab_size"))
+    shape = model_shape(settings.config.model.name)
+    low = -(-2 * settings.config.data.max_length // step) if field == "max_tokens_per_row" else 1
 
     def fits(k: int) -> bool:
-        return plan_memory(shape, **{**base, field: k * step}).total <= gpu_bytes
+        return plan_memory(settings.with_config({f"data.{field}": k * step}), shape).total <= gpu_bytes
 
-    if not fits(1):
+    if not fits(low):
         return 0
-    lo, hi = 1, 2
+    lo, hi = low, 2 * low
     while fits(hi):
         lo, hi = hi, hi * 2
         if hi * step > 2**40:  # a trillion tokens per row: the formula has no memory term left
@@ -656,85 +757,96 @@ def largest_fitting(settings: PlanSettings | dict, gpu_bytes: int, *, field: str
 
 # ------------------------------------------------------------------------------------ run configs
 
-def settings_from_config(cfg, world_size: int) -> PlanSettings:
-    """PlanSettings of an engine.config.Config on `world_size` GPUs (the trainer's view of its run)."""
-    m, p = cfg.model, cfg.parallel
-    return PlanSettings(
-        model=m.name, nodes=1, gpus_per_node=world_size, zero=p.zero_stage, precision=p.precision,
-        lora_r=m.lora_r, lora_targets=tuple(m.lora_target_modules), lora_dropout=m.lora_dropout,
-        offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
-        max_tokens_per_row=cfg.data.max_tokens_per_row, rows_per_batch=cfg.data.rows_per_batch,
-        gradient_checkpointing=m.gradient_checkpointing, loss="eager" if cfg.loss.backend == "eager" else "fused",
-        ref="on_the_fly" if cfg.ref_cache.mode == "off" else "cache",
-        ref_dtype="bf16" if cfg.ref_cache.dtype == "bfloat16" else "fp32", objective=cfg.loss.objective,
-    )  # fmt: skip
+def settings_from_config(cfg: Config, world_size: int, device: str | None = None) -> PlanSettings:
+    """PlanSettings of a run config on `world_size` ranks of `device` (default: CUDA when available, else CPU)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return PlanSettings(config=cfg, nodes=1, gpus_per_node=world_size, device=device)
 
 
-def plan_from_config(cfg, world_size: int) -> MemoryPlan:
-    """The memory plan of a run config on `world_size` GPUs; the trainer logs it at start-up."""
-    return plan_memory(**dataclasses.asdict(settings_from_config(cfg, world_size)))
+def plan_from_config(cfg: Config, world_size: int, device: str | None = None) -> MemoryPlan:
+    """The memory plan of a run config on `world_size` ranks; the trainer logs it at start-up."""
+    return plan_memory(settings_from_config(cfg, world_size, device))
 
 
 # ------------------------------------------------------------------------------------ CLI
 
+# Short flags of the CLI and the config setting each one sets (values mapped where the words differ).
+_ALIASES = {
+    "model": "model.name", "zero": "parallel.zero_stage", "precision": "parallel.precision", "lora_r": "model.lora_r",
+    "lora_targets": "model.lora_target_modules", "lora_dropout": "model.lora_dropout",
+    "offload_optimizer": "parallel.offload_optimizer", "offload_params": "parallel.offload_params",
+    "max_tokens_per_row": "data.max_tokens_per_row", "rows_per_batch": "data.rows_per_batch",
+    "gradient_checkpointing": "model.gradient_checkpointing", "loss": "loss.backend", "ref": "ref_cache.mode",
+    "ref_dtype": "ref_cache.dtype", "objective": "loss.objective",
+}  # fmt: skip
+_VALUE_MAP = {"loss": {"fused": "auto", "eager": "eager"}, "ref": {"cache": "auto", "on_the_fly": "off"},
+              "ref_dtype": {"bf16": "bfloat16", "fp32": "float32"}}  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m engine.plan",
-        description="Per-GPU memory budget of a preference-training run and the largest micro-batch that fits.",
+        description="Per-GPU memory budget of a preference-training run and the largest micro-batch that fits. "
+        "The run is an engine config: --config FILE and/or --section.field VALUE overrides (as for engine.train), "
+        "or the short flags below, which set the config fields of the same meaning.",
     )
-    ap.add_argument("--model", default="llama-8b", help="named architecture (llama-tiny, gpt2-small, llama-8b), config.json path, or cached hub name")
-    ap.add_argument("--config", default=None, help="plan a run config (YAML) instead; the flags below then only set the world size and GPU")
+    ap.add_argument("--config", default=None, help="a run config (YAML); without it the plan starts from the config defaults "
+                    "with --model llama-8b --precision bf16")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0)
-    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="bf16/fp16: mixed precision with fp32 master weights and Adam states")
-    ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: train all weights)")
-    ap.add_argument("--lora-targets", default=None, help="comma-separated module names LoRA adapts (default: all projections)")
-    ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--offload-optimizer", action="store_true")
-    ap.add_argument("--offload-params", action="store_true")
-    ap.add_argument("--max-tokens-per-row", type=int, default=2048)
-    ap.add_argument("--rows-per-batch", type=int, default=1, help="packed rows per micro-batch per GPU")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--loss", choices=("fused", "eager"), default="fused")
-    ap.add_argument("--ref", choices=("cache", "on_the_fly"), default="cache")
-    ap.add_argument("--ref-dtype", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="dpo")
-    ap.add_argument("--vocab-size", type=int, default=None, help="llama-tiny only: vocabulary size (default: bundled tokenizer)")
-    ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory in GiB to fit into")
-    ap.add_argument("--runtime-overhead-gb", type=float, default=1.0, help="CUDA context + NCCL, GiB")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
+    ap.add_argument("--device", choices=DEVICES, default="cuda", help="what the ranks are: sets the fused loss's chunk budget, "
+                    "the attention kernel and the runtime constant")
+    ap.add_argument("--model", default=None, help="model.name: named architecture, config.json path, or cached hub name")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="parallel.zero_stage")
+    ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                    help="parallel.precision (bf16/fp16: mixed precision with fp32 master weights and Adam states)")
+    ap.add_argument("--lora-r", type=int, default=None, help="model.lora_r (0: train all weights)")
+    ap.add_argument("--lora-targets", default=None, help="model.lora_target_modules, comma-separated")
+    ap.add_argument("--lora-dropout", type=float, default=None, help="model.lora_dropout")
+    ap.add_argument("--offload-optimizer", action="store_const", const=True, default=None, help="parallel.offload_optimizer")
+    ap.add_argument("--offload-params", action="store_const", const=True, default=None, help="parallel.offload_params")
+    ap.add_argument("--max-tokens-per-row", type=int, default=None, help="data.max_tokens_per_row")
+    ap.add_argument("--rows-per-batch", type=int, default=None, help="data.rows_per_batch")
+    ap.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="model.gradient_checkpointing")
+    ap.add_argument("--loss", choices=("fused", "eager"), default=None, help="loss.backend (fused: auto)")
+    ap.add_argument("--ref", choices=("cache", "on_the_fly"), default=None, help="ref_cache.mode (cache: auto, on_the_fly: off)")
+    ap.add_argument("--ref-dtype", choices=("bf16", "fp32"), default=None, help="ref_cache.dtype")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="loss.objective")
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory in GiB to fit into")
+    ap.add_argument("--runtime-overhead-gb", type=float, default=None, help="CUDA context + NCCL, GiB (default 1.0 on CUDA, 0 on CPU)")
     ap.add_argument("--fit", choices=("max_tokens_per_row", "rows_per_batch"), default="max_tokens_per_row", help="what the fit search varies")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.config:
-            from engine.config import ConfigError, load_config
+def _settings_from_args(args: argparse.Namespace, overrides: list[str]) -> PlanSettings:
+    from engine.config import ConfigError, load_config
 
-            try:
-                cfg = load_config(["--config", args.config], prog="python -m engine.plan")
-            except ConfigError as e:
-                raise PlanError(str(e)) from None
-            settings = settings_from_config(cfg, args.nodes * args.gpus_per_node)
-            settings = dataclasses.replace(settings, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                                           runtime_overhead_gib=args.runtime_overhead_gb)  # fmt: skip
-        else:
-            settings = PlanSettings(
-                model=args.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, zero=args.zero,
-                precision=args.precision, lora_r=args.lora_r,
-                lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None,
-                lora_dropout=args.lora_dropout, offload_optimizer=args.offload_optimizer,
-                offload_params=args.offload_params, max_tokens_per_row=args.max_tokens_per_row,
-                rows_per_batch=args.rows_per_batch, gradient_checkpointing=args.gradient_checkpointing,
-                loss=args.loss, ref=args.ref, ref_dtype=args.ref_dtype, objective=args.objective,
-                vocab_size=args.vocab_size, runtime_overhead_gib=args.runtime_overhead_gb,
-            )  # fmt: skip
+    flags = {k: getattr(args, k) for k in _ALIASES if getattr(args, k) is not None}
+    if args.config is None:
+        flags = {"model": "llama-8b", "precision": "bf16", **flags}
+    argv = (["--config", args.config] if args.config else []) + list(overrides)
+    for k, v in flags.items():
+        v = _VALUE_MAP.get(k, {}).get(v, v)
+        argv += [f"--{_ALIASES[k]}", str(v).lower() if isinstance(v, bool) else str(v)]
+    try:
+        cfg = load_config(argv, default_preset=None, prog="python -m engine.plan")
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    return PlanSettings(config=cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
+                        runtime_overhead_gib=args.runtime_overhead_gb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        settings = _settings_from_args(args, rest)
         gpu_bytes = int(args.gpu_memory_gb * GIB)
-        shape = model_shape(settings.model, settings.vocab_size)
-        plan = plan_memory(shape, **dataclasses.asdict(settings))
+        shape = model_shape(settings.config.model.name)
+        plan = plan_memory(settings, shape)
         best = largest_fitting(settings, gpu_bytes, field=args.fit)
     except PlanError as e:
         print(f"plan error: {e}", file=sys.stderr)
@@ -751,8 +863,9 @@ def main(argv: list[str] | None = None) -> int:
     if best:
         print(f"largest {args.fit} that fits {args.gpu_memory_gb:g} GiB: {best:,} {unit}")
     else:
-        print(f"nothing fits {args.gpu_memory_gb:g} GiB: the static parts alone need "
-              f"{(plan.total - plan.activations - plan.logits) / GIB:.3f} GiB; try a higher ZeRO stage, offloading or LoRA")  # fmt: skip
+        static = sum(plan.at_peak.get(k, 0) for k in ("weights", "optimizer", "reference", "buffers", "runtime"))
+        print(f"nothing fits {args.gpu_memory_gb:g} GiB: the static parts alone need {static / GIB:.3f} GiB; "
+              "try a higher ZeRO stage, offloading or LoRA")
     return 0
 
 
