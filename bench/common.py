@@ -17,7 +17,6 @@ import gc
 import os
 import platform
 import re
-import resource
 import subprocess
 import time
 import uuid
@@ -207,24 +206,21 @@ def time_fn(fn: Callable[[], object], *, reps: int = MIN_REPS, warmup: int = 1, 
 # ------------------------------------------------------------------------------------------ memory
 
 
-def peak_rss_mb() -> float:
-    """High-water mark of this process's resident set (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class PeakMemory:
-    """Peak memory of a block: CUDA max_memory_allocated over the block, or on CPU the increase of the
-    process's RSS high-water mark over its value at entry.
+    """Peak memory of a block: CUDA max_memory_allocated over the block, or on CPU the peak resident set
+    above the RSS at entry (engine.memory.RssWindow: the kernel's high-water mark reset at entry, or a
+    sampling thread where it cannot be reset); `method` says which.
 
-    On CPU the high-water mark never goes down, so a block only shows memory above everything the
-    process touched before it: measure each configuration in a fresh subprocess, with only imports
-    (common to all configurations) before the block.
+    Measure each configuration in a fresh subprocess so that allocator state left by another
+    configuration cannot hide or inflate its peak.
     """
 
     def __init__(self, device: str = "cpu"):
         self.device = device
         self.before_mb = 0.0
         self.peak_mb = float("nan")
+        self.method = "CUDA max_memory_allocated" if device.startswith("cuda") else ""
+        self._rss = None
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
@@ -235,7 +231,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.before_mb = torch.cuda.memory_allocated() / 2**20
         else:
-            self.before_mb = peak_rss_mb()
+            from engine.memory import RssWindow
+
+            self._rss = RssWindow().__enter__()
+            self.before_mb, self.method = self._rss.baseline_mb, self._rss.method
         return self
 
     def __exit__(self, *exc) -> None:
@@ -245,7 +244,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
-            self.peak_mb = peak_rss_mb() - self.before_mb
+            self._rss.__exit__(*exc)
+            self.peak_mb = self._rss.peak_mb
 
 
 # -------------------------------------------------------------------------------------------- MFU

@@ -25,6 +25,7 @@ import torch
 from engine import checkpoint, parallelize
 from engine.config import Config, ConfigError, load_config
 from engine.losses import LossOutput
+from engine.memory import limit_allocator_retention
 
 
 class PolicyWithLoss(torch.nn.Module):
@@ -150,6 +151,8 @@ def _train(cfg: Config) -> dict:
         except ImportError:
             raise RuntimeError("logging.wandb is true but the wandb package is not installed: pip install wandb, or set logging.wandb false") from None
     env = parallelize.init_distributed(cfg.parallel)
+    if env.device.type == "cpu":
+        limit_allocator_retention()  # freed activations leave the process instead of staying as heap fragments
     torch.manual_seed(cfg.data.seed + env.rank)
     run_dir = cfg.logging.run_dir
     if env.is_main:
