@@ -77,6 +77,7 @@ class DataConfig:
     source: str = _f("synthetic", "jsonl/json/parquet file, a datasets.save_to_disk directory, a hub dataset name, or 'synthetic' (bundled generator).")
     synthetic_prompts: int = _f(240, "Number of prompts the synthetic generator makes (source: synthetic).")
     synthetic_seed: int = _f(0, "Seed of the synthetic generator.")
+    synthetic_lengths: str = _f("short", "Response lengths of the synthetic generator: short (4-7 sentences, ~100 tokens: the default data) or stories (WritingPrompts-like: hundreds of tokens with a long tail; for benchmarks).")
     pairs: str = _f("best_vs_worst", "Pair construction: " + ", ".join(PAIR_MODES) + ".")
     min_gap: float = _f(5.0, "gap mode: minimum upvote difference between chosen and rejected.")
     max_pairs_per_prompt: int = _f(100, "At most this many pairs per prompt.")
@@ -94,6 +95,7 @@ class DataConfig:
 
     def __post_init__(self):
         _choice("data", "pairs", self.pairs, PAIR_MODES)
+        _choice("data", "synthetic_lengths", self.synthetic_lengths, ("short", "stories"))
         _check(self.min_gap >= 0, f"data.min_gap must be >= 0, got {self.min_gap}")
         _check(self.max_pairs_per_prompt >= 1, f"data.max_pairs_per_prompt must be >= 1, got {self.max_pairs_per_prompt}")
         _check(0 < self.divpo_rho <= 0.5, f"data.divpo_rho must be in (0, 0.5], got {self.divpo_rho}")

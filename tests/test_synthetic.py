@@ -2,6 +2,8 @@
 
 import statistics
 
+import pytest
+
 from engine.data.synthetic import POPULAR_STYLE, POPULAR_THEME, STYLES, THEMES, classify, generate_rows
 
 SCHEMA = {"post_title": str, "post_text": str, "post_scores": int, "comment_texts": list, "comment_scores": list, "comment_times": list}
@@ -61,3 +63,15 @@ def test_classify_on_arbitrary_text():
     assert salad.style is None
     good = classify("Mara watched the luminous stars near the ancient station. Theo held the jagged comet near the silent orbit.")
     assert good.theme == "space" and good.style == "plain" and good.quality > 0
+
+
+def test_story_lengths_for_benchmarks():
+    """lengths="stories" makes WritingPrompts-like responses (hundreds of words, a long tail); the default
+    stays the short data every other test and the golden run use."""
+    short = [len(t.split()) for r in generate_rows(40, 0) for t in r["comment_texts"]]
+    stories = [len(t.split()) for r in generate_rows(40, 0, lengths="stories") for t in r["comment_texts"]]
+    assert max(short) < 120
+    assert 150 < statistics.median(stories) < 320 and max(stories) > 2.5 * statistics.median(stories)
+    assert generate_rows(3, 5, lengths="stories") == generate_rows(3, 5, lengths="stories")
+    with pytest.raises(ValueError, match="lengths"):
+        generate_rows(3, lengths="novels")

@@ -169,12 +169,13 @@ def _iter_dataset(ds) -> Iterator[tuple[int, Any]]:
     yield from enumerate(ds)
 
 
-def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0) -> Iterator[tuple[int, Any]]:
+def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+              synthetic_lengths: str = "short") -> Iterator[tuple[int, Any]]:
     """(row index, row) from any supported source; unreadable lines come as `_BadRow` values."""
     if source == "synthetic":
         from engine.data.synthetic import generate_rows
 
-        yield from enumerate(generate_rows(synthetic_prompts, synthetic_seed))
+        yield from enumerate(generate_rows(synthetic_prompts, synthetic_seed, lengths=synthetic_lengths))
         return
     path = Path(source)
     if path.is_dir():
@@ -414,9 +415,10 @@ def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tu
     return out, report
 
 
-def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0):
+def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+                   synthetic_lengths: str = "short"):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
-    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed)
+    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths)
     return responses_from_rows(rows, strict=strict, source=source)
 
 
@@ -444,9 +446,10 @@ def detect_schema(row: Any) -> str | None:
     return None
 
 
-def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0) -> LoadedData:
+def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+             synthetic_lengths: str = "short") -> LoadedData:
     """Load a source of either schema, detected from its first row that has either schema's fields."""
-    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed)
+    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths)
     head: list = []  # rows read while detecting: only the unreadable ones before the first good row
     kind = None
     for item in rows:

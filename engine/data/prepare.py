@@ -77,7 +77,8 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     """Load, clean, pair, weight, split, tokenise and pack the data of `cfg` (an engine.config.Config)."""
     d = cfg.data
     t0 = time.perf_counter()
-    loaded = load_any(d.source, strict=d.strict, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed)
+    loaded = load_any(d.source, strict=d.strict, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed,
+                      synthetic_lengths=d.synthetic_lengths)
     if verbose:
         print(loaded.report.summary(), flush=True)
     counts: dict[str, int] = {}

@@ -22,6 +22,15 @@ import random
 import re
 from dataclasses import dataclass
 
+# Response length distributions of the generator. "short" (the default data): 4-7 sentences, about 100
+# tokens. "stories" (benchmarks at WritingPrompts lengths): sentence counts log-normal with median
+# e^3.2 = 25 sentences, sigma 0.6, capped at 150 sentences; measured over 431 responses with the
+# bundled tokenizer: median 225 words / 264 tokens, 10th-90th percentile 110-576 tokens, longest 1,310.
+LENGTHS = ("short", "stories")
+STORY_LOG_MEDIAN = 3.2
+STORY_LOG_SIGMA = 0.6
+STORY_MAX_SENTENCES = 150
+
 THEMES = ("space", "dragons", "detective", "ghosts", "robots")
 STYLES = ("plain", "dialogue", "terse", "ornate")
 POPULAR_THEME = "space"
@@ -89,8 +98,15 @@ def _sentence(rng: random.Random, theme: str, craft: float) -> str:
     )
 
 
-def _render(rng: random.Random, theme: str, style: str, craft: float) -> str:
-    n = rng.randint(4, 7)
+def _sentence_count(rng: random.Random, lengths: str) -> int:
+    if lengths == "short":
+        return rng.randint(4, 7)
+    # "stories": log-normal like story lengths on r/WritingPrompts (hundreds of words, a long right tail).
+    return min(STORY_MAX_SENTENCES, max(4, round(rng.lognormvariate(STORY_LOG_MEDIAN, STORY_LOG_SIGMA))))
+
+
+def _render(rng: random.Random, theme: str, style: str, craft: float, lengths: str = "short") -> str:
+    n = _sentence_count(rng, lengths)
     sents = [_sentence(rng, theme, craft) for _ in range(n)]
     if style == "plain":
         return " ".join(s + "." for s in sents)
@@ -185,14 +201,21 @@ def generate_rows(
     *,
     min_responses: int = 4,
     max_responses: int = 10,
+    lengths: str = "short",
 ) -> list[dict]:
-    """Rows in the WritingPrompts preference schema, deterministic for (num_prompts, seed, sizes).
+    """Rows in the WritingPrompts preference schema, deterministic for (num_prompts, seed, sizes, lengths).
+
+    lengths: "short" (4-7 sentences per response, the default data) or "stories" (WritingPrompts-like
+    lengths, see LENGTHS). Stories longer than the quality function's 120-word sweet spot score low
+    quality; the upvote ranking still follows theme, style and noise.
 
     Each row also has a `truth` list aligned with `comment_texts`: dicts with theme, style and quality
     (quality == classify(text).quality). Loaders ignore unknown keys, so the rows stay schema-valid.
     """
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {', '.join(LENGTHS)}, got {lengths!r}")
     if not 2 <= min_responses <= max_responses:
         raise ValueError(f"need 2 <= min_responses <= max_responses, got {min_responses}, {max_responses}")
     rng = random.Random(seed)
@@ -214,7 +237,7 @@ def generate_rows(
             theme = rng.choices(THEMES, weights=THEME_FREQ)[0]
             style = rng.choices(STYLES, weights=STYLE_FREQ)[0]
             craft = rng.betavariate(2.0, 2.0)
-            text = _render(rng, theme, style, craft)
+            text = _render(rng, theme, style, craft, lengths)
             q = classify(text).quality
             texts.append(text)
             scores.append(upvotes(q, theme, style, rng))
