@@ -28,9 +28,18 @@ Variants:
 TRL 1.16's `padding_free` is disabled inside the trainer (it warns and falls back to padding), so TRL
 has no packed variant.
 
-CPU workers run `--threads` torch threads (default 1, the same for both systems): the tiny model's ops
-are too small to gain from intra-op parallelism, and on a shared machine two OpenMP threads waiting
-for each other made steps up to 30x slower (78 ms vs 2.9 s per step measured for the same worker).
+CPU workers run the setup's torch threads (`--threads` for the llama-tiny setups, default 1; 2 for
+gpt2-small), the same for both systems: the tiny model's ops are too small to gain from intra-op
+parallelism, and on a shared machine two OpenMP threads waiting for each other made steps up to 30x
+slower (78 ms vs 2.9 s per step measured for the same worker); gpt2-small's GEMMs are large enough to use both cores.
+
+Setups at the seed recipe's size (gpt2-small, vocabulary 50,257, fp32, 4 pairs per step):
+"cpu-gpt2-stories" (bench-full) draws WritingPrompts-like responses (data.synthetic_lengths stories:
+hundreds of tokens, a long tail, up to max_length 768); "cpu-gpt2-quick" (make bench) is the same model
+on the short default responses, 2 pairs per step, engine packed+cache against TRL's faster variant.
+Beside every engine row the CSV holds `plan_mb`, engine.plan's predicted peak for the same config and
+micro-batch geometry (one row of the step's tokens; device cpu). "cpu-gpt2-stories" also writes the
+memory breakdown of one step (bench/results/memory.csv, see `breakdown_worker`).
 Every worker flushes subnormal floats to zero (torch.set_flush_denormal): on x86 CPUs they otherwise
 cost microcode assists that slowed whole steps of the tiny model ~10x, in either system, depending on
 data order.
@@ -39,9 +48,13 @@ Measurements: `warmup` untimed optimizer steps, then `reps` (>= 10) timed steps.
 wall time of forward + backward + optimizer step (batch collation outside, for both systems; TRL's
 steps are timed by a TrainerCallback from on_step_begin to on_step_end). tokens_per_s: real
 (non-padding) tokens per timed step (mean) / the median step time. peak_mem_mb: on CUDA
-max_memory_allocated; on CPU the increase of the worker's RSS high-water mark from just before the
-model is built to the end (imports are excluded: both workers first build the architecture on the
-meta device, so the modeling code's one-time import cost falls before the window).
+max_memory_allocated; on CPU the peak resident set above the RSS at the start of a window that opens
+just before the model is built and closes after the last step, in a fresh worker process per row,
+the same for every system: the kernel's high-water mark (VmHWM) is reset at the window's start
+(engine.memory.RssWindow; a sampling thread where it cannot be reset). Imports, data preparation and
+the tokenizer fall before the window: both workers first build the architecture on the meta device,
+so the modeling code's one-time import cost is outside it too. The engine worker applies the engine's
+CPU allocator policy (engine.memory.limit_allocator_retention, as engine.train does); TRL runs stock.
 MFU (GPU only): model FLOPs per token (bench.common.model_flops_per_token) x tokens/s / the GPU's peak.
 """
 
@@ -68,7 +81,7 @@ from bench import common  # noqa: E402
 RESULTS_CSV = common.RESULTS_DIR / "train.csv"
 FIELDS = [
     "bench", "system", "variant", "model", "pairs_per_step", "tokens_per_step",
-    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "reps", "tokens_per_s", "peak_mem_mb", "mfu",
+    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "reps", "tokens_per_s", "peak_mem_mb", "plan_mb", "mfu",
     "hardware", "torch", "transformers", "trl", "deepspeed", "commit", "run_id", "timestamp", "notes",
 ]  # fmt: skip
 ENGINE = "ddpo-engine"
@@ -95,6 +108,10 @@ class Setup:
     lora_r: int = 0
     gradient_checkpointing: bool = False
     objective: str = "dpo"  # the engine's objective; dpo on CPU is TRL's sigmoid loss exactly
+    lengths: str = "short"  # data.synthetic_lengths
+    threads: int | None = None  # CPU torch threads per worker; None: --threads
+    jobs: tuple[tuple[str, str], ...] | None = None  # (system, variant) pairs to run; None: all of both systems
+    breakdown: bool = False  # also write the memory breakdown of one step (memory.csv)
 
     @property
     def steps(self) -> int:
@@ -119,6 +136,13 @@ SETUPS = {
     # The `make bench` size: a few seconds per worker on 2 cores.
     "cpu-tiny-quick": Setup("cpu-tiny-quick", "llama-tiny", "float32", "cpu", pairs_per_step=4, max_prompt_length=64,
                             max_length=256, warmup=2, reps=10),
+    # The seed recipe's model at WritingPrompts-like response lengths (bench-full).
+    "cpu-gpt2-stories": Setup("cpu-gpt2-stories", "gpt2-small", "float32", "cpu", pairs_per_step=4, max_prompt_length=64,
+                              max_length=768, warmup=2, reps=10, lengths="stories", threads=2, breakdown=True),
+    # gpt2-small at the make-bench size: short responses, the engine's default variant against TRL's faster one.
+    "cpu-gpt2-quick": Setup("cpu-gpt2-quick", "gpt2-small", "float32", "cpu", pairs_per_step=2, max_prompt_length=64,
+                            max_length=256, warmup=1, reps=10, threads=2,
+                            jobs=(("ddpo-engine", "packed+cache"), ("trl", "precomputed_ref"))),
     # Llama-3-8B architecture, random init, bf16, LoRA; DDPO (deviation weights are per-pair scalars,
     # 1.0 here: the step's cost is the same as with computed weights).
     "gpu-8b-lora": Setup("gpu-8b-lora", "llama-8b", "bfloat16", "cuda", pairs_per_step=4, max_prompt_length=256,
@@ -126,6 +150,8 @@ SETUPS = {
     "gpu-8b-full": Setup("gpu-8b-full", "llama-8b", "bfloat16", "cuda", pairs_per_step=2, max_prompt_length=256,
                          max_length=1024, warmup=2, reps=10, lr=5e-6, gradient_checkpointing=True, objective="ddpo"),
 }  # fmt: skip
+QUICK_SETUPS = ("cpu-tiny-quick", "cpu-gpt2-quick")
+FULL_SETUPS = ("cpu-tiny", "cpu-tiny-p2", "cpu-tiny-p8", "cpu-gpt2-stories")
 
 
 # ------------------------------------------------------------------------------------ shared setup
@@ -139,7 +165,8 @@ def engine_overrides(s: Setup, *, cache_dir: str, data_cache: str, ref_mode: str
     return [
         "--model.name", s.model, "--model.dtype", s.dtype, "--model.seed", "0", "--model.lora_r", str(s.lora_r),
         "--model.gradient_checkpointing", str(s.gradient_checkpointing).lower(),
-        "--data.source", "synthetic", "--data.synthetic_prompts", str(prompts), "--data.pairs", "best_vs_worst",
+        "--data.source", "synthetic", "--data.synthetic_prompts", str(prompts), "--data.synthetic_lengths", s.lengths,
+        "--data.pairs", "best_vs_worst",
         "--data.max_prompt_length", str(s.max_prompt_length), "--data.max_length", str(s.max_length),
         "--data.max_tokens_per_row", str(row_cap), "--data.cache_dir", data_cache, "--data.num_workers", "1",
         "--loss.objective", s.objective, "--loss.beta", "0.1",
@@ -224,74 +251,229 @@ def _summary(times_ms: list[float], tokens: list[int], seq_lens: list[float], mo
 # ------------------------------------------------------------------------------------- engine worker
 
 
-def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
-    from engine import parallelize, refcache
-    from engine.data import collate
-    from engine.model import load_model
-    from engine.train import PolicyWithLoss
+class _EngineRun:
+    """The engine's own step on a setup's batches: model, reference (cache or on the fly), DeepSpeed engine.
 
-    packed = variant.startswith("packed")
-    on_the_fly = variant.endswith("on_the_fly")
-    cfg, tok, prepared, chunks = load_inputs(s, engine_overrides(s, cache_dir=cache_dir, data_cache=data_cache,
-                                                                 ref_mode="off" if on_the_fly else "require"))  # fmt: skip
-    env = parallelize.init_distributed(cfg.parallel)
-    device = env.device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = [collate(step_rows(c, packed=packed, pad_id=pad_id, nll_on_prompt=cfg.loss.nll_on_prompt), device=device)
-               for c in chunks]  # fmt: skip
-    seq_lens = [(b.num_real_tokens / b.num_segments) for b in batches]
+    Built inside an open memory window by `engine_worker` and `breakdown_worker`, so both measure the
+    same thing; the batches are collated before the window, as the trainer's data is prepared before
+    its model exists.
+    """
 
-    warm_imports(cfg)
-    mem = common.PeakMemory(device.type).__enter__()
-    model = load_model(cfg.model, device=device)
-    cache = reference = None
-    if on_the_fly:
-        reference = refcache.on_the_fly_reference(model, cfg)
-    else:
-        # The trainer's cache path: open the cache built before the workers (fingerprint-checked).
-        cache = refcache.RefCache.open(refcache.cache_dir_for(cfg), refcache.cache_fingerprint(cfg, tok, prepared))
-    module = PolicyWithLoss(model, cfg.loss)
-    engine, _, _ = parallelize.setup_deepspeed(module, cfg, total_steps=s.steps)
-    engine.train()
+    def __init__(self, s: Setup, variant: str, cache_dir: str, data_cache: str):
+        from engine import parallelize
+        from engine.data import collate
 
-    def step(batch) -> None:
-        if cache is not None:
-            cache.fill(batch)
+        self.packed = variant.startswith("packed")
+        self.on_the_fly = variant.endswith("on_the_fly")
+        self.cfg, self.tok, self.prepared, chunks = load_inputs(
+            s, engine_overrides(s, cache_dir=cache_dir, data_cache=data_cache, ref_mode="off" if self.on_the_fly else "require"))
+        self.env = parallelize.init_distributed(self.cfg.parallel)
+        self.device = self.env.device
+        pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.batches = [collate(step_rows(c, packed=self.packed, pad_id=pad_id, nll_on_prompt=self.cfg.loss.nll_on_prompt),
+                                device=self.device) for c in chunks]  # fmt: skip
+        self.s = s
+
+    def warm_imports(self) -> float:
+        """Import what the step imports on first use (the fused-loss kernels with triton, their native ops, the
+        trainer), as the TRL worker imports trl before its window: import costs are outside every window.
+        Returns the RSS those imports added, MiB."""
+        from engine.memory import current_rss_mb
+
+        before = current_rss_mb() or 0.0
+        warm_imports(self.cfg)
+        import ddpo_kernels  # noqa: F401
+        import engine.train  # noqa: F401
+        from ddpo_kernels.chunk_ops import load_native
+
+        load_native()
+        return (current_rss_mb() or 0.0) - before
+
+    def build(self) -> None:
+        """Model, reference and DeepSpeed engine, as engine.train builds them (call inside the window)."""
+        from engine import parallelize, refcache
+        from engine.model import load_model
+        from engine.train import PolicyWithLoss
+
+        cfg = self.cfg
+        self.model = load_model(cfg.model, device=self.device)
+        self.cache = self.reference = None
+        if self.on_the_fly:
+            self.reference = refcache.on_the_fly_reference(self.model, cfg)
         else:
-            batch.ref_chosen_logps, batch.ref_rejected_logps = reference(batch)
-        out = engine(batch)
-        engine.backward(out.loss)
-        engine.step()
+            # The trainer's cache path: open the cache built before the workers (fingerprint-checked).
+            self.cache = refcache.RefCache.open(refcache.cache_dir_for(cfg), refcache.cache_fingerprint(cfg, self.tok, self.prepared))
+        self.engine, self.optimizer, _ = parallelize.setup_deepspeed(PolicyWithLoss(self.model, cfg.loss), cfg,
+                                                                     total_steps=self.s.steps)  # fmt: skip
+        self.engine.train()
 
+    def step(self, batch) -> None:
+        if self.cache is not None:
+            self.cache.fill(batch)
+        else:
+            batch.ref_chosen_logps, batch.ref_rejected_logps = self.reference(batch)
+        out = self.engine(batch)
+        self.engine.backward(out.loss)
+        self.engine.step()
+
+    def plan_mb(self) -> float:
+        """engine.plan's peak for this config and the run's micro-batch geometry: one row holding the largest
+        step's tokens (padding included), on this device."""
+        from engine.plan import PlanSettings, plan_memory
+
+        n = max(b.input_ids.numel() for b in self.batches)
+        d = self.cfg.data
+        # max_length only bounds the config's validation here (a row must hold a pair); the plan does not use it.
+        geometry = {"data.rows_per_batch": 1, "data.max_tokens_per_row": n, "data.max_length": min(d.max_length, n // 2),
+                    "data.max_prompt_length": min(d.max_prompt_length, n // 2 - 1)}  # fmt: skip
+        plan = plan_memory(PlanSettings.of(geometry, base=self.cfg, device=self.device.type))
+        return plan.total / 2**20
+
+
+def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
+    from engine import refcache
+    from engine.memory import limit_allocator_retention
+
+    limit_allocator_retention()  # engine.train does the same for a CPU run
+    run = _EngineRun(s, variant, cache_dir, data_cache)
+    seq_lens = [(b.num_real_tokens / b.num_segments) for b in run.batches]
+    run.warm_imports()
+    mem = common.PeakMemory(run.device.type).__enter__()
+    run.build()
     forwards0 = refcache.COUNTERS["reference_forwards"]
     times, tokens = [], []
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(run.batches):
         common.cuda_sync()
         t0 = time.perf_counter()
-        step(batch)
+        run.step(batch)
         common.cuda_sync()
         if i >= s.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
             tokens.append(batch.num_real_tokens)
     forwards = refcache.COUNTERS["reference_forwards"] - forwards0
-    if cache is not None:
-        cache.assert_no_reference_used()
+    if run.cache is not None:
+        run.cache.assert_no_reference_used()
     mem.__exit__(None, None, None)
+    batches = run.batches
     pad = sum(b.num_pad_tokens for b in batches) / max(1, sum(b.num_pad_tokens + b.num_real_tokens for b in batches))
     notes = [f"padding {100 * pad:.1f}%", f"reference forwards {forwards}", "DeepSpeed ZeRO-0 engine, world of one",
-             "subnormals flushed"]
-    return {**_summary(times, tokens, seq_lens, model, device, mem.peak_mb), "notes": "; ".join(notes)}
+             f"attention {run.model.config._attn_implementation}", "subnormals flushed", f"peak: {mem.method}"]
+    row = _summary(times, tokens, seq_lens, run.model, run.device, mem.peak_mb)
+    return {**row, "plan_mb": round(run.plan_mb(), 1), "notes": "; ".join(notes)}
+
+
+MEMORY_CSV = common.RESULTS_DIR / "memory.csv"
+MEMORY_FIELDS = ["bench", "model", "variant", "tokens_per_step", "component", "mb", "plan_mb", "note", "hardware", "torch",
+                 "transformers", "deepspeed", "commit", "run_id", "timestamp"]  # fmt: skip
+
+
+def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str, memory_csv: str | Path = MEMORY_CSV) -> dict:
+    """Where every MB of one engine step goes: what holds how much memory at the step's peak.
+
+    The engine's packed+cache step on the setup's largest batch, after the warm-up steps (so Adam's
+    states exist), in its own process. Two measurements of the same step: the RSS peak above the
+    window's baseline (RssWindow, as the benchmark rows), and torch.profiler's memory timeline of a
+    second run of it, whose categories (parameters, optimizer states, gradients, activations,
+    inputs, temporaries) are summed over the tensors live at the moment of the largest total; the
+    fused loss's logits block is split out of the activations by its [rows, V] size. The difference
+    between the RSS peak and the live tensors is memory no tensor holds (allocator retention,
+    Python and library heaps). The process's RSS before the window (interpreter, imports,
+    tokenizer, prepared data) is listed too; it is not part of the peak rise. Each component is
+    printed beside engine.plan's figure for it.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
+
+    from engine.memory import current_rss_mb, limit_allocator_retention
+    from engine.plan import PlanSettings, plan_memory
+
+    limit_allocator_retention()
+    run = _EngineRun(s, variant, cache_dir, data_cache)
+    imports_mb = run.warm_imports()
+    before = current_rss_mb()
+    biggest = max(run.batches, key=lambda b: b.input_ids.numel())
+    mem = common.PeakMemory(run.device.type).__enter__()
+    run.build()
+    for batch in run.batches[: max(2, s.warmup)]:
+        run.step(batch)
+    run.step(biggest)
+    mem.__exit__(None, None, None)
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run.step(biggest)
+    mp = prof._memory_profile()
+    cpu = torch.device("cpu")
+    totals = [sum(x) for x in MemoryProfileTimeline(mp)._coalesce_timeline("cpu")[1]]
+    t_peak = MemoryProfileTimeline(mp)._coalesce_timeline("cpu")[0][max(range(len(totals)), key=totals.__getitem__)]
+    live: dict = {}
+    for t, action, (key, version), nbytes in mp.timeline:
+        if key.device != cpu:
+            continue
+        if (t / 1000 if t != -1 else -1) > t_peak:
+            break
+        if action in (Action.PREEXISTING, Action.CREATE):
+            live[(key, version)] = nbytes
+        elif action == Action.INCREMENT_VERSION:
+            live[(key, version + 1)] = live.pop((key, version), nbytes)
+        elif action == Action.DESTROY:
+            live.pop((key, version), None)
+    vocab = run.model.config.vocab_size
+    parts = {"weights": 0, "optimizer states (Adam m, v)": 0, "gradients": 0, "activations saved for backward": 0,
+             "fused loss: fp32 logits block [rows, V]": 0, "inputs and temporaries": 0}  # fmt: skip
+    names = {"PARAMETER": "weights", "OPTIMIZER_STATE": "optimizer states (Adam m, v)", "GRADIENT": "gradients",
+             "ACTIVATION": "activations saved for backward"}  # fmt: skip
+    for (key, version), nbytes in live.items():
+        cat = mp._categories.get(key, version)
+        name = names.get(cat.name if cat is not None else "", "inputs and temporaries")
+        transient = name in ("activations saved for backward", "inputs and temporaries")
+        if transient and nbytes % (4 * vocab) == 0 and nbytes >= 4 * vocab * 16:
+            name = "fused loss: fp32 logits block [rows, V]"
+        parts[name] += nbytes
+    tensors_mb = sum(parts.values()) / 2**20
+    plan = plan_memory(PlanSettings.of({"data.rows_per_batch": 1, "data.max_tokens_per_row": biggest.input_ids.numel()},
+                                       base=run.cfg, device=run.device.type))  # fmt: skip
+    head_dw = plan.logits_fused - plan.logits_block  # the head's fp32 gradient, filled by the loss's backward
+    plan_of = {"weights": plan.at_peak.get("weights", 0), "optimizer states (Adam m, v)": plan.at_peak.get("optimizer", 0),
+               "gradients": plan.at_peak.get("gradients", 0) + head_dw,
+               "activations saved for backward": plan.at_peak.get("activations", 0),
+               "fused loss: fp32 logits block [rows, V]": plan.logits_block}  # fmt: skip
+    MB = 2**20
+    rows = [(k, v / MB, plan_of[k] / MB if k in plan_of else None, "") for k, v in parts.items()]
+    rows.append(("memory held by no tensor (allocator retention, Python and library heaps)", mem.peak_mb - tensors_mb, None,
+                 "RSS peak rise minus the tensors live at the tensor peak"))
+    rows.append(("total: RSS peak rise of the step", mem.peak_mb, plan.total / MB, mem.method))
+    rows.append(("before the window (interpreter, imports, tokenizer, prepared data; not in the rise)", before, None,
+                 f"RSS when the window opened; of it {imports_mb:.0f} MB from importing what the step uses (the fused "
+                 "loss's kernels, which import triton also on CPU, their native ops, the trainer, the modeling code)"))
+    env = common.environment(run.device.type, packages=("torch", "transformers", "deepspeed"))
+    out = [{"bench": s.name, "model": s.model, "variant": variant, "tokens_per_step": biggest.num_real_tokens, "component": k,
+            "mb": round(v, 1), "plan_mb": None if p is None else round(p, 1), "note": n,
+            **{c: env[c] for c in ("hardware", "torch", "transformers", "deepspeed", "commit", "run_id", "timestamp")}}
+           for k, v, p, n in rows]  # fmt: skip
+    common.append_csv(memory_csv, out, MEMORY_FIELDS)
+    return {"rows": len(out), "peak_mb": mem.peak_mb, "tensors_mb": tensors_mb}
 
 
 # ---------------------------------------------------------------------------------------- TRL worker
+
+
+def stock_model(mcfg, device):
+    """The model as a TRL user loads it: transformers' own modules (attention "sdpa", the configured
+    activation and dropout; TRL disables dropout itself), the same weights as the engine's (same seed),
+    LoRA through peft when the setup uses it (DPOConfig turns gradient checkpointing on). None of
+    engine.model's training preparation."""
+    from engine.model import apply_lora, build_model
+
+    model = build_model(mcfg.name, dtype=mcfg.dtype, seed=mcfg.seed, device=device, attn_implementation="sdpa")
+    return apply_lora(model, mcfg) if mcfg.lora_r > 0 else model
+
 
 
 def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    from engine.model import load_model
 
     precompute = variant == "precomputed_ref"
     cfg, tok, prepared, chunks = load_inputs(s, engine_overrides(s, cache_dir=cache_dir, data_cache=data_cache))
@@ -345,12 +527,12 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
 
     warm_imports(cfg)
     mem = common.PeakMemory(device.type).__enter__()
-    model = load_model(cfg.model, device=device)
+    model = stock_model(cfg.model, device)
     ref_model = None
     if not precompute and cfg.model.lora_r == 0:
         # A random-init model has no path TRL could reload its reference copy from: pass the same-seed copy
         # TRL would otherwise create (frozen, eval mode, same dtype and attention).
-        ref_model = load_model(cfg.model, device=device, for_training=False)
+        ref_model = stock_model(cfg.model, device).eval().requires_grad_(False)
     clock = StepClock()
     trainer = CountingDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                                  callbacks=[clock])  # fmt: skip
@@ -367,9 +549,10 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
         + ("" if trl_tokens == ours_tokens else " (TRL truncates prompt+completion to max_length, keep_start; "
            "the engine keeps the prompt start up to max_prompt_length, then truncates the response)"),
         "batch padded to the longest sequence (TRL 1.16 disables padding_free)",
+        "stock transformers modules, attention sdpa",
         "reference: " + ("precomputed before training by the policy" if precompute
                          else "adapters disabled" if cfg.model.lora_r else "frozen same-seed copy passed as ref_model"),
-        "shuffled sampler over the same pairs", "subnormals flushed",
+        "shuffled sampler over the same pairs", "subnormals flushed", f"peak: {mem.method}",
     ]  # fmt: skip
     return {**_summary(clock.times[s.warmup:], tokens, seq_lens, trainer.model, device, mem.peak_mb),
             "notes": "; ".join(notes)}  # fmt: skip
@@ -390,16 +573,16 @@ def cache_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dic
 
 
 def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: str, timeout: float | None,
-               min_reps: int = common.MIN_REPS, threads: int = 1) -> dict:
+               min_reps: int = common.MIN_REPS, extra: tuple[str, ...] = ()) -> dict:
     """One (system, variant) in a fresh interpreter; its RESULT line, or {"error": ...}."""
     cmd = [sys.executable, "-m", "bench.bench_train", "--worker", f"{system}:{variant}", "--setup", s.name,
            "--reps", str(s.reps), "--warmup", str(s.warmup), "--min-reps", str(min_reps), "--cache-dir", cache_dir,
-           "--data-cache", data_cache]  # fmt: skip
+           "--data-cache", data_cache, "--threads", str(s.threads or 1), *extra]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if s.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU setup stays on the CPU on a GPU machine too
         # Set before torch starts its OpenMP pool, so the pool has this many threads.
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(s.threads or 1)
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -413,23 +596,26 @@ def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the make-bench size (setup cpu-tiny-quick on CPU)")
+    p.add_argument("--quick", action="store_true", help="the make-bench size (setups cpu-tiny-quick and cpu-gpt2-quick on CPU)")
     p.add_argument("--setup", action="append", choices=sorted(SETUPS), help="setups to run (repeatable); default: "
-                   "cpu-tiny-quick with --quick, else cpu-tiny and its batch sweep (cpu-tiny-p2, cpu-tiny-p8), "
-                   "plus gpu-8b-lora and gpu-8b-full on CUDA")
+                   f"{', '.join(QUICK_SETUPS)} with --quick, else {', '.join(FULL_SETUPS)}, plus gpu-8b-lora and "
+                   "gpu-8b-full on CUDA")
     p.add_argument("--systems", default=f"{ENGINE},{TRL}", help="comma list of systems")
     p.add_argument("--variants", default=None, help="comma list of variants (default: all of each system)")
     p.add_argument("--reps", type=int, default=None, help="timed steps (>= 10; default: the setup's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: the setup's)")
     p.add_argument("--min-reps", type=int, default=common.MIN_REPS, help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--csv", default=str(RESULTS_CSV), help="results file (rows are appended)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each CPU worker (default 1: the tiny model's "
-                   "ops are too small to gain from intra-op threads, and on a shared machine OpenMP threads that wait "
-                   "for a descheduled peer made steps up to 30x slower)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each CPU worker of a setup that does not set its "
+                   "own (default 1: the tiny model's ops are too small to gain from intra-op threads, and on a shared "
+                   "machine OpenMP threads that wait for a descheduled peer made steps up to 30x slower)")
     p.add_argument("--worker-timeout", type=float, default=None, help="seconds before a worker is stopped")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--data-cache", help=argparse.SUPPRESS)
+    p.add_argument("--memory-csv", default=str(MEMORY_CSV), help="memory breakdown results file (rows are appended)")
+    p.add_argument("--breakdown", action="store_true", help="write the memory breakdown for every setup run (default: "
+                   "the setups that ask for it)")
     args = p.parse_args(argv)
 
     import torch
@@ -438,32 +624,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup:
         names = args.setup
     elif args.quick:
-        names = ["cpu-tiny-quick"]
+        names = list(QUICK_SETUPS)
     else:
-        names = ["cpu-tiny", "cpu-tiny-p2", "cpu-tiny-p8"] + (["gpu-8b-lora", "gpu-8b-full"] if cuda else [])
+        names = list(FULL_SETUPS) + (["gpu-8b-lora", "gpu-8b-full"] if cuda else [])
     setups = []
     for n in names:
         s = SETUPS[n]
         if s.device == "cuda" and not cuda:
             print(f"skip setup {n}: needs a CUDA GPU (torch.cuda.is_available() is False)")
             continue
-        s = dataclasses.replace(s, reps=args.reps or s.reps, warmup=s.warmup if args.warmup is None else args.warmup)
+        s = dataclasses.replace(s, reps=args.reps or s.reps, warmup=s.warmup if args.warmup is None else args.warmup,
+                                threads=s.threads or args.threads)
         if s.reps < args.min_reps:
             p.error(f"--reps {s.reps}: at least {args.min_reps} timed steps are needed for stable quantiles")
         setups.append(s)
 
     if args.worker:
         system, variant = args.worker.split(":", 1)
-        fn = {ENGINE: engine_worker, TRL: trl_worker, "cache": cache_worker}[system]
+        fn = {ENGINE: engine_worker, TRL: trl_worker, "cache": cache_worker, "breakdown": breakdown_worker}[system]
         # Subnormal floats appear in the tiny fp32 model's training state after a few steps; x86 CPUs handle
         # them in microcode, which made whole steps ~10x slower depending on data order (measured: a TRL
         # step 2.7 s -> 0.28 s once flushed). Both systems run with them flushed to zero, so the steps
         # measure the arithmetic; GPUs flush subnormals at full speed anyway.
         torch.set_flush_denormal(True)
         if setups[0].device == "cpu":
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(setups[0].threads)
+        kwargs = {"memory_csv": args.memory_csv} if system == "breakdown" else {}
         try:
-            result = fn(setups[0], variant, args.cache_dir, args.data_cache)
+            result = fn(setups[0], variant, args.cache_dir, args.data_cache, **kwargs)
         except torch.OutOfMemoryError as e:
             result = {"error": f"out of memory: {str(e).splitlines()[0]}"}
         print(RESULT_TAG + json.dumps(result), flush=True)
@@ -480,10 +668,10 @@ def main(argv: list[str] | None = None) -> int:
         work = tempfile.mkdtemp(prefix="bench-train-")
         cache_dir, data_cache = os.path.join(work, "ref_cache"), os.path.join(work, "data")
         jobs = [(ENGINE, v) for v in ENGINE_VARIANTS if ENGINE in systems] + [(TRL, v) for v in TRL_VARIANTS if TRL in systems]
-        jobs = [j for j in jobs if wanted is None or j[1] in wanted]
+        jobs = [j for j in jobs if (wanted is None or j[1] in wanted) and (s.jobs is None or j in s.jobs)]
         build_s = None
         if any(sys_ == ENGINE and not v.endswith("on_the_fly") for sys_, v in jobs):
-            r = run_worker(s, "cache", "build", cache_dir, data_cache, args.worker_timeout, args.min_reps, args.threads)
+            r = run_worker(s, "cache", "build", cache_dir, data_cache, args.worker_timeout, args.min_reps)
             if "error" in r:
                 print(f"[bench_train] {s.name}: reference cache build failed, cache variants skipped: {r['error']}")
                 crashes += 1
@@ -491,11 +679,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 build_s = r["build_s"]
         if s.device == "cpu":
-            torch.set_num_threads(args.threads)  # so the recorded hardware line states the workers' thread count
+            torch.set_num_threads(s.threads)  # so the recorded hardware line states the workers' thread count
         env = common.environment(s.device, packages=("torch", "transformers", "trl", "deepspeed"))
         for system, variant in jobs:
             print(f"[bench_train] {s.name} {system} {variant} ...", flush=True)
-            r = run_worker(s, system, variant, cache_dir, data_cache, args.worker_timeout, args.min_reps, args.threads)
+            r = run_worker(s, system, variant, cache_dir, data_cache, args.worker_timeout, args.min_reps)
             row = {"bench": s.name, "system": system, "variant": variant, "model": s.model,
                    "pairs_per_step": s.pairs_per_step, **{k: env[k] for k in ("hardware", "torch", "transformers", "trl",
                    "deepspeed", "commit", "run_id")}, "timestamp": common.timestamp()}  # fmt: skip
@@ -509,9 +697,20 @@ def main(argv: list[str] | None = None) -> int:
                 if system == ENGINE and build_s is not None and "cache" in variant:
                     r["notes"] += f"; cache built once before training in {build_s:.1f} s (not in step time)"
                 row.update(r)
+                plan = f", plan {r['plan_mb']:.0f} MB" if r.get("plan_mb") else ""
                 print(f"[bench_train]   {r['step_time_ms_median']:.1f} ms/step (p10 {r['step_time_ms_p10']:.1f}, "
-                      f"p90 {r['step_time_ms_p90']:.1f}), {r['tokens_per_s']:.0f} tok/s, peak +{r['peak_mem_mb']:.0f} MB", flush=True)  # fmt: skip
+                      f"p90 {r['step_time_ms_p90']:.1f}), {r['tokens_per_s']:.0f} tok/s, peak +{r['peak_mem_mb']:.0f} MB{plan}", flush=True)  # fmt: skip
             common.append_csv(args.csv, [row], FIELDS)
+        if (s.breakdown or args.breakdown) and build_s is not None:
+            print(f"[bench_train] {s.name} memory breakdown of one engine step ...", flush=True)
+            r = run_worker(s, "breakdown", "packed+cache", cache_dir, data_cache, args.worker_timeout, args.min_reps,
+                           ("--memory-csv", args.memory_csv))
+            if "error" in r:
+                print(f"[bench_train]   failed: {r['error']}", flush=True)
+                crashes += 1
+            else:
+                print(f"[bench_train]   {r['rows']} rows appended to {args.memory_csv}: RSS peak +{r['peak_mb']:.0f} MB, "
+                      f"live tensors {r['tensors_mb']:.0f} MB", flush=True)
         shutil.rmtree(work, ignore_errors=True)
     print(f"[bench_train] rows appended to {args.csv}")
     return 1 if crashes else 0

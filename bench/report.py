@@ -54,6 +54,8 @@ class Spec:
     sweeps: tuple[tuple[str, tuple[str, ...], str], ...] = ()  # (x column, fixed columns, x label)
     versions: tuple[str, ...] = ("torch",)
     notes_col: str | None = None
+    others_mem: bool = False  # also a memory ratio against each of `others`
+    plan: str | None = None  # column of a predicted peak (MB) shown beside the measured one, with their ratio
 
 
 SPECS = [
@@ -69,6 +71,7 @@ SPECS = [
         others=(("TRL (precomputed ref)", {"system": "trl", "variant": "precomputed_ref"}),),
         extra=("tokens_per_step", "reps", "mfu"), versions=("torch", "transformers", "trl", "deepspeed"), notes_col="notes",
         sweeps=(("tokens_per_step", ("model",), "real tokens per step (pairs per step x 2 x mean sequence length)"),),
+        others_mem=True, plan="plan_mb",
     ),
     Spec(
         "kernels", "Kernel microbenchmarks: fused LM-head ops, forward + backward",
@@ -220,11 +223,14 @@ def comparison_table(spec: Spec, rows: list[dict]) -> list[str]:
         head.append(spec.throughput_label)
     if spec.mem:
         head.append("peak MB")
+    if spec.plan:
+        head += ["engine.plan MB", "peak / plan"]
     head += list(spec.extra)
     speed = "tokens/s vs " if spec.ratio_by == "throughput" else "speed-up vs "
     if base is not None:
         head += [speed + spec.baseline_label] + ([f"memory vs {spec.baseline_label}"] if spec.mem else [])
-    head += [speed + lbl for lbl, _ in others]
+    for lbl, _ in others:
+        head += [speed + lbl] + ([f"memory vs {lbl}"] if spec.others_mem and spec.mem else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = _f(r.get(spec.time))
@@ -240,13 +246,19 @@ def comparison_table(spec: Spec, rows: list[dict]) -> list[str]:
             cells.append(fmt(r.get(spec.throughput)))
         if spec.mem:
             cells.append(fmt(r.get(spec.mem)))
+        if spec.plan:
+            pred, peak = _f(r.get(spec.plan)), _f(r.get(spec.mem)) if spec.mem else None
+            cells += [fmt(r.get(spec.plan)), fmt_ratio(peak / pred if pred and peak else None)]
         cells += [fmt(r.get(c), 4) if c == "mfu" else (r.get(c) or "-") if not _f(r.get(c)) else fmt(r.get(c), 0 if c == "reps" else 1)
                   for c in spec.extra]  # fmt: skip
         if base is not None:
             cells.append(fmt_ratio(ratio(spec, r, base, "time")))
             if spec.mem:
                 cells.append(fmt_ratio(ratio(spec, r, base, "mem")))
-        cells += [fmt_ratio(ratio(spec, r, o, "time")) for _, o in others]
+        for _, o in others:
+            cells.append(fmt_ratio(ratio(spec, r, o, "time")))
+            if spec.others_mem and spec.mem:
+                cells.append(fmt_ratio(ratio(spec, r, o, "mem")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -375,6 +387,9 @@ def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> 
             if spec is not None:
                 missing.append(f"- `{stem}.csv`: no rows at all (the benchmark has not been run here).")
             continue
+        if stem == MEMORY_STEM:
+            md += _memory_section(rows)
+            continue
         if spec is None:
             md += _generic_section(stem, rows)
             continue
@@ -415,6 +430,38 @@ def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> 
     text = "\n".join(md)
     out_path.write_text(text)
     return text
+
+
+MEMORY_STEM = "memory"
+
+
+def _memory_section(rows: list[dict]) -> list[str]:
+    """memory.csv (bench/bench_train.py breakdown_worker): per benchmark setup, its latest run's components
+    of one step's peak, their share of the RSS peak rise, and engine.plan's figure for each."""
+    md = ["## Memory breakdown of one training step", "",
+          "What holds memory at the peak of one engine step (packed rows, reference cache), measured in its own process "
+          "by bench/bench_train.py: the RSS peak above the window's baseline, and torch.profiler's memory categories "
+          "summed over the tensors live at the moment of the largest total; the fused loss's logits block is split out "
+          "of the activations by its [rows, V] size. `engine.plan MB` is the planner's figure for the same component.",
+          ""]  # fmt: skip
+    by_bench: OrderedDict[str, list[dict]] = OrderedDict()
+    for r in rows:
+        by_bench.setdefault(r.get("bench", ""), []).append(r)
+    for bench, rs in by_bench.items():
+        last = max(rs, key=lambda r: r["_t"])["_run"]
+        rs = [r for r in rs if r["_run"] == last]
+        total = next((_f(r["mb"]) for r in rs if r["component"].startswith("total")), None)
+        r0 = rs[0]
+        md += [f"### bench={bench}, model={r0.get('model')}, {r0.get('variant')}, {fmt(r0.get('tokens_per_step'), 0)} real tokens",
+               "", f"Run `{last}`.", "", "| component | MB | share of the peak rise | engine.plan MB | note |", "|---|---|---|---|---|"]
+        for r in rs:
+            mb = _f(r.get("mb"))
+            share = "-" if not total or mb is None or r["component"].startswith("before") else f"{100 * mb / total:.1f}%"
+            md.append(f"| {r['component']} | {fmt(r.get('mb'))} | {share} | {fmt(r.get('plan_mb'))} | {r.get('note') or ''} |")
+        env = "; ".join(x for x in (r0.get("hardware"), f"torch {r0.get('torch')}", f"transformers {r0.get('transformers')}",
+                                    f"deepspeed {r0.get('deepspeed')}", f"commit {r0.get('commit')}") if x)  # fmt: skip
+        md += ["", f"- {env}", ""]
+    return md
 
 
 def _generic_section(stem: str, rows: list[dict]) -> list[str]:

@@ -428,6 +428,7 @@ class MemoryPlan:
     activations_without_checkpointing: int
     logits_fused: int
     logits_eager: int
+    logits_block: int  # the fused loss's fp32 [chunk, V] block alone (logits_fused adds the head's dW)
     reference_cached: int
     reference_on_the_fly: int
     parameters: int
@@ -650,7 +651,8 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
 
     chunk = _fused_chunk_tokens(v, s.device)
     head_trained = m.lora_r == 0
-    logits_fused = min(chunk, n) * v * 4 + (v * dh * 4 if head_trained else 0)
+    logits_block = min(chunk, n) * v * 4
+    logits_fused = logits_block + (v * dh * 4 if head_trained else 0)
     logits_eager = n * v * (w + 4 + 4)
     logits = logits_eager if cfg.loss.backend == "eager" else logits_fused
 
@@ -673,7 +675,7 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
         weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits,
         reference=reference, buffers=buffers, runtime=runtime, total=sum(at_peak.values()), peak_phase=phase,
         at_peak=at_peak, master_weights=master, optimizer_moments=moments, activations_with_checkpointing=act_with,
-        activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager,
+        activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager, logits_block=logits_block,
         reference_cached=0, reference_on_the_fly=ref_fly, parameters=P, trainable_parameters=T, lora_parameters=A,
         tokens_per_micro_batch=n, world_size=W, chunk_tokens=chunk, activation_bytes_per_token_layer=per_layer,
         attn_implementation=attn, settings=_settings_record(s),

@@ -108,11 +108,11 @@ def test_report_ratios_come_from_rows_of_one_run(tmp_path):
         rows.append(_kernel_row("torch", n, 10.0 * (i + 1), 30.0 * (i + 1), "bbb", f"2026-02-01T00:00:0{2 * i + 1}+00:00"))
     _write(res / "kernels.csv", KERNEL_FIELDS, rows)
     train_rows = []
-    for system, variant, tps, mem in (("ddpo-engine", "packed+cache", 3000.0, 50.0), ("trl", "ref_forward", 1000.0, 200.0),
-                                      ("trl", "precomputed_ref", 1500.0, 150.0)):  # fmt: skip
+    for system, variant, tps, mem, plan in (("ddpo-engine", "packed+cache", 3000.0, 50.0, 40.0), ("trl", "ref_forward", 1000.0, 200.0, ""),
+                                            ("trl", "precomputed_ref", 1500.0, 150.0, "")):  # fmt: skip
         train_rows.append({"bench": "cpu-tiny", "system": system, "variant": variant, "model": "llama-tiny", "pairs_per_step": 4,
                            "tokens_per_step": 700, "step_time_ms_median": round(700 / tps * 1e3, 3), "step_time_ms_p10": 1,
-                           "step_time_ms_p90": 2, "reps": 10, "tokens_per_s": tps, "peak_mem_mb": mem, "mfu": "",
+                           "step_time_ms_p90": 2, "reps": 10, "tokens_per_s": tps, "peak_mem_mb": mem, "plan_mb": plan, "mfu": "",
                            "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "trl": "1.16.0", "deepspeed": "0.x",
                            "commit": "bbb", "run_id": "run-1", "timestamp": "2026-02-01T00:01:00+00:00",
                            "notes": f"note of {variant}"})  # fmt: skip
@@ -139,13 +139,36 @@ def test_report_ratios_come_from_rows_of_one_run(tmp_path):
     train = text.split("## End-to-end")[1].split("\n## ")[0]
     assert "| ddpo-engine packed+cache |" in train
     line = next(ln for ln in train.splitlines() if ln.startswith("| ddpo-engine packed+cache"))
-    # tokens/s ratio ours / TRL(ref forward) = 3.00x, memory 50/200 = 0.25x, vs TRL(precomputed) = 2.00x
-    assert re.search(r"\| 3\.00x \| 0\.25x \| 2\.00x \|$", line), line
+    # peak 50 MB against the planner's 40 MB = 1.25x; tokens/s ratio ours / TRL(ref forward) = 3.00x, memory
+    # 50/200 = 0.25x; vs TRL(precomputed): tokens/s 2.00x, memory 50/150 = 0.33x
+    assert re.search(r"\| 50\.0 \| 40\.0 \| 1\.25x \|", line), line
+    assert re.search(r"\| 3\.00x \| 0\.25x \| 2\.00x \| 0\.33x \|$", line), line
     assert "note of packed+cache" in train
     # No GPU rows: the document says which rows are missing and why.
     missing = text.split("## Missing rows")[1]
     assert "`kernels.csv`: no CUDA GPU" in missing and "`train.csv`: no CUDA GPU" in missing
     assert "`refcache.csv`: no rows at all" in missing
+
+
+def test_report_memory_breakdown_section(tmp_path):
+    from bench.bench_train import MEMORY_FIELDS
+
+    res = tmp_path / "results"
+    res.mkdir()
+    base = {"bench": "cpu-gpt2-stories", "model": "gpt2-small", "variant": "packed+cache", "tokens_per_step": 2000,
+            "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "deepspeed": "0.x", "commit": "ddd"}  # fmt: skip
+    rows = [{**base, "component": c, "mb": mb, "plan_mb": plan, "note": "", "run_id": rid, "timestamp": ts}
+            for rid, ts, scale in (("old", "2026-01-01T00:00:00+00:00", 9), ("new", "2026-02-01T00:00:00+00:00", 1))
+            for c, mb, plan in (("weights", 500 * scale, 480), ("activations saved for backward", 1500, 1400),
+                                ("total: RSS peak rise of the step", 2000 * scale, 1900),
+                                ("before the window (interpreter, imports, tokenizer, prepared data; not in the rise)", 700, ""))]
+    _write(res / "memory.csv", MEMORY_FIELDS, rows)
+    text = report.render(res, tmp_path / "B.md")
+    sec = text.split("## Memory breakdown")[1].split("\n## ")[0]
+    assert "Run `new`" in sec and "Run `old`" not in sec
+    assert "| weights | 500 | 25.0% | 480 |" in sec  # the share of the newest run's own total
+    assert "| activations saved for backward | 1,500 | 75.0% | 1,400 |" in sec
+    assert "| before the window (interpreter, imports, tokenizer, prepared data; not in the rise) | 700 | - |" in sec
 
 
 def test_report_attributes_rows_without_run_id_to_the_orchestrated_job(tmp_path):
@@ -181,8 +204,10 @@ def test_bench_train_smoke(tmp_path):
     """Both systems' workers run at the smallest size and append well-formed rows."""
     out = tmp_path / "train.csv"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    mem = tmp_path / "memory.csv"
     cmd = [sys.executable, "-m", "bench.bench_train", "--setup", "cpu-tiny-smoke", "--reps", "2", "--warmup", "1",
-           "--min-reps", "2", "--variants", "packed+cache,ref_forward", "--csv", str(out)]  # fmt: skip
+           "--min-reps", "2", "--variants", "packed+cache,ref_forward", "--csv", str(out), "--breakdown",
+           "--memory-csv", str(mem)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = common.read_csv(out)
@@ -193,7 +218,14 @@ def test_bench_train_smoke(tmp_path):
         assert float(r["tokens_per_s"]) > 0 and float(r["peak_mem_mb"]) > 0
         assert r["run_id"] == rows[0]["run_id"] and r["trl"] and r["torch"]
     ours, trl = rows
-    assert "reference forwards 0" in ours["notes"]
+    assert "reference forwards 0" in ours["notes"] and "attention sdpa_varlen" in ours["notes"]
+    assert float(ours["plan_mb"]) > 0 and trl["plan_mb"] == ""
+    # The memory breakdown: components at the peak, the RSS total, the planner beside each.
+    parts = {r["component"]: r for r in common.read_csv(mem)}
+    total = float(parts["total: RSS peak rise of the step"]["mb"])
+    assert total > 0 and float(parts["total: RSS peak rise of the step"]["plan_mb"]) > 0
+    assert float(parts["weights"]["mb"]) > 0 and float(parts["optimizer states (Adam m, v)"]["mb"]) > 0
+    assert float(parts["activations saved for backward"]["mb"]) > 0
     # Same pairs, same tokenization: TRL's real-token count equals the engine's.
     m = re.match(r"(\d+) real tokens over all steps vs (\d+)", trl["notes"])
     assert m and m.group(1) == m.group(2), trl["notes"]
