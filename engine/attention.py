@@ -53,9 +53,11 @@ def segment_lengths(batch_size: int, row_len: int, *, cu_seqlens: torch.Tensor |
     if source is None:
         return [[row_len]] * batch_size
     key = (source.shape, batch_size, row_len)
+    # Inference tensors keep no version counter (and cannot change under a forward anyway).
+    current = None if source.is_inference() else source._version
     if _last_lengths is not None:
         ref, version, last_key, lengths = _last_lengths
-        if ref() is source and version == source._version and last_key == key:
+        if ref() is source and version == current and last_key == key:
             return lengths
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
@@ -80,7 +82,7 @@ def segment_lengths(batch_size: int, row_len: int, *, cu_seqlens: torch.Tensor |
         for i, (r, c) in enumerate(zip(rows, cols)):
             end = cols[i + 1] if i + 1 < len(rows) and rows[i + 1] == r else row_len
             lengths[r].append(end - c)
-    _last_lengths = (weakref.ref(source), source._version, key, lengths)
+    _last_lengths = (weakref.ref(source), current, key, lengths)
     return lengths
 
 
