@@ -6,13 +6,21 @@
 What is measured (issue 6, "Done when"):
 - weights_mean: deviation_weights (published transform, exact mean mode, cosine) on N random unit
   vectors x 384 dims in G groups; rows grouped by prompt ("grouped") and in random order
-  ("shuffled"). Warm-up run, then >= 10 timed reps; median, p10, p90. Target: 1M x 384 in 20k
-  groups under 10 s on a 2-core CPU.
+  ("shuffled"). Warm-up run, then >= 10 timed reps; median, p10, p90. Beside each, in the same run
+  on the same array, the baseline row "numpy centroid pass": the plainest fast numpy computation of
+  each row's dot with its group's sum (float32, a Python loop over the contiguous groups with one
+  sum and one matrix-vector product each; the shuffled config first sorts the rows by group). The
+  engine's row notes its time as a multiple of that pass (target: at most 2x); the engine computes
+  exact float64 mean cosine distances with its own normalisation, then the weight transform.
 - knn: deviation_scores mode="knn", k=10, on clustered vectors: scope "global" through IVF (FAISS,
   default nlist/nprobe) with its recall@10 against exact flat search noted, and scope "group"
   through per-prompt flat indexes. Throughput in queries/s.
-- embed: texts/s of the default embedders (builtin:minilm on the available device, builtin:stylometric)
-  on synthetic WritingPrompts-style stories.
+- embed: texts/s of the embedders on synthetic WritingPrompts-length stories (data.synthetic_lengths
+  stories: ~250 words): builtin:minilm in float32 and in the fastest mode this machine offers
+  (bfloat16 autocast where the CPU does bf16 natively; float16 on CUDA), each with the fraction of
+  this machine's measured GEMM rate (same dtype) its useful FLOPs reach and, for half precision, the
+  smallest cosine between its vectors and float32's; builtin:stylometric. `embed_throughput` is the
+  function `make gpu-check` calls for the GPU half-precision row.
 peak_mem_mb: tracemalloc peak (numpy + Python heap) of the untimed warm-up run for the numpy benches;
 process peak RSS for the embedder benches (torch allocations are invisible to tracemalloc).
 """
@@ -50,6 +58,12 @@ def _versions() -> dict:
     return out
 
 
+
+
+def environment(device: str = "cpu") -> dict:
+    """The hardware/version/commit/time columns of a row."""
+    return {"hardware": _hardware(device), "commit": _commit(),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **_versions()}
 
 
 def _append(row: dict) -> None:
@@ -94,18 +108,42 @@ def _unit_rows(rng, n, d) -> np.ndarray:
     return x
 
 
+BASELINE = "numpy centroid pass"
+
+
+def centroid_pass(x: np.ndarray, gid: np.ndarray, grouped: bool) -> np.ndarray:
+    """The baseline: each row's dot with its group's sum, plainly in numpy (float32, one sum and one
+    matrix-vector product per contiguous group; rows sorted by group first unless already grouped)."""
+    if not grouped:
+        order = np.argsort(gid, kind="stable")
+        x, gid = x[order], gid[order]
+    starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+    out = np.empty(len(gid), dtype=np.float32)
+    for a, b in zip(starts.tolist(), np.r_[starts[1:], len(gid)].tolist()):
+        block = x[a:b]
+        out[a:b] = block @ block.sum(axis=0)
+    return out
+
+
 def bench_weights(n, d, g, reps, common, rng) -> None:
     from engine.deviation import deviation_weights
+    from engine.deviation.scores import _threads
 
     x = _unit_rows(rng, n, d)
     gid = rng.integers(0, g, size=n)
     for config, groups in (("grouped", np.sort(gid)), ("shuffled", gid)):
-        fn = lambda: deviation_weights([x], groups)  # noqa: E731
-        ts, peak = _time(fn, reps)
-        note = "exact mean mode, cosine, float64 accumulation; input float32 %.0f MB" % (x.nbytes / 2**20)
+        ngroups = len(np.unique(groups))
+        base_ts, base_peak = _time(lambda: centroid_pass(x, groups, config == "grouped"), reps)
+        _append(_row("weights_mean", config, n, d, ngroups, BASELINE, base_ts, n / np.median(base_ts), "responses/s",
+                     base_peak, "float32, one Python-level sum and matrix-vector product per group", common))
+        ts, peak = _time(lambda: deviation_weights([x], groups), reps)
+        ratio = np.median(ts) / np.median(base_ts)
+        note = (f"{ratio:.2f}x the {BASELINE} of this run ({np.median(base_ts):.3f} s); exact mean mode, cosine, "
+                f"float64 in cache-sized blocks of whole groups on {min(_threads(), 8)} thread(s), then the weight "
+                f"transform; input float32 {x.nbytes / 2**20:.0f} MB")
         if reps < 10:
             note += f"; only {reps} reps (each run takes seconds)"
-        _append(_row("weights_mean", config, n, d, len(np.unique(gid)), "numpy+scipy", ts, n / np.median(ts),
+        _append(_row("weights_mean", config, n, d, ngroups, "engine.deviation", ts, n / np.median(ts),
                      "responses/s", peak, note, common))
 
 
@@ -151,41 +189,116 @@ def bench_knn(n, d, g, reps, common, rng, flat_n) -> None:
                  peak, "one exact flat index per prompt, single-threaded", common))
 
 
-def _story_texts(n: int) -> list[str]:
-    try:
-        from engine.data.synthetic import generate_rows
+def story_texts(n: int) -> list[str]:
+    """n distinct WritingPrompts-length stories from the synthetic generator (lengths "stories")."""
+    from engine.data.synthetic import generate_rows
 
-        texts = []
-        seed = 0
-        while len(texts) < n:
-            for row in generate_rows(max(1, n // 6), seed=seed):
-                texts.extend(row["comment_texts"])
-            seed += 1
-        return texts[:n]
-    except ImportError:
-        rng = np.random.default_rng(0)
-        words = "the ship drifted through silent void while captain slept and stars burned cold above".split()
-        return [" ".join(rng.choice(words, size=150)) + "." for _ in range(n)]
+    texts: list[str] = []
+    seed = 0
+    while len(texts) < n:
+        texts += [t for row in generate_rows(max(1, n // 5), seed=seed, lengths="stories") for t in row["comment_texts"]]
+        seed += 1
+    return list(dict.fromkeys(texts))[:n]
+
+
+def gemm_flops(device: str, dtype: str, size: int | None = None, reps: int = 10) -> float:
+    """This machine's measured dense GEMM rate (FLOP/s): the median of `reps` square matmuls after a warm-up."""
+    import torch
+
+    size = size or (8192 if device.startswith("cuda") else 1024)
+    dt = getattr(torch, dtype)
+    a = torch.randn(size, size, device=device).to(dt)
+    b = torch.randn(size, size, device=device).to(dt)
+    times = []
+    for i in range(reps + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * size**3 / float(np.median(times))
+
+
+def _encoder_flops(emb, texts: list[str]) -> float:
+    """Useful FLOPs of one forward over `texts`: 2 x (encoder matmul parameters) per real token plus
+    attention's 4 x L x d per token and layer, with each text's own (truncated) token count L."""
+    import torch
+
+    model = emb.model
+    tok, auto = model.tokenizer, model[0].auto_model
+    cfg = auto.config
+    lengths = np.minimum([len(ids) for ids in tok(texts, truncation=False)["input_ids"]], model.max_seq_length)
+    dense = sum(m.weight.numel() for name, m in auto.named_modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+                and "embeddings" not in name and "pooler" not in name)
+    return float(sum(2 * dense * n + 4 * n * n * cfg.hidden_size * cfg.num_hidden_layers for n in lengths.tolist()))
+
+
+def embed_throughput(device: str = "cuda", precision: str = "float16", n_texts: int = 512, batch_size: int = 64,
+                     reps: int = 3, texts: list[str] | None = None, reference: np.ndarray | None = None,
+                     with_vectors: bool = False):
+    """builtin:minilm on `device` in `precision`: a deviation.csv row (texts/s over the median of `reps`
+    timed passes after a warm-up, the fraction of this device's measured GEMM rate in the same dtype that
+    its useful FLOPs reach, and, given `reference` fp32 vectors of the same texts, the smallest cosine
+    with them). `make gpu-check` calls it for the GPU half-precision row and appends the row with
+    bench.common.append_csv(path, [row], COLUMNS). with_vectors: return (row, the embeddings) instead."""
+    import torch
+
+    from engine.deviation import get_embedder
+
+    texts = texts or story_texts(n_texts)
+    emb = get_embedder("builtin:minilm", device=device, batch_size=batch_size, precision=precision)
+    out = emb.encode(texts)  # warm-up (and the vectors for the agreement check)
+    ts = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        emb.encode(texts)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    ts = np.asarray(ts)
+    rate = gemm_flops(device, emb.precision)
+    fraction = _encoder_flops(emb, texts) / float(np.median(ts)) / rate
+    words = float(np.mean([len(t.split()) for t in texts]))
+    note = (f"{emb.precision}; {fraction:.1%} of this device's measured {emb.precision} GEMM rate "
+            f"({rate / 1e9:.0f} GFLOP/s); synthetic stories, {words:.0f} words mean; batch {batch_size}, "
+            "length-sorted; peak = process max RSS")
+    if reference is not None:
+        note += f"; min cosine with float32 vectors {float(np.min(np.sum(out * reference, axis=1))):.6f}"
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        note = note.replace("peak = process max RSS", "peak = CUDA max_memory_allocated")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = _row("embed", f"builtin:minilm {emb.precision}", len(texts), emb.dim, "", device, ts,
+               len(texts) / np.median(ts), "texts/s", peak, note, environment(device))
+    return (row, out) if with_vectors else row
 
 
 def bench_embed(n_texts, reps, common) -> None:
+    import torch
+
     from engine.deviation import get_embedder
-    from engine.deviation.embedders import _resolve_device
+    from engine.deviation.embedders import _resolve_device, resolve_precision
 
-    texts = _story_texts(n_texts)
-    mean_words = float(np.mean([len(t.split()) for t in texts]))
-    for name in ("builtin:minilm", "builtin:stylometric"):
-        emb = get_embedder(name, batch_size=64)
-        device = _resolve_device("auto") if name == "builtin:minilm" else "cpu (python)"
-        if name == "builtin:minilm":
-            import torch
-
-            device += f" ({torch.get_num_threads()} torch threads)"
-        fn = lambda: emb.encode(texts)  # noqa: E731
-        ts, _ = _time(fn, reps)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        _append(_row("embed", name, len(texts), emb.dim, "", device, ts, len(texts) / np.median(ts), "texts/s", peak,
-                     f"synthetic stories, {mean_words:.0f} words mean; batch 64; peak = process max RSS", common))
+    texts = story_texts(n_texts)
+    device = _resolve_device("auto")
+    threads = f" ({torch.get_num_threads()} torch threads)" if device == "cpu" else ""
+    fp32, vectors = embed_throughput(device, "float32", texts=texts, reps=reps, with_vectors=True)
+    _append({**fp32, "backend": device + threads})
+    fast = resolve_precision("auto", device)
+    if fast != "float32":
+        _append({**embed_throughput(device, fast, texts=texts, reps=reps, reference=vectors), "backend": device + threads})
+    emb = get_embedder("builtin:stylometric")
+    ts, _ = _time(lambda: emb.encode(texts), reps)
+    _append(_row("embed", "builtin:stylometric", len(texts), emb.dim, "", "cpu (python)", ts, len(texts) / np.median(ts),
+                 "texts/s", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 "synthetic stories; one text at a time in Python", common))
 
 
 def main(argv=None) -> int:
@@ -195,8 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (after one warm-up)")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
-    common = {"hardware": _hardware(), "commit": _commit(),
-              "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **_versions()}
+    common = environment("cpu")
     only = set(a.only or ("weights", "knn", "embed"))
     if "weights" in only:
         n, g = (100_000, 2_000) if a.quick else (1_000_000, 20_000)
@@ -205,7 +317,7 @@ def main(argv=None) -> int:
         n, g, flat_n = (10_000, 200, 10_000) if a.quick else (100_000, 2_000, 20_000)
         bench_knn(n, 384, g, a.reps, common, rng, flat_n)
     if "embed" in only:
-        bench_embed(32 if a.quick else 128, 3, common)
+        bench_embed(32 if a.quick else 256, 3, common)
     print(f"appended to {RESULTS}")
     return 0
 

@@ -103,9 +103,11 @@ SPECS = [
     ),  # fmt: skip
     Spec(
         "deviation", "Deviation: weights, FAISS knn, embedding throughput",
-        "engine.deviation at scale (bench/bench_deviation.py); times in seconds per call.",
+        "engine.deviation at scale (bench/bench_deviation.py); times in seconds per call. Weight rows: speed-up vs "
+        "the numpy centroid pass of the same run on the same array (< 1: slower than it; target >= 0.5x).",
         group=("bench", "config", "n", "dims", "groups"), member=("backend",), time="time_s", time_unit="s",
         p10="time_p10", p90="time_p90", throughput="throughput", throughput_label="throughput",
+        baseline={"backend": "numpy centroid pass"}, baseline_label="numpy centroid pass",
         extra=("throughput_unit", "reps"), versions=("torch", "faiss", "numpy"), notes_col="note",
     ),  # fmt: skip
 ]

@@ -128,12 +128,14 @@ class DeviationConfig:
     count_duplicates: bool = _f(False, "Count a response once per pair that uses it (published scripts' behaviour when pairs reuse responses).")
     batch_size: int = _f(64, "Embedding batch size.")
     device: str = _f("auto", "Embedding device: auto, cpu or cuda.")
+    precision: str = _f("auto", "Transformer embedders' compute precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else float32), float32, bfloat16 or float16.")
     cache_dir: str = _f(".cache/embeddings", "On-disk embedding cache keyed by (model id, text hash).")
 
     def __post_init__(self):
         _choice("deviation", "metric", self.metric, ("cosine", "euclidean"))
         _choice("deviation", "mode", self.mode, ("mean", "knn"))
         _choice("deviation", "scope", self.scope, ("group", "global"))
+        _choice("deviation", "precision", self.precision, ("auto", "float32", "bfloat16", "float16"))
         _check(self.k >= 1, f"deviation.k must be >= 1, got {self.k}")
         _check(self.max_per_prompt is None or self.max_per_prompt >= 2, f"deviation.max_per_prompt must be >= 2 or null, got {self.max_per_prompt}")
         _check(0 <= self.rejected_weight_floor <= 1, f"deviation.rejected_weight_floor must be in [0, 1], got {self.rejected_weight_floor}")

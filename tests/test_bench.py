@@ -229,3 +229,32 @@ def test_bench_train_smoke(tmp_path):
     # Same pairs, same tokenization: TRL's real-token count equals the engine's.
     m = re.match(r"(\d+) real tokens over all steps vs (\d+)", trl["notes"])
     assert m and m.group(1) == m.group(2), trl["notes"]
+
+
+# ------------------------------------------------------------------------------------------ deviation
+
+
+def test_centroid_pass_baseline_and_embedding_row():
+    """The deviation benchmark's baseline computes each row's dot with its group's sum, grouped or not; the
+    embedding row states texts/s, the GEMM-rate fraction and (half precision) the agreement with fp32."""
+    import numpy as np
+
+    from bench import bench_deviation as bd
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    gid = rng.integers(0, 6, size=50)
+    ref = np.array([x[i] @ x[gid == gid[i]].sum(0) for i in range(50)])
+    order = np.argsort(gid, kind="stable")
+    np.testing.assert_allclose(bd.centroid_pass(x[order], gid[order], grouped=True), ref[order], rtol=1e-5)
+    np.testing.assert_allclose(bd.centroid_pass(x, gid, grouped=False), ref[order], rtol=1e-5)
+
+    texts = bd.story_texts(6)
+    assert len(set(texts)) == 6 and min(len(t.split()) for t in texts) > 20
+    row, vecs = bd.embed_throughput("cpu", "float32", texts=texts, reps=1, with_vectors=True)
+    assert row["bench"] == "embed" and row["throughput_unit"] == "texts/s" and float(row["throughput"]) > 0
+    frac = float(re.search(r"([0-9.]+)% of this device's measured float32 GEMM rate", row["note"]).group(1))
+    assert 0 < frac < 100 and row["hardware"] and row["commit"]
+    half = bd.embed_throughput("cpu", "bfloat16", texts=texts, reps=1, reference=vecs)
+    assert "builtin:minilm bfloat16" == half["config"]
+    assert float(re.search(r"min cosine with float32 vectors ([0-9.]+)", half["note"]).group(1)) > 0.999

@@ -148,6 +148,7 @@ def test_mean_cosine_unnormalised_and_float64_inputs():
 def test_mean_streaming_paths(monkeypatch):
     """Chunks smaller than groups (cosine streams one big group in two passes; euclidean tiles rows)."""
     monkeypatch.setattr(scores_mod, "_CHUNK_ROWS", 7)
+    monkeypatch.setattr(scores_mod, "_BLOCK_ROWS", 7)
     monkeypatch.setattr(scores_mod, "_BIG_GROUP", 10)
     monkeypatch.setattr(scores_mod, "_BLOCK_ELEMS", 64)
     rng = np.random.default_rng(3)
@@ -316,6 +317,25 @@ def test_minilm_offline():
     assert "minilm" in emb.id
 
 
+def test_embedding_precision():
+    """auto picks half precision where it is native (float16 on CUDA; bfloat16 on CPUs with bf16 units), and
+    the precision is part of the embedder id, so caches of the modes never mix."""
+    from engine.deviation.embedders import cpu_has_native_bf16, resolve_precision
+
+    assert resolve_precision("auto", "cuda") == "float16" and resolve_precision("float32", "cuda") == "float32"
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    with pytest.raises(ValueError, match="float16 embedding on CPU"):
+        resolve_precision("float16", "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", "cpu")
+    fp32 = get_embedder("builtin:minilm", device="cpu", precision="float32")
+    bf16 = get_embedder("builtin:minilm", device="cpu", precision="bfloat16")
+    assert fp32.id != bf16.id and bf16.id.endswith("+bfloat16") and "+" not in fp32.id
+    texts = ["A dragon burned the castle.", "The dragon set fire to the keep.", "Quarterly tax filing deadlines."]
+    a, b = fp32.encode(texts), bf16.encode(texts)
+    assert np.min(np.sum(a * b, axis=1)) > 0.999
+
+
 def test_get_embedder_errors():
     with pytest.raises(ValueError, match="builtin"):
         get_embedder("builtin:nope")
@@ -340,9 +360,10 @@ def test_cache_embeds_only_new_texts(tmp_path):
     cache = EmbeddingCache(tmp_path)
     emb = CountingEmbedder()
     first = embed_cached(emb, ["a", "bb", "a", "ccc"], cache, shard_size=2)
-    assert emb.seen == ["a", "bb", "ccc"]  # duplicate embedded once
+    assert emb.seen == ["ccc", "bb", "a"]  # duplicate embedded once; longest first (similar lengths per call)
     assert first.shape == (4, 4)
     np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_allclose(first, CountingEmbedder().encode(["a", "bb", "a", "ccc"]), rtol=1e-6)  # rows stay aligned
     emb.seen.clear()
     again = embed_cached(emb, ["ccc", "dddd", "a"], EmbeddingCache(tmp_path))  # fresh process view
     assert emb.seen == ["dddd"]

@@ -119,7 +119,11 @@ def compute_deviation(responses: list, cfg, *, cache_dir: str | Path | None = No
             counts = np.asarray([max(int(pair_counts.get(r.response_id, 1)), 1) for r in uresp], dtype=np.float64)
 
     cache = EmbeddingCache(cache_dir if cache_dir is not None else getattr(cfg, "cache_dir", ".cache/embeddings"))
-    embedders = [get_embedder(n, device=getattr(cfg, "device", "auto"), batch_size=getattr(cfg, "batch_size", 64)) for n in names]
+    embedders = [
+        get_embedder(n, device=getattr(cfg, "device", "auto"), batch_size=getattr(cfg, "batch_size", 64),
+                     precision=getattr(cfg, "precision", "auto"))
+        for n in names
+    ]
     embeddings = [embed_cached(e, texts, cache, show_progress=show_progress) for e in embedders]
 
     det = deviation_weights(

@@ -30,6 +30,9 @@ import numpy as np
 # Rows per chunk when streaming the embedding matrix in float64: 16384 x 384 x 8 B = 50 MB, small
 # next to the 1.5 GB a 1M x 384 float32 input already takes.
 _CHUNK_ROWS = 16384
+# Rows per block of whole groups in the mean cosine pass: a float64 block (2048 x 384 x 8 B = 6 MB)
+# stays in the CPU cache from its copy to its last use.
+_BLOCK_ROWS = 2048
 # Above this size a group's pairwise block is tiled by rows instead of batched with other groups.
 _BIG_GROUP = 2048
 # Budget (in float64 elements) for one batched pairwise block: 8M elements = 64 MB.
@@ -45,6 +48,10 @@ def group_codes(group_ids) -> tuple[np.ndarray, int]:
     ids = np.asarray(group_ids)
     if ids.ndim != 1:
         raise ValueError(f"group_ids must be 1-D, got shape {ids.shape}")
+    if ids.dtype.kind in "iu" and len(ids) and ids[0] == 0 and np.all((d := np.diff(ids)) >= 0) and np.all(d <= 1):
+        # Grouped codes 0, 0, 1, 1, 2, ... are already their own first-appearance coding (deviation_weights
+        # passes its codes on to deviation_scores): skip a second hash pass over 1M ids.
+        return ids.astype(np.int64, copy=False), int(ids[-1]) + 1
     try:
         import pandas as pd  # hash-based factorize: ~10x faster than np.unique's sort on 1M str ids
 
@@ -97,81 +104,104 @@ def _chunk_bounds(sizes: np.ndarray, target: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _segment_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums of the contiguous row segments of x that begin at `starts`.
-
-    A CSR indicator matrix times x walks x once, row-contiguous: measured 5 ms for 16384 x 384
-    float64 against 52 ms for np.add.reduceat(axis=0), which strides down the columns."""
-    n = x.shape[0]
-    try:
-        import scipy.sparse as sp
-    except ImportError:
-        return np.add.reduceat(x, starts, axis=0)
-    indicator = sp.csr_matrix(
-        (np.ones(n, dtype=x.dtype), np.arange(n, dtype=np.int64), np.r_[starts, n].astype(np.int64)),
-        shape=(len(starts), n),
-    )
-    return np.asarray(indicator @ x)
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products; numpy >= 2's vecdot is 2.4x faster than einsum here (2048 x 384 float64)."""
+    vecdot = getattr(np, "vecdot", None)
+    return vecdot(a, b) if vecdot is not None else np.einsum("ij,ij->i", a, b)
 
 
 def _mean_cosine(e, codes, n_groups, counts) -> np.ndarray:
     """Exact mean cosine distance to the other members of the group, O(N d).
 
-    Rows are visited in group order, in chunks of whole groups: one float64 copy of a chunk gives
-    the unit vectors, their group sums S (a sparse indicator product over contiguous groups) and every u_i.S, so the
-    input is read once. One instance of row i sees n_eff - 1 others whose cosine sum is
-    u_i.S - u_i.u_i = u_i.S - 1, with S = sum_j m_j u_j (m = multiplicities)."""
+    With S_g = sum_j m_j u_j over the group (m = multiplicities, u = x / |x|), one instance of row i
+    sees n_eff - 1 others whose cosine sum is u_i.S - u_i.u_i = u_i.S - 1. S_g = w_g @ X_g with
+    w = m / |x|, and u_i.S = (x_i.S) / |x_i|: two BLAS matrix-vector products per group on the raw
+    rows, so no normalised copy is written.
+
+    Rows are visited in group order, in blocks of whole groups of about `_BLOCK_ROWS` rows: one
+    float64 copy of a block stays in the CPU cache through its norms and every group's two products,
+    so the float32 input is read from memory once (1M x 384 in 20k groups: 0.27 s of CPU time where
+    the former vectorised pass, with a repeated [rows, d] array of group sums, took 1.4 s). A group
+    larger than two blocks is streamed in two passes (its sum, then the dots).
+    """
     order, sizes, _ = _group_layout(codes, n_groups)
-    in_order = bool(np.all(order == np.arange(len(order))))  # rows already grouped: slice, no gather
-    sorted_codes = codes[order]
+    in_order = _grouped(codes)
+    sorted_codes = codes if in_order else codes[order]
     n_eff = np.bincount(codes, weights=counts, minlength=n_groups)
     unit_counts = bool(np.all(counts == 1))
     out = np.empty(e.shape[0], dtype=np.float64)
+    matmul = np.matmul
 
-    def unit(a, b):
-        x = (e[a:b] if in_order else e[order[a:b]]).astype(np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-        if np.any(norms == 0):
-            bad = (np.arange(a, b) if in_order else order[a:b])[norms == 0][:5].tolist()
+    def rows(a, b):
+        return slice(a, b) if in_order else order[a:b]
+
+    def block(a, b):
+        """(float64 rows, 1 / |row|, weights m / |row|) of sorted positions [a, b)."""
+        x = e[rows(a, b)].astype(np.float64)
+        norms = np.sqrt(_row_dots(x, x))
+        if not norms.all():
+            bad = np.arange(len(codes))[rows(a, b)][norms == 0][:5].tolist()
             raise ValueError(f"cosine distance is undefined for zero embeddings (rows {bad}); drop those rows or use metric='euclidean'")
-        x /= norms[:, None]
-        return x
+        inv = 1.0 / norms
+        return x, inv, inv if unit_counts else inv * counts[rows(a, b)]
 
-    for a, b in _chunk_bounds(sizes, _CHUNK_ROWS):
+    def finish(a, b, dots):
+        others = n_eff[sorted_codes[a:b]] - 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[rows(a, b)] = np.where(others > 0, 1.0 - (dots - 1.0) / others, 0.0)
+
+    def groups_of_block(a, b):
+        x, inv, w = block(a, b)
         c = sorted_codes[a:b]
-        gstart = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-        glen = np.diff(np.r_[gstart, len(c)])
-        single = b - a <= 2 * _CHUNK_ROWS  # else: one big group, streamed in two passes
-        sums = np.zeros((len(gstart), e.shape[1]), dtype=np.float64)
-        u = None
-        for s in range(a, b, _CHUNK_ROWS if not single else b - a):
-            t = min(b, s + (_CHUNK_ROWS if not single else b - a))
-            u = unit(s, t)
-            um = u if unit_counts else u * counts[order[s:t]][:, None]
-            if single:
-                sums = _segment_sums(um, gstart)
-            else:
-                sums[0] += um.sum(axis=0)
-        for s in range(a, b, _CHUNK_ROWS if not single else b - a):
-            t = min(b, s + (_CHUNK_ROWS if not single else b - a))
-            if not single:
-                u = unit(s, t)
-                srep = np.broadcast_to(sums[0], u.shape)
-            else:
-                srep = np.repeat(sums, glen, axis=0)
-            dots = np.einsum("ij,ij->i", u, srep)
-            others = n_eff[sorted_codes[s:t]] - 1.0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                res = np.where(others > 0, 1.0 - (dots - 1.0) / others, 0.0)
-            if in_order:
-                out[s:t] = res
-            else:
-                out[order[s:t]] = res
+        bounds = np.flatnonzero(np.r_[True, c[1:] != c[:-1], True]).tolist()
+        dots = np.empty(b - a)
+        for s, t in zip(bounds[:-1], bounds[1:]):
+            matmul(x[s:t], matmul(w[s:t], x[s:t]), out=dots[s:t])
+        finish(a, b, dots * inv)
+
+    def one_big_group(a, b):
+        total = np.zeros(e.shape[1], dtype=np.float64)
+        for s in range(a, b, _BLOCK_ROWS):
+            x, _, w = block(s, min(b, s + _BLOCK_ROWS))
+            total += w @ x
+        for s in range(a, b, _BLOCK_ROWS):
+            t = min(b, s + _BLOCK_ROWS)
+            x, inv, _ = block(s, t)
+            finish(s, t, (x @ total) * inv)
+
+    jobs = [(groups_of_block if b - a <= 2 * _BLOCK_ROWS else one_big_group, a, b)
+            for a, b in _chunk_bounds(sizes, _BLOCK_ROWS)]  # fmt: skip
+    _run_blocks(jobs)
     return out
 
 
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run_blocks(jobs: list) -> None:
+    """Run (fn, a, b) jobs that write disjoint rows, on every core: numpy's copies, row dots and BLAS calls
+    release the GIL, so threads overlap all but the Python glue of the per-group loop."""
+    workers = min(_threads(), len(jobs), 8)
+    if workers <= 1:
+        for fn, a, b in jobs:
+            fn(a, b)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(fn, a, b) for fn, a, b in jobs]:
+            f.result()  # re-raise a block's error (a zero embedding) here
+
+
+def _grouped(codes: np.ndarray) -> bool:
+    """Whether the rows are already grouped: codes in first-appearance order (group_codes) are then non-decreasing."""
+    return bool(np.all(codes[1:] >= codes[:-1]))
+
+
 def _group_layout(codes: np.ndarray, n_groups: int):
-    order = np.argsort(codes, kind="stable")
+    """(row order that groups the rows, group sizes, group starts in that order)."""
+    order = np.arange(len(codes)) if _grouped(codes) else np.argsort(codes, kind="stable")
     sizes = np.bincount(codes, minlength=n_groups)
     starts = np.zeros(n_groups, dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
