@@ -445,7 +445,7 @@ def _memory_section(rows: list[dict]) -> list[str]:
           "by bench/bench_train.py: the RSS peak above the window's baseline, and torch.profiler's memory categories "
           "summed over the tensors live at the moment of the largest total; the fused loss's logits block is split out "
           "of the activations by its [rows, V] size. `engine.plan MB` is the planner's figure for the same component.",
-          ""]  # fmt: skip
+          ""]
     by_bench: OrderedDict[str, list[dict]] = OrderedDict()
     for r in rows:
         by_bench.setdefault(r.get("bench", ""), []).append(r)
@@ -461,7 +461,7 @@ def _memory_section(rows: list[dict]) -> list[str]:
             share = "-" if not total or mb is None or r["component"].startswith("before") else f"{100 * mb / total:.1f}%"
             md.append(f"| {r['component']} | {fmt(r.get('mb'))} | {share} | {fmt(r.get('plan_mb'))} | {r.get('note') or ''} |")
         env = "; ".join(x for x in (r0.get("hardware"), f"torch {r0.get('torch')}", f"transformers {r0.get('transformers')}",
-                                    f"deepspeed {r0.get('deepspeed')}", f"commit {r0.get('commit')}") if x)  # fmt: skip
+                                    f"deepspeed {r0.get('deepspeed')}", f"commit {r0.get('commit')}") if x)
         md += ["", f"- {env}", ""]
     return md
 

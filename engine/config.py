@@ -51,8 +51,14 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub model.")
     tokenizer: str | None = _f(None, "Tokenizer name/path; default: the model's own, or the bundled tokenizer for named architectures.")
     dtype: str = _f("float32", "Parameter dtype when loading: float32, bfloat16 or float16.")
-    attn_implementation: str = _f("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa_varlen), sdpa_varlen (per-sequence SDPA over packed rows), sdpa, flash_attention_2 or eager.")
-    disable_dropout: bool = _f(True, "Set the model's dropout probabilities to 0 (as TRL does): policy and reference log-probs stay comparable; LoRA dropout is separate.")
+    attn_implementation: str = _f(
+        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa_varlen), sdpa_varlen (per-sequence SDPA "
+        "over packed rows), sdpa, flash_attention_2 or eager.",
+    )
+    disable_dropout: bool = _f(
+        True, "Set the model's dropout probabilities to 0 (as TRL does): policy and reference log-probs stay "
+        "comparable; LoRA dropout is separate.",
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (about 30% more compute).")
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
@@ -66,7 +72,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model", "attn_implementation", self.attn_implementation, ("auto", "sdpa_varlen", "sdpa", "flash_attention_2", "eager"))
+        _choice("model", "attn_implementation", self.attn_implementation,
+                ("auto", "sdpa_varlen", "sdpa", "flash_attention_2", "eager"))
         _check(self.lora_r >= 0, f"model.lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}")
         _check(self.lora_r == 0 or self.lora_alpha > 0, f"model.lora_alpha must be > 0 with LoRA, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -77,7 +84,10 @@ class DataConfig:
     source: str = _f("synthetic", "jsonl/json/parquet file, a datasets.save_to_disk directory, a hub dataset name, or 'synthetic' (bundled generator).")
     synthetic_prompts: int = _f(240, "Number of prompts the synthetic generator makes (source: synthetic).")
     synthetic_seed: int = _f(0, "Seed of the synthetic generator.")
-    synthetic_lengths: str = _f("short", "Response lengths of the synthetic generator: short (4-7 sentences, ~100 tokens: the default data) or stories (WritingPrompts-like: hundreds of tokens with a long tail; for benchmarks).")
+    synthetic_lengths: str = _f(
+        "short", "Response lengths of the synthetic generator: short (4-7 sentences, ~100 tokens: the default "
+        "data) or stories (WritingPrompts-like: hundreds of tokens with a long tail; for benchmarks).",
+    )
     pairs: str = _f("best_vs_worst", "Pair construction: " + ", ".join(PAIR_MODES) + ".")
     min_gap: float = _f(5.0, "gap mode: minimum upvote difference between chosen and rejected.")
     max_pairs_per_prompt: int = _f(100, "At most this many pairs per prompt.")
@@ -128,7 +138,10 @@ class DeviationConfig:
     count_duplicates: bool = _f(False, "Count a response once per pair that uses it (published scripts' behaviour when pairs reuse responses).")
     batch_size: int = _f(64, "Embedding batch size.")
     device: str = _f("auto", "Embedding device: auto, cpu or cuda.")
-    precision: str = _f("auto", "Transformer embedders' compute precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else float32), float32, bfloat16 or float16.")
+    precision: str = _f(
+        "auto", "Transformer embedders' compute precision: auto (float16 on CUDA, bfloat16 on CPUs with native "
+        "bf16, else float32), float32, bfloat16 or float16.",
+    )
     cache_dir: str = _f(".cache/embeddings", "On-disk embedding cache keyed by (model id, text hash).")
 
     def __post_init__(self):

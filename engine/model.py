@@ -74,10 +74,15 @@ def resolve_attn_implementation(requested: str, device: torch.device | str, mode
     packed rows, engine.attention) for the architectures it supports, else transformers' sdpa."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise RuntimeError("model.attn_implementation flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa_varlen")
+            raise RuntimeError(
+                "model.attn_implementation flash_attention_2 needs the flash-attn package: pip install flash-attn, "
+                "or use sdpa_varlen"
+            )
         if requested == attention.NAME and model_type is not None and model_type not in attention.VARLEN_MODEL_TYPES:
-            raise ValueError(f"model.attn_implementation {attention.NAME} supports model types {', '.join(attention.VARLEN_MODEL_TYPES)}; "
-                             f"this model is {model_type!r}: use sdpa or flash_attention_2")
+            raise ValueError(
+                f"model.attn_implementation {attention.NAME} supports model types "
+                f"{', '.join(attention.VARLEN_MODEL_TYPES)}; this model is {model_type!r}: use sdpa or flash_attention_2"
+            )
         return requested
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"

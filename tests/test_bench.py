@@ -108,11 +108,13 @@ def test_report_ratios_come_from_rows_of_one_run(tmp_path):
         rows.append(_kernel_row("torch", n, 10.0 * (i + 1), 30.0 * (i + 1), "bbb", f"2026-02-01T00:00:0{2 * i + 1}+00:00"))
     _write(res / "kernels.csv", KERNEL_FIELDS, rows)
     train_rows = []
-    for system, variant, tps, mem, plan in (("ddpo-engine", "packed+cache", 3000.0, 50.0, 40.0), ("trl", "ref_forward", 1000.0, 200.0, ""),
-                                            ("trl", "precomputed_ref", 1500.0, 150.0, "")):  # fmt: skip
+    systems = (("ddpo-engine", "packed+cache", 3000.0, 50.0, 40.0), ("trl", "ref_forward", 1000.0, 200.0, ""),
+               ("trl", "precomputed_ref", 1500.0, 150.0, ""))
+    for system, variant, tps, mem, plan in systems:
         train_rows.append({"bench": "cpu-tiny", "system": system, "variant": variant, "model": "llama-tiny", "pairs_per_step": 4,
                            "tokens_per_step": 700, "step_time_ms_median": round(700 / tps * 1e3, 3), "step_time_ms_p10": 1,
-                           "step_time_ms_p90": 2, "reps": 10, "tokens_per_s": tps, "peak_mem_mb": mem, "plan_mb": plan, "mfu": "",
+                           "step_time_ms_p90": 2, "reps": 10, "tokens_per_s": tps, "peak_mem_mb": mem, "plan_mb": plan,
+                           "mfu": "",
                            "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "trl": "1.16.0", "deepspeed": "0.x",
                            "commit": "bbb", "run_id": "run-1", "timestamp": "2026-02-01T00:01:00+00:00",
                            "notes": f"note of {variant}"})  # fmt: skip
@@ -156,19 +158,19 @@ def test_report_memory_breakdown_section(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
     base = {"bench": "cpu-gpt2-stories", "model": "gpt2-small", "variant": "packed+cache", "tokens_per_step": 2000,
-            "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "deepspeed": "0.x", "commit": "ddd"}  # fmt: skip
+            "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "deepspeed": "0.x", "commit": "ddd"}
+    before = "before the window (interpreter, imports, tokenizer, prepared data; not in the rise)"
     rows = [{**base, "component": c, "mb": mb, "plan_mb": plan, "note": "", "run_id": rid, "timestamp": ts}
             for rid, ts, scale in (("old", "2026-01-01T00:00:00+00:00", 9), ("new", "2026-02-01T00:00:00+00:00", 1))
             for c, mb, plan in (("weights", 500 * scale, 480), ("activations saved for backward", 1500, 1400),
-                                ("total: RSS peak rise of the step", 2000 * scale, 1900),
-                                ("before the window (interpreter, imports, tokenizer, prepared data; not in the rise)", 700, ""))]
+                                ("total: RSS peak rise of the step", 2000 * scale, 1900), (before, 700, ""))]
     _write(res / "memory.csv", MEMORY_FIELDS, rows)
     text = report.render(res, tmp_path / "B.md")
     sec = text.split("## Memory breakdown")[1].split("\n## ")[0]
     assert "Run `new`" in sec and "Run `old`" not in sec
     assert "| weights | 500 | 25.0% | 480 |" in sec  # the share of the newest run's own total
     assert "| activations saved for backward | 1,500 | 75.0% | 1,400 |" in sec
-    assert "| before the window (interpreter, imports, tokenizer, prepared data; not in the rise) | 700 | - |" in sec
+    assert f"| {before} | 700 | - |" in sec
 
 
 def test_report_attributes_rows_without_run_id_to_the_orchestrated_job(tmp_path):
@@ -207,7 +209,7 @@ def test_bench_train_smoke(tmp_path):
     mem = tmp_path / "memory.csv"
     cmd = [sys.executable, "-m", "bench.bench_train", "--setup", "cpu-tiny-smoke", "--reps", "2", "--warmup", "1",
            "--min-reps", "2", "--variants", "packed+cache,ref_forward", "--csv", str(out), "--breakdown",
-           "--memory-csv", str(mem)]  # fmt: skip
+           "--memory-csv", str(mem)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = common.read_csv(out)

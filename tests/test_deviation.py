@@ -363,7 +363,7 @@ def test_cache_embeds_only_new_texts(tmp_path):
     assert emb.seen == ["ccc", "bb", "a"]  # duplicate embedded once; longest first (similar lengths per call)
     assert first.shape == (4, 4)
     np.testing.assert_array_equal(first[0], first[2])
-    np.testing.assert_allclose(first, CountingEmbedder().encode(["a", "bb", "a", "ccc"]), rtol=1e-6)  # rows stay aligned
+    np.testing.assert_allclose(first, CountingEmbedder().encode(["a", "bb", "a", "ccc"]), rtol=1e-6)  # rows aligned
     emb.seen.clear()
     again = embed_cached(emb, ["ccc", "dddd", "a"], EmbeddingCache(tmp_path))  # fresh process view
     assert emb.seen == ["dddd"]

@@ -46,9 +46,10 @@ def tiny(tmp_path_factory):
         "reduce_bucket_size": 1000, "prefetch_bucket_size": 500, "param_persistence_threshold": 200}}))
     return {
         "model.name": str(d / "config.json"), "parallel.zero_stage": 3, "parallel.precision": "bf16",
-        "data.max_prompt_length": 64, "data.max_length": 128, "data.max_tokens_per_row": 256, "data.rows_per_batch": 2, "ref_cache.mode": "off", "ref_cache.dtype": "bfloat16",
+        "data.max_prompt_length": 64, "data.max_length": 128, "data.max_tokens_per_row": 256, "data.rows_per_batch": 2,
+        "ref_cache.mode": "off", "ref_cache.dtype": "bfloat16",
         "loss.objective": "dpo", "parallel.deepspeed_config": str(d / "ds.json"),
-    }  # fmt: skip
+    }
 
 
 def plan(overrides, **where):
@@ -117,7 +118,8 @@ def test_gpt2_lora_targets_cover_both_c_proj():
     shape = shape_from_hf_config(cfg, "gpt2-mini")
     model = apply_lora(GPT2LMHeadModel(cfg), ModelConfig(lora_r=4, lora_target_modules=["c_attn", "c_proj", "c_fc"]))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert shape.lora_parameters(4, shape.default_lora_targets()) == trained == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    by_hand = 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert shape.lora_parameters(4, shape.default_lora_targets()) == trained == by_hand
     assert shape.num_parameters == sum(p.numel() for p in GPT2LMHeadModel(cfg).parameters())
 
 
@@ -156,7 +158,7 @@ def test_plan_by_hand_zero3_bf16(tiny):
     # gradients accumulated yet); the optimizer step's gradients are smaller.
     assert p.peak_phase == "backward"
     assert p.at_peak == {"weights": 164_000, "optimizer": 984_000, "reference": 164_000, "buffers": 266_424,
-                         "activations": 6_645_760, "logits": 2_621_440}  # fmt: skip
+                         "activations": 6_645_760, "logits": 2_621_440}
     assert p.total == 164_000 * 2 + 984_000 + 6_645_760 + 2_621_440 + 266_424 == 10_845_624
     assert p.total == sum(p.at_peak.values())
     # Accumulating micro-batches keeps the gradients resident through every later backward.
@@ -166,7 +168,7 @@ def test_plan_by_hand_zero3_bf16(tiny):
 
 def test_plan_by_hand_zero0_fp32_and_lora(tiny):
     p = plan({**tiny, "parallel.zero_stage": 0, "parallel.precision": "fp32", "ref_cache.mode": "auto"},
-             runtime_overhead_gib=1.0)  # fmt: skip
+             runtime_overhead_gib=1.0)
     assert (p.weights, p.gradients, p.master_weights, p.optimizer_moments) == (
         TINY_PARAMS * 4, TINY_PARAMS * 4, 0, TINY_PARAMS * 8,
     )  # fmt: skip
@@ -195,7 +197,8 @@ def test_device_sets_chunk_attention_and_runtime(tiny):
     big_v = {**tiny, "model.name": "llama-8b"}
     gpu = plan_memory(PlanSettings.of(big_v, device="cuda"))
     cpu = plan_memory(PlanSettings.of(big_v, device="cpu"))
-    assert gpu.chunk_tokens == default_chunk_tokens(128_256, "cuda") > cpu.chunk_tokens == default_chunk_tokens(128_256, "cpu")
+    assert gpu.chunk_tokens == default_chunk_tokens(128_256, "cuda")
+    assert cpu.chunk_tokens == default_chunk_tokens(128_256, "cpu") < gpu.chunk_tokens
     assert (gpu.runtime, cpu.runtime) == (GIB, 0)
     assert (gpu.attn_implementation, cpu.attn_implementation) == ("flash_attention_2", "sdpa_varlen")
     # Per-sequence SDPA keeps its outputs and their concatenation (o_proj's input): + 2 bytes x Dq per token-layer.
@@ -206,7 +209,8 @@ def test_settings_are_the_run_config():
     """PlanSettings adds only where the run happens to the trainer's Config: no second schema."""
     from engine.config import Config, load_config
 
-    assert [f.name for f in dataclasses.fields(PlanSettings)] == ["config", "nodes", "gpus_per_node", "device", "runtime_overhead_gib"]
+    fields = [f.name for f in dataclasses.fields(PlanSettings)]
+    assert fields == ["config", "nodes", "gpus_per_node", "device", "runtime_overhead_gib"]
     cfg = load_config(["--config", "configs/llama8b-ddpo.yaml"])
     s = settings_from_config(cfg, 8, "cuda")
     assert s.config is cfg and s.world_size == 8 and s.tokens == 8192
@@ -231,8 +235,8 @@ def test_offload_and_objectives(tiny):
 
 
 def test_monotonic(tiny):
-    big = {"model.name": "llama-8b", "parallel.zero_stage": 3, "data.max_tokens_per_row": 4096, "parallel.precision": "bf16",
-           "loss.objective": "dpo"}  # fmt: skip
+    big = {"model.name": "llama-8b", "parallel.zero_stage": 3, "data.max_tokens_per_row": 4096,
+           "parallel.precision": "bf16", "loss.objective": "dpo"}
 
     def total(over=None, **where):
         return plan_memory(PlanSettings.of({**big, **(over or {})}, **where)).total
@@ -246,7 +250,8 @@ def test_monotonic(tiny):
     no = plan_memory(PlanSettings.of(big))
     assert ck.activations < no.activations and ck.total < no.total
     assert total({"ref_cache.mode": "auto"}) < total({"ref_cache.mode": "off"})
-    assert plan_memory(PlanSettings.of(big)).logits < plan_memory(PlanSettings.of({**big, "loss.backend": "eager"})).logits
+    eager = plan_memory(PlanSettings.of({**big, "loss.backend": "eager"}))
+    assert plan_memory(PlanSettings.of(big)).logits < eager.logits
     # Small DeepSpeed buckets, so that the partitioned states, not the buckets, decide.
     small_ds = {"parallel.deepspeed_config": tiny["parallel.deepspeed_config"]}
     stages = [total({**small_ds, "parallel.zero_stage": z}, gpus_per_node=8) for z in (0, 1, 2, 3)]
@@ -254,7 +259,8 @@ def test_monotonic(tiny):
     # micro-batch per step the backward's activations peak above them; accumulating, they are there too.
     assert stages[0] > stages[1] >= stages[2] > stages[3]
     acc = {**small_ds, "optim.grad_accum": 4}
-    assert total({**acc, "parallel.zero_stage": 1}, gpus_per_node=8) > total({**acc, "parallel.zero_stage": 2}, gpus_per_node=8)
+    zero1, zero2 = (total({**acc, "parallel.zero_stage": z}, gpus_per_node=8) for z in (1, 2))
+    assert zero1 > zero2
     tokens = [total({"data.max_tokens_per_row": t}) for t in (1024, 2048, 8192)]
     assert tokens == sorted(tokens)
 
@@ -262,7 +268,7 @@ def test_monotonic(tiny):
 def test_llama8b_numbers():
     p = plan_memory(PlanSettings.of({"model.name": "llama-8b", "parallel.zero_stage": 3, "parallel.precision": "bf16",
                                      "data.max_tokens_per_row": 8192, "model.gradient_checkpointing": True},
-                                    nodes=4, gpus_per_node=8, runtime_overhead_gib=0))  # fmt: skip
+                                    nodes=4, gpus_per_node=8, runtime_overhead_gib=0))
     d, dkv, i, h = 4096, 1024, 14336, 32
     assert p.activation_bytes_per_token_layer == 20 * d + 4 * dkv + 8 * i + 4 * h + 8 == 200_840
     assert p.weights == -(-8_030_261_248 * 2 // 32)
@@ -273,7 +279,7 @@ def test_llama8b_numbers():
 @pytest.mark.parametrize("field, step", [("max_tokens_per_row", 128), ("rows_per_batch", 1), ("max_tokens_per_row", 1)])
 def test_largest_fitting_consistent(field, step):
     settings = PlanSettings.of({"model.name": "llama-8b", "parallel.zero_stage": 3, "parallel.precision": "bf16",
-                                "data.max_tokens_per_row": 1024, "model.gradient_checkpointing": True}, gpus_per_node=8)  # fmt: skip
+                                "data.max_tokens_per_row": 1024, "model.gradient_checkpointing": True}, gpus_per_node=8)
     gpu = 40 * GIB
     best = largest_fitting(settings, gpu, field=field, step=step)
     assert best > 0 and best % step == 0
@@ -282,7 +288,7 @@ def test_largest_fitting_consistent(field, step):
 
 
 def test_largest_fitting_none_fits():
-    settings = PlanSettings.of({"model.name": "llama-8b", "parallel.precision": "bf16"})  # 8B x 16 bytes alone exceeds 80 GiB
+    settings = PlanSettings.of({"model.name": "llama-8b", "parallel.precision": "bf16"})  # 8B x 16 bytes > 80 GiB
     assert largest_fitting(settings, 80 * GIB) == 0
     with pytest.raises(PlanError, match="field"):
         largest_fitting(settings, 80 * GIB, field="hidden_size")
@@ -338,7 +344,8 @@ def test_activation_formula_matches_saved_tensors(tiny):
         base = m.get_base_model() if hasattr(m, "get_base_model") else m
         return _saved_bytes(m, base.get_decoder(), ids, positions, act_bytes, D)
 
-    settings = {**tiny, "parallel.zero_stage": 0, "data.rows_per_batch": 1, "data.max_length": 128, "data.max_tokens_per_row": n}
+    settings = {**tiny, "parallel.zero_stage": 0, "data.rows_per_batch": 1, "data.max_length": 128,
+                "data.max_tokens_per_row": n}
     bf16 = build_model("llama-tiny", dtype="bfloat16", vocab_size=V).train()
     assert measure(bf16, 2) == plan(settings).activations_without_checkpointing
     fp32 = build_model("llama-tiny", vocab_size=V).train()
@@ -361,7 +368,8 @@ def test_activation_formula_gpt2(tmp_path):
     from engine.model import prepare_for_preference_training
 
     d, i = 768, 3072
-    assert activation_bytes_per_token_layer(model_shape("gpt2-small"), 2) == 2 * (2 * d + 8) + 2 * 2 * d + 2 * 3 * d + 2 * d + 4 * 12 + 2 * 2 * i
+    by_hand = 2 * (2 * d + 8) + 2 * 2 * d + 2 * 3 * d + 2 * d + 4 * 12 + 2 * 2 * i
+    assert activation_bytes_per_token_layer(model_shape("gpt2-small"), 2) == by_hand
     cfg = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     cfg.to_json_file(tmp_path / "config.json")
     cfg._attn_implementation = "sdpa_varlen"
@@ -370,8 +378,8 @@ def test_activation_formula_gpt2(tmp_path):
     n = 192
     positions = torch.cat([torch.arange(100), torch.arange(92)])[None]
     measured = _saved_bytes(model, model.transformer, torch.randint(0, 512, (1, n)), positions, 4, 64)
-    p = plan({"model.name": str(tmp_path / "config.json"), "parallel.precision": "fp32", "data.max_prompt_length": 64, "data.max_length": 96,
-              "data.max_tokens_per_row": n}, device="cpu")  # fmt: skip
+    p = plan({"model.name": str(tmp_path / "config.json"), "parallel.precision": "fp32", "data.max_prompt_length": 64,
+              "data.max_length": 96, "data.max_tokens_per_row": n}, device="cpu")
     assert measured == p.activations_without_checkpointing
 
 
@@ -380,7 +388,9 @@ def test_cli_table_and_json(capsys):
             "--gradient-checkpointing", "--lora-r", "128"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    for word in ("weights", "gradients", "optimizer", "activations", "logits", "reference", "buffers", "peak", "largest max_tokens_per_row"):
+    words = ("weights", "gradients", "optimizer", "activations", "logits", "reference", "buffers", "peak",
+             "largest max_tokens_per_row")
+    for word in words:
         assert word in out
     assert "8,030,261,248" in out
     assert main([*args, "--json", "--fit", "rows_per_batch"]) == 0

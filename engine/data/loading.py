@@ -418,7 +418,8 @@ def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tu
 def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
                    synthetic_lengths: str = "short"):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
-    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths)
+    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed,
+                     synthetic_lengths=synthetic_lengths)
     return responses_from_rows(rows, strict=strict, source=source)
 
 
@@ -449,7 +450,8 @@ def detect_schema(row: Any) -> str | None:
 def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
              synthetic_lengths: str = "short") -> LoadedData:
     """Load a source of either schema, detected from its first row that has either schema's fields."""
-    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths)
+    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed,
+                     synthetic_lengths=synthetic_lengths)
     head: list = []  # rows read while detecting: only the unreadable ones before the first good row
     kind = None
     for item in rows:

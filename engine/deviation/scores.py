@@ -141,7 +141,8 @@ def _mean_cosine(e, codes, n_groups, counts) -> np.ndarray:
         norms = np.sqrt(_row_dots(x, x))
         if not norms.all():
             bad = np.arange(len(codes))[rows(a, b)][norms == 0][:5].tolist()
-            raise ValueError(f"cosine distance is undefined for zero embeddings (rows {bad}); drop those rows or use metric='euclidean'")
+            raise ValueError(f"cosine distance is undefined for zero embeddings (rows {bad}); drop those rows or use "
+                             "metric='euclidean'")
         inv = 1.0 / norms
         return x, inv, inv if unit_counts else inv * counts[rows(a, b)]
 
@@ -170,7 +171,7 @@ def _mean_cosine(e, codes, n_groups, counts) -> np.ndarray:
             finish(s, t, (x @ total) * inv)
 
     jobs = [(groups_of_block if b - a <= 2 * _BLOCK_ROWS else one_big_group, a, b)
-            for a, b in _chunk_bounds(sizes, _BLOCK_ROWS)]  # fmt: skip
+            for a, b in _chunk_bounds(sizes, _BLOCK_ROWS)]
     _run_blocks(jobs)
     return out
 
