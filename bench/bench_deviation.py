@@ -196,7 +196,8 @@ def story_texts(n: int) -> list[str]:
     texts: list[str] = []
     seed = 0
     while len(texts) < n:
-        texts += [t for row in generate_rows(max(1, n // 5), seed=seed, lengths="stories") for t in row["comment_texts"]]
+        rows = generate_rows(max(1, n // 5), seed=seed, lengths="stories")
+        texts += [t for row in rows for t in row["comment_texts"]]
         seed += 1
     return list(dict.fromkeys(texts))[:n]
 
@@ -293,11 +294,12 @@ def bench_embed(n_texts, reps, common) -> None:
     _append({**fp32, "backend": device + threads})
     fast = resolve_precision("auto", device)
     if fast != "float32":
-        _append({**embed_throughput(device, fast, texts=texts, reps=reps, reference=vectors), "backend": device + threads})
+        row = embed_throughput(device, fast, texts=texts, reps=reps, reference=vectors)
+        _append({**row, "backend": device + threads})
     emb = get_embedder("builtin:stylometric")
     ts, _ = _time(lambda: emb.encode(texts), reps)
-    _append(_row("embed", "builtin:stylometric", len(texts), emb.dim, "", "cpu (python)", ts, len(texts) / np.median(ts),
-                 "texts/s", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    _append(_row("embed", "builtin:stylometric", len(texts), emb.dim, "", "cpu (python)", ts,
+                 len(texts) / np.median(ts), "texts/s", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                  "synthetic stories; one text at a time in Python", common))
 
 

@@ -35,7 +35,7 @@ slower (78 ms vs 2.9 s per step measured for the same worker); gpt2-small's GEMM
 
 Setups at the seed recipe's size (gpt2-small, vocabulary 50,257, fp32, 4 pairs per step):
 "cpu-gpt2-stories" (bench-full) draws WritingPrompts-like responses (data.synthetic_lengths stories:
-hundreds of tokens, a long tail, up to max_length 768); "cpu-gpt2-quick" (make bench) is the same model
+hundreds of tokens, a long tail, sequences cut at max_length 512); "cpu-gpt2-quick" (make bench) is the same model
 on the short default responses, 2 pairs per step, engine packed+cache against TRL's faster variant.
 Beside every engine row the CSV holds `plan_mb`, engine.plan's predicted peak for the same config and
 micro-batch geometry (one row of the step's tokens; device cpu). "cpu-gpt2-stories" also writes the
@@ -81,7 +81,8 @@ from bench import common  # noqa: E402
 RESULTS_CSV = common.RESULTS_DIR / "train.csv"
 FIELDS = [
     "bench", "system", "variant", "model", "pairs_per_step", "tokens_per_step",
-    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "reps", "tokens_per_s", "peak_mem_mb", "plan_mb", "mfu",
+    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "reps", "tokens_per_s", "peak_mem_mb", "plan_mb",
+    "mfu",
     "hardware", "torch", "transformers", "trl", "deepspeed", "commit", "run_id", "timestamp", "notes",
 ]  # fmt: skip
 ENGINE = "ddpo-engine"
@@ -136,9 +137,11 @@ SETUPS = {
     # The `make bench` size: a few seconds per worker on 2 cores.
     "cpu-tiny-quick": Setup("cpu-tiny-quick", "llama-tiny", "float32", "cpu", pairs_per_step=4, max_prompt_length=64,
                             max_length=256, warmup=2, reps=10),
-    # The seed recipe's model at WritingPrompts-like response lengths (bench-full).
-    "cpu-gpt2-stories": Setup("cpu-gpt2-stories", "gpt2-small", "float32", "cpu", pairs_per_step=4, max_prompt_length=64,
-                              max_length=768, warmup=2, reps=10, lengths="stories", threads=2, breakdown=True),
+    # The seed recipe's model at WritingPrompts-like response lengths (bench-full): responses of hundreds of
+    # tokens with a long tail, cut at 512 tokens per sequence so that TRL's padded batches fit a shared machine.
+    "cpu-gpt2-stories": Setup("cpu-gpt2-stories", "gpt2-small", "float32", "cpu", pairs_per_step=4,
+                              max_prompt_length=64, max_length=512, warmup=1, reps=10, lengths="stories", threads=2,
+                              breakdown=True),
     # gpt2-small at the make-bench size: short responses, the engine's default variant against TRL's faster one.
     "cpu-gpt2-quick": Setup("cpu-gpt2-quick", "gpt2-small", "float32", "cpu", pairs_per_step=2, max_prompt_length=64,
                             max_length=256, warmup=1, reps=10, threads=2,
@@ -265,13 +268,15 @@ class _EngineRun:
 
         self.packed = variant.startswith("packed")
         self.on_the_fly = variant.endswith("on_the_fly")
-        self.cfg, self.tok, self.prepared, chunks = load_inputs(
-            s, engine_overrides(s, cache_dir=cache_dir, data_cache=data_cache, ref_mode="off" if self.on_the_fly else "require"))
+        ref_mode = "off" if self.on_the_fly else "require"
+        overrides = engine_overrides(s, cache_dir=cache_dir, data_cache=data_cache, ref_mode=ref_mode)
+        self.cfg, self.tok, self.prepared, chunks = load_inputs(s, overrides)
         self.env = parallelize.init_distributed(self.cfg.parallel)
         self.device = self.env.device
         pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        self.batches = [collate(step_rows(c, packed=self.packed, pad_id=pad_id, nll_on_prompt=self.cfg.loss.nll_on_prompt),
-                                device=self.device) for c in chunks]  # fmt: skip
+        nll = self.cfg.loss.nll_on_prompt
+        self.batches = [collate(step_rows(c, packed=self.packed, pad_id=pad_id, nll_on_prompt=nll), device=self.device)
+                        for c in chunks]
         self.s = s
 
     def warm_imports(self) -> float:
@@ -302,9 +307,10 @@ class _EngineRun:
             self.reference = refcache.on_the_fly_reference(self.model, cfg)
         else:
             # The trainer's cache path: open the cache built before the workers (fingerprint-checked).
-            self.cache = refcache.RefCache.open(refcache.cache_dir_for(cfg), refcache.cache_fingerprint(cfg, self.tok, self.prepared))
+            fingerprint = refcache.cache_fingerprint(cfg, self.tok, self.prepared)
+            self.cache = refcache.RefCache.open(refcache.cache_dir_for(cfg), fingerprint)
         self.engine, self.optimizer, _ = parallelize.setup_deepspeed(PolicyWithLoss(self.model, cfg.loss), cfg,
-                                                                     total_steps=self.s.steps)  # fmt: skip
+                                                                     total_steps=self.s.steps)
         self.engine.train()
 
     def step(self, batch) -> None:
@@ -324,8 +330,9 @@ class _EngineRun:
         n = max(b.input_ids.numel() for b in self.batches)
         d = self.cfg.data
         # max_length only bounds the config's validation here (a row must hold a pair); the plan does not use it.
-        geometry = {"data.rows_per_batch": 1, "data.max_tokens_per_row": n, "data.max_length": min(d.max_length, n // 2),
-                    "data.max_prompt_length": min(d.max_prompt_length, n // 2 - 1)}  # fmt: skip
+        geometry = {"data.rows_per_batch": 1, "data.max_tokens_per_row": n,
+                    "data.max_length": min(d.max_length, n // 2),
+                    "data.max_prompt_length": min(d.max_prompt_length, n // 2 - 1)}
         plan = plan_memory(PlanSettings.of(geometry, base=self.cfg, device=self.device.type))
         return plan.total / 2**20
 
@@ -363,11 +370,12 @@ def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> di
 
 
 MEMORY_CSV = common.RESULTS_DIR / "memory.csv"
-MEMORY_FIELDS = ["bench", "model", "variant", "tokens_per_step", "component", "mb", "plan_mb", "note", "hardware", "torch",
-                 "transformers", "deepspeed", "commit", "run_id", "timestamp"]  # fmt: skip
+MEMORY_FIELDS = ["bench", "model", "variant", "tokens_per_step", "component", "mb", "plan_mb", "note", "hardware",
+                 "torch", "transformers", "deepspeed", "commit", "run_id", "timestamp"]
 
 
-def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str, memory_csv: str | Path = MEMORY_CSV) -> dict:
+def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str,
+                     memory_csv: str | Path = MEMORY_CSV) -> dict:
     """Where every MB of one engine step goes: what holds how much memory at the step's peak.
 
     The engine's packed+cache step on the setup's largest batch, after the warm-up steps (so Adam's
@@ -420,9 +428,9 @@ def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str, me
             live.pop((key, version), None)
     vocab = run.model.config.vocab_size
     parts = {"weights": 0, "optimizer states (Adam m, v)": 0, "gradients": 0, "activations saved for backward": 0,
-             "fused loss: fp32 logits block [rows, V]": 0, "inputs and temporaries": 0}  # fmt: skip
+             "fused loss: fp32 logits block [rows, V]": 0, "inputs and temporaries": 0}
     names = {"PARAMETER": "weights", "OPTIMIZER_STATE": "optimizer states (Adam m, v)", "GRADIENT": "gradients",
-             "ACTIVATION": "activations saved for backward"}  # fmt: skip
+             "ACTIVATION": "activations saved for backward"}
     for (key, version), nbytes in live.items():
         cat = mp._categories.get(key, version)
         name = names.get(cat.name if cat is not None else "", "inputs and temporaries")
@@ -432,25 +440,26 @@ def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str, me
         parts[name] += nbytes
     tensors_mb = sum(parts.values()) / 2**20
     plan = plan_memory(PlanSettings.of({"data.rows_per_batch": 1, "data.max_tokens_per_row": biggest.input_ids.numel()},
-                                       base=run.cfg, device=run.device.type))  # fmt: skip
+                                       base=run.cfg, device=run.device.type))
     head_dw = plan.logits_fused - plan.logits_block  # the head's fp32 gradient, filled by the loss's backward
-    plan_of = {"weights": plan.at_peak.get("weights", 0), "optimizer states (Adam m, v)": plan.at_peak.get("optimizer", 0),
+    plan_of = {"weights": plan.at_peak.get("weights", 0),
+               "optimizer states (Adam m, v)": plan.at_peak.get("optimizer", 0),
                "gradients": plan.at_peak.get("gradients", 0) + head_dw,
                "activations saved for backward": plan.at_peak.get("activations", 0),
-               "fused loss: fp32 logits block [rows, V]": plan.logits_block}  # fmt: skip
+               "fused loss: fp32 logits block [rows, V]": plan.logits_block}
     MB = 2**20
     rows = [(k, v / MB, plan_of[k] / MB if k in plan_of else None, "") for k, v in parts.items()]
-    rows.append(("memory held by no tensor (allocator retention, Python and library heaps)", mem.peak_mb - tensors_mb, None,
-                 "RSS peak rise minus the tensors live at the tensor peak"))
+    rows.append(("memory held by no tensor (allocator retention, Python and library heaps)",
+                 mem.peak_mb - tensors_mb, None, "RSS peak rise minus the tensors live at the tensor peak"))
     rows.append(("total: RSS peak rise of the step", mem.peak_mb, plan.total / MB, mem.method))
     rows.append(("before the window (interpreter, imports, tokenizer, prepared data; not in the rise)", before, None,
                  f"RSS when the window opened; of it {imports_mb:.0f} MB from importing what the step uses (the fused "
                  "loss's kernels, which import triton also on CPU, their native ops, the trainer, the modeling code)"))
     env = common.environment(run.device.type, packages=("torch", "transformers", "deepspeed"))
-    out = [{"bench": s.name, "model": s.model, "variant": variant, "tokens_per_step": biggest.num_real_tokens, "component": k,
-            "mb": round(v, 1), "plan_mb": None if p is None else round(p, 1), "note": n,
+    out = [{"bench": s.name, "model": s.model, "variant": variant, "tokens_per_step": biggest.num_real_tokens,
+            "component": k, "mb": round(v, 1), "plan_mb": None if p is None else round(p, 1), "note": n,
             **{c: env[c] for c in ("hardware", "torch", "transformers", "deepspeed", "commit", "run_id", "timestamp")}}
-           for k, v, p, n in rows]  # fmt: skip
+           for k, v, p, n in rows]
     common.append_csv(memory_csv, out, MEMORY_FIELDS)
     return {"rows": len(out), "peak_mb": mem.peak_mb, "tensors_mb": tensors_mb}
 
@@ -577,7 +586,7 @@ def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: 
     """One (system, variant) in a fresh interpreter; its RESULT line, or {"error": ...}."""
     cmd = [sys.executable, "-m", "bench.bench_train", "--worker", f"{system}:{variant}", "--setup", s.name,
            "--reps", str(s.reps), "--warmup", str(s.warmup), "--min-reps", str(min_reps), "--cache-dir", cache_dir,
-           "--data-cache", data_cache, "--threads", str(s.threads or 1), *extra]  # fmt: skip
+           "--data-cache", data_cache, "--threads", str(s.threads or 1), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if s.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU setup stays on the CPU on a GPU machine too
@@ -596,7 +605,7 @@ def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the make-bench size (setups cpu-tiny-quick and cpu-gpt2-quick on CPU)")
+    p.add_argument("--quick", action="store_true", help="the make-bench size (setups " + ", ".join(QUICK_SETUPS) + ")")
     p.add_argument("--setup", action="append", choices=sorted(SETUPS), help="setups to run (repeatable); default: "
                    f"{', '.join(QUICK_SETUPS)} with --quick, else {', '.join(FULL_SETUPS)}, plus gpu-8b-lora and "
                    "gpu-8b-full on CUDA")
@@ -606,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: the setup's)")
     p.add_argument("--min-reps", type=int, default=common.MIN_REPS, help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--csv", default=str(RESULTS_CSV), help="results file (rows are appended)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each CPU worker of a setup that does not set its "
-                   "own (default 1: the tiny model's ops are too small to gain from intra-op threads, and on a shared "
-                   "machine OpenMP threads that wait for a descheduled peer made steps up to 30x slower)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each CPU worker of a setup that does not "
+                   "set its own (default 1: the tiny model's ops are too small to gain from intra-op threads, and on a "
+                   "shared machine OpenMP threads that wait for a descheduled peer made steps up to 30x slower)")
     p.add_argument("--worker-timeout", type=float, default=None, help="seconds before a worker is stopped")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -699,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(r)
                 plan = f", plan {r['plan_mb']:.0f} MB" if r.get("plan_mb") else ""
                 print(f"[bench_train]   {r['step_time_ms_median']:.1f} ms/step (p10 {r['step_time_ms_p10']:.1f}, "
-                      f"p90 {r['step_time_ms_p90']:.1f}), {r['tokens_per_s']:.0f} tok/s, peak +{r['peak_mem_mb']:.0f} MB{plan}", flush=True)  # fmt: skip
+                      f"p90 {r['step_time_ms_p90']:.1f}), {r['tokens_per_s']:.0f} tok/s, "
+                      f"peak +{r['peak_mem_mb']:.0f} MB{plan}", flush=True)
             common.append_csv(args.csv, [row], FIELDS)
         if (s.breakdown or args.breakdown) and build_s is not None:
             print(f"[bench_train] {s.name} memory breakdown of one engine step ...", flush=True)
@@ -709,8 +719,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench_train]   failed: {r['error']}", flush=True)
                 crashes += 1
             else:
-                print(f"[bench_train]   {r['rows']} rows appended to {args.memory_csv}: RSS peak +{r['peak_mb']:.0f} MB, "
-                      f"live tensors {r['tensors_mb']:.0f} MB", flush=True)
+                print(f"[bench_train]   {r['rows']} rows appended to {args.memory_csv}: "
+                      f"RSS peak +{r['peak_mb']:.0f} MB, live tensors {r['tensors_mb']:.0f} MB", flush=True)
         shutil.rmtree(work, ignore_errors=True)
     print(f"[bench_train] rows appended to {args.csv}")
     return 1 if crashes else 0

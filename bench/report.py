@@ -74,6 +74,15 @@ SPECS = [
         others_mem=True, plan="plan_mb",
     ),
     Spec(
+        "attention", "Attention over packed rows: per-sequence routes, forward + backward",
+        "One packed row of 8 sequences with gpt2-small's heads (bench/bench_attention.py). Speed-up = the time of "
+        "transformers' stock route for packed rows (SDPA with the row's block-diagonal mask) / the row's time, same "
+        "run. sdpa_varlen is the engine's default on CPU (engine/attention.py).",
+        group=("bench", "heads", "head_dim", "sequences", "row_tokens", "dtype", "device"), member=("impl",),
+        time="time_ms_median", time_unit="ms", p10="time_ms_p10", p90="time_ms_p90", throughput="tokens_per_s",
+        baseline={"impl": "sdpa masked"}, baseline_label="masked SDPA", extra=("reps",), notes_col="notes",
+    ),
+    Spec(
         "kernels", "Kernel microbenchmarks: fused LM-head ops, forward + backward",
         "Per backend on identical packed batches (bench/bench_kernels.py); N tokens, D hidden, V vocabulary. "
         "Speed-up = eager time / row time; memory ratio = row peak / eager peak; both from the same run.",
@@ -441,11 +450,11 @@ def _memory_section(rows: list[dict]) -> list[str]:
     """memory.csv (bench/bench_train.py breakdown_worker): per benchmark setup, its latest run's components
     of one step's peak, their share of the RSS peak rise, and engine.plan's figure for each."""
     md = ["## Memory breakdown of one training step", "",
-          "What holds memory at the peak of one engine step (packed rows, reference cache), measured in its own process "
-          "by bench/bench_train.py: the RSS peak above the window's baseline, and torch.profiler's memory categories "
-          "summed over the tensors live at the moment of the largest total; the fused loss's logits block is split out "
-          "of the activations by its [rows, V] size. `engine.plan MB` is the planner's figure for the same component.",
-          ""]
+          "What holds memory at the peak of one engine step (packed rows, reference cache), measured in its own "
+          "process by bench/bench_train.py: the RSS peak above the window's baseline, and torch.profiler's memory "
+          "categories summed over the tensors live at the moment of the largest total; the fused loss's logits block "
+          "is split out of the activations by its [rows, V] size. `engine.plan MB` is the planner's figure for the "
+          "same component.", ""]
     by_bench: OrderedDict[str, list[dict]] = OrderedDict()
     for r in rows:
         by_bench.setdefault(r.get("bench", ""), []).append(r)
@@ -454,14 +463,19 @@ def _memory_section(rows: list[dict]) -> list[str]:
         rs = [r for r in rs if r["_run"] == last]
         total = next((_f(r["mb"]) for r in rs if r["component"].startswith("total")), None)
         r0 = rs[0]
-        md += [f"### bench={bench}, model={r0.get('model')}, {r0.get('variant')}, {fmt(r0.get('tokens_per_step'), 0)} real tokens",
-               "", f"Run `{last}`.", "", "| component | MB | share of the peak rise | engine.plan MB | note |", "|---|---|---|---|---|"]
+        tokens = fmt(r0.get("tokens_per_step"), 0)
+        md += [f"### bench={bench}, model={r0.get('model')}, {r0.get('variant')}, {tokens} real tokens", "",
+               f"Run `{last}`.", "", "| component | MB | share of the peak rise | engine.plan MB | note |",
+               "|---|---|---|---|---|"]
         for r in rs:
             mb = _f(r.get("mb"))
-            share = "-" if not total or mb is None or r["component"].startswith("before") else f"{100 * mb / total:.1f}%"
-            md.append(f"| {r['component']} | {fmt(r.get('mb'))} | {share} | {fmt(r.get('plan_mb'))} | {r.get('note') or ''} |")
-        env = "; ".join(x for x in (r0.get("hardware"), f"torch {r0.get('torch')}", f"transformers {r0.get('transformers')}",
-                                    f"deepspeed {r0.get('deepspeed')}", f"commit {r0.get('commit')}") if x)
+            counted = total and mb is not None and not r["component"].startswith("before")
+            share = f"{100 * mb / total:.1f}%" if counted else "-"
+            note = r.get("note") or ""
+            md.append(f"| {r['component']} | {fmt(r.get('mb'))} | {share} | {fmt(r.get('plan_mb'))} | {note} |")
+        versions = (f"torch {r0.get('torch')}", f"transformers {r0.get('transformers')}",
+                    f"deepspeed {r0.get('deepspeed')}", f"commit {r0.get('commit')}")
+        env = "; ".join(x for x in (r0.get("hardware"), *versions) if x)
         md += ["", f"- {env}", ""]
     return md
 

@@ -64,6 +64,8 @@ JOBS = [
         budget_quick_s=120, budget_full_s=1200),
     Job("deviation", "bench/bench_deviation.py", "deviation.csv", ("-m", "bench.bench_deviation", "--quick"),
         ("-m", "bench.bench_deviation"), budget_quick_s=150, budget_full_s=3600, needs=("faiss",)),
+    Job("attention", "bench/bench_attention.py", "attention.csv", ("-m", "bench.bench_attention", "--quick"),
+        ("-m", "bench.bench_attention"), budget_quick_s=60, budget_full_s=600),
     Job("train", "bench/bench_train.py", "train.csv", ("-m", "bench.bench_train", "--quick"), ("-m", "bench.bench_train"),
         budget_quick_s=270, budget_full_s=5400, needs=("trl", "deepspeed")),
 ]  # fmt: skip

@@ -81,7 +81,8 @@ def resolve_attn_implementation(requested: str, device: torch.device | str, mode
         if requested == attention.NAME and model_type is not None and model_type not in attention.VARLEN_MODEL_TYPES:
             raise ValueError(
                 f"model.attn_implementation {attention.NAME} supports model types "
-                f"{', '.join(attention.VARLEN_MODEL_TYPES)}; this model is {model_type!r}: use sdpa or flash_attention_2"
+                f"{', '.join(attention.VARLEN_MODEL_TYPES)}; this model is {model_type!r}: "
+                "use sdpa or flash_attention_2"
             )
         return requested
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

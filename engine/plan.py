@@ -51,9 +51,10 @@ gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
   with overlap_comm); ZeRO-3 one reduce bucket in the gradient dtype, the gathered parameters in
   flight (the largest single tensor plus one prefetch bucket, capped by max_live_parameters) and the
   small "persistent" parameters (numel below param_persistence_threshold) every rank keeps whole.
-- runtime: a constant for the CUDA context and NCCL communicators (default 1.0 GiB on CUDA, 0 on
-  CPU; measure yours with torch.cuda.mem_get_info before the model is built). Allocator
-  fragmentation is not modelled: leave headroom in --gpu-memory-gb.
+- runtime: a constant for the CUDA context and NCCL communicators (default 1.0 GiB on CUDA; measure
+  yours with torch.cuda.mem_get_info before the model is built); on CPU the process state a step
+  adds beyond its tensors (CPU_RUNTIME_BYTES, measured). Allocator fragmentation is not modelled:
+  leave headroom in --gpu-memory-gb.
 
 The peak: weights, optimizer states, reference, buffers and runtime are resident throughout; on top
 of them either the backward pass (activations + the loss's logits block + the gradients already
@@ -86,6 +87,10 @@ DEEPSPEED_DEFAULTS = {
     "param_persistence_threshold": 100_000,
 }
 
+# What a CPU training process holds beyond its tensors once it steps (autograd and oneDNN state, allocator
+# arenas): bench/results/memory.csv's "memory held by no tensor", 19-24 MB on llama-tiny and 44 MB on
+# gpt2-small with the engine's allocator policy; the fixed part is planned.
+CPU_RUNTIME_BYTES = 24 * 2**20
 # DeepSpeed's ZeRO-0 all-reduce bucket (deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE, elements).
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000
 
@@ -345,7 +350,7 @@ class PlanSettings:
     nodes: int = 1
     gpus_per_node: int = 1
     device: str = "cuda"
-    runtime_overhead_gib: float | None = None  # None: 1.0 GiB on CUDA (context + NCCL), 0 on CPU
+    runtime_overhead_gib: float | None = None  # None: 1.0 GiB on CUDA (context + NCCL), CPU_RUNTIME_BYTES on CPU
 
     def __post_init__(self):
         for k in ("nodes", "gpus_per_node"):
@@ -378,8 +383,9 @@ class PlanSettings:
 
     @property
     def runtime_bytes(self) -> int:
-        gib = self.runtime_overhead_gib if self.runtime_overhead_gib is not None else (1.0 if self.device == "cuda" else 0.0)
-        return int(gib * GIB)
+        if self.runtime_overhead_gib is not None:
+            return int(self.runtime_overhead_gib * GIB)
+        return GIB if self.device == "cuda" else CPU_RUNTIME_BYTES
 
 
 def config_with(base: Config, overrides: dict[str, Any]) -> Config:
@@ -390,7 +396,8 @@ def config_with(base: Config, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in nested or name not in nested[section]:
-            raise PlanError(f"unknown config setting {key!r}; settings are named section.field (see python -m engine.config --help)")
+            raise PlanError(f"unknown config setting {key!r}; settings are named section.field "
+                            "(see python -m engine.config --help)")
         nested[section][name] = value
     try:
         return from_dict(nested)
@@ -459,13 +466,13 @@ class MemoryPlan:
         alt = {
             "activations": f"checkpointing {'on' if m['gradient_checkpointing'] else 'off'}; "
             f"with: {_gib(self.activations_with_checkpointing)}, without: {_gib(self.activations_without_checkpointing)}",
-            "logits": f"loss backend {s['config']['loss']['backend']}; fused: {_gib(self.logits_fused)} (chunk {self.chunk_tokens}), "
-            f"eager: {_gib(self.logits_eager)}",
+            "logits": f"loss backend {s['config']['loss']['backend']}; fused: {_gib(self.logits_fused)} "
+            f"(chunk {self.chunk_tokens}), eager: {_gib(self.logits_eager)}",
             "reference": f"ref_cache.mode {s['config']['ref_cache']['mode']}; cache: {_gib(self.reference_cached)}, "
             f"on the fly: {_gib(self.reference_on_the_fly)}",
             "optimizer": f"master {_gib(self.master_weights)} + moments {_gib(self.optimizer_moments)}",
             "buffers": f"DeepSpeed ZeRO-{p['zero_stage']} buckets / gathered params",
-            "runtime": "CUDA context + NCCL (constant)" if s["device"] == "cuda" else "none on CPU",
+            "runtime": "CUDA context + NCCL (constant)" if s["device"] == "cuda" else "autograd/oneDNN/allocator state",
         }
         head = (
             f"{m['name']}: {self.parameters:,} parameters ({self.trainable_parameters:,} trained"
@@ -475,11 +482,13 @@ class MemoryPlan:
             + (", offload optimizer" if p["offload_optimizer"] else "")
             + (", offload params" if p["offload_params"] else "")
             + f"\nmicro-batch: {d['rows_per_batch']} row(s) x {d['max_tokens_per_row']} tokens = "
-            + f"{self.tokens_per_micro_batch:,} tokens; objective {s['config']['loss']['objective']}; attention {self.attn_implementation}"
+            + f"{self.tokens_per_micro_batch:,} tokens; objective {s['config']['loss']['objective']}; "
+            + f"attention {self.attn_implementation}"
         )
         lines = [head, "", f"{'component (per GPU)':<22}{'GiB':>10}{'at peak':>10}  notes", "-" * 88]
         for k in self.COMPONENTS:
-            lines.append(f"{k:<22}{getattr(self, k) / GIB:>10.3f}{self.at_peak.get(k, 0) / GIB:>10.3f}  {alt.get(k, '')}")
+            full, live = getattr(self, k) / GIB, self.at_peak.get(k, 0) / GIB
+            lines.append(f"{k:<22}{full:>10.3f}{live:>10.3f}  {alt.get(k, '')}")
         lines.append("-" * 88)
         lines.append(f"{'peak (' + self.peak_phase + ')':<22}{'':>10}{self.total / GIB:>10.3f}")
         if gpu_bytes is not None:
@@ -664,7 +673,8 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
     buffers = _deepspeed_buffers(s, shape, w, T)
     runtime = s.runtime_bytes
     optimizer = master + moments
-    static = {"weights": weights, "optimizer": optimizer, "reference": reference, "buffers": buffers, "runtime": runtime}
+    static = {"weights": weights, "optimizer": optimizer, "reference": reference, "buffers": buffers,
+              "runtime": runtime}
     # Gradients of earlier micro-batches stay resident through a later backward.
     accumulated = gradients if cfg.optim.grad_accum > 1 else 0
     backward = {"activations": activations, "logits": logits, "gradients": accumulated}
@@ -675,7 +685,8 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
         weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits,
         reference=reference, buffers=buffers, runtime=runtime, total=sum(at_peak.values()), peak_phase=phase,
         at_peak=at_peak, master_weights=master, optimizer_moments=moments, activations_with_checkpointing=act_with,
-        activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager, logits_block=logits_block,
+        activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager,
+        logits_block=logits_block,
         reference_cached=0, reference_on_the_fly=ref_fly, parameters=P, trainable_parameters=T, lora_parameters=A,
         tokens_per_micro_batch=n, world_size=W, chunk_tokens=chunk, activation_bytes_per_token_layer=per_layer,
         attn_implementation=attn, settings=_settings_record(s),
@@ -725,7 +736,8 @@ def _deepspeed_buffers(s: PlanSettings, shape: ModelShape, w: int, trainable: in
 
 # ------------------------------------------------------------------------------------ fitting
 
-def largest_fitting(settings: PlanSettings, gpu_bytes: int, *, field: str = "max_tokens_per_row", step: int | None = None) -> int:
+def largest_fitting(settings: PlanSettings, gpu_bytes: int, *, field: str = "max_tokens_per_row",
+                    step: int | None = None) -> int:
     """Largest value of data.`field` (max_tokens_per_row or rows_per_batch), a multiple of `step`, whose plan fits.
 
     step defaults to 128 tokens (a tile-friendly row length) or 1 row. A row must hold a pair
@@ -783,9 +795,9 @@ _ALIASES = {
     "max_tokens_per_row": "data.max_tokens_per_row", "rows_per_batch": "data.rows_per_batch",
     "gradient_checkpointing": "model.gradient_checkpointing", "loss": "loss.backend", "ref": "ref_cache.mode",
     "ref_dtype": "ref_cache.dtype", "objective": "loss.objective",
-}  # fmt: skip
+}
 _VALUE_MAP = {"loss": {"fused": "auto", "eager": "eager"}, "ref": {"cache": "auto", "on_the_fly": "off"},
-              "ref_dtype": {"bf16": "bfloat16", "fp32": "float32"}}  # fmt: skip
+              "ref_dtype": {"bf16": "bfloat16", "fp32": "float32"}}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -795,30 +807,35 @@ def _parser() -> argparse.ArgumentParser:
         "The run is an engine config: --config FILE and/or --section.field VALUE overrides (as for engine.train), "
         "or the short flags below, which set the config fields of the same meaning.",
     )
-    ap.add_argument("--config", default=None, help="a run config (YAML); without it the plan starts from the config defaults "
-                    "with --model llama-8b --precision bf16")
+    ap.add_argument("--config", default=None, help="a run config (YAML); without it the plan starts from the config "
+                    "defaults with --model llama-8b --precision bf16")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
-    ap.add_argument("--device", choices=DEVICES, default="cuda", help="what the ranks are: sets the fused loss's chunk budget, "
-                    "the attention kernel and the runtime constant")
-    ap.add_argument("--model", default=None, help="model.name: named architecture, config.json path, or cached hub name")
+    ap.add_argument("--device", choices=DEVICES, default="cuda", help="what the ranks are: sets the fused loss's chunk "
+                    "budget, the attention kernel and the runtime constant")
+    ap.add_argument("--model", default=None,
+                    help="model.name: named architecture, config.json path, or cached hub name")
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="parallel.zero_stage")
     ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                     help="parallel.precision (bf16/fp16: mixed precision with fp32 master weights and Adam states)")
     ap.add_argument("--lora-r", type=int, default=None, help="model.lora_r (0: train all weights)")
     ap.add_argument("--lora-targets", default=None, help="model.lora_target_modules, comma-separated")
     ap.add_argument("--lora-dropout", type=float, default=None, help="model.lora_dropout")
-    ap.add_argument("--offload-optimizer", action="store_const", const=True, default=None, help="parallel.offload_optimizer")
+    ap.add_argument("--offload-optimizer", action="store_const", const=True, default=None,
+                    help="parallel.offload_optimizer")
     ap.add_argument("--offload-params", action="store_const", const=True, default=None, help="parallel.offload_params")
     ap.add_argument("--max-tokens-per-row", type=int, default=None, help="data.max_tokens_per_row")
     ap.add_argument("--rows-per-batch", type=int, default=None, help="data.rows_per_batch")
-    ap.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="model.gradient_checkpointing")
+    ap.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None,
+                    help="model.gradient_checkpointing")
     ap.add_argument("--loss", choices=("fused", "eager"), default=None, help="loss.backend (fused: auto)")
-    ap.add_argument("--ref", choices=("cache", "on_the_fly"), default=None, help="ref_cache.mode (cache: auto, on_the_fly: off)")
+    ap.add_argument("--ref", choices=("cache", "on_the_fly"), default=None,
+                    help="ref_cache.mode (cache: auto, on_the_fly: off)")
     ap.add_argument("--ref-dtype", choices=("bf16", "fp32"), default=None, help="ref_cache.dtype")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="loss.objective")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory in GiB to fit into")
-    ap.add_argument("--runtime-overhead-gb", type=float, default=None, help="CUDA context + NCCL, GiB (default 1.0 on CUDA, 0 on CPU)")
+    ap.add_argument("--runtime-overhead-gb", type=float, default=None,
+                    help="runtime constant, GiB (default: 1.0 for the CUDA context + NCCL; CPU_RUNTIME_BYTES on CPU)")
     ap.add_argument("--fit", choices=("max_tokens_per_row", "rows_per_batch"), default="max_tokens_per_row", help="what the fit search varies")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap

@@ -260,3 +260,38 @@ def test_centroid_pass_baseline_and_embedding_row():
     half = bd.embed_throughput("cpu", "bfloat16", texts=texts, reps=1, reference=vecs)
     assert "builtin:minilm bfloat16" == half["config"]
     assert float(re.search(r"min cosine with float32 vectors ([0-9.]+)", half["note"]).group(1)) > 0.999
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def test_attention_routes_agree_and_rows_are_written(tmp_path):
+    """Every route that runs here computes the same attention (forward and q/k/v gradients) on a packed row;
+    the benchmark writes one row per route, with the reason for a route this torch cannot run."""
+    import torch
+
+    from bench import bench_attention as ba
+
+    lengths = [5, 1, 9, 3]
+    results = {}
+    for impl in ba.IMPLS:
+        q, k, v, pos = ba._inputs(lengths, 2, 8, "cpu", torch.float32)
+        try:
+            ba.route(impl, lengths, q, k, v, pos)()
+        except (RuntimeError, NotImplementedError):
+            continue
+        results[impl] = [t.grad for t in (q, k, v)]
+    assert {"sdpa masked", "sdpa_varlen", "padded rows"} <= set(results)
+    for impl, grads in results.items():
+        for a, b in zip(grads, results["sdpa masked"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=impl)
+    ba.CONFIGS["tiny-test"] = lengths
+    out = tmp_path / "attention.csv"
+    try:
+        rows = [ba.measure("tiny-test", impl, reps=10, heads=2, head_dim=8) for impl in ba.IMPLS]
+    finally:
+        del ba.CONFIGS["tiny-test"]
+    common.append_csv(out, rows, ba.FIELDS)
+    by = {r["impl"]: r for r in common.read_csv(out)}
+    assert float(by["sdpa_varlen"]["time_ms_median"]) > 0 and by["sdpa_varlen"]["reps"] == "10"
+    assert all(r["reps"] == "10" or r["notes"].startswith("not measured: ") for r in by.values())

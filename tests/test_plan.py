@@ -191,15 +191,17 @@ def test_plan_by_hand_zero0_fp32_and_lora(tiny):
 
 def test_device_sets_chunk_attention_and_runtime(tiny):
     """The plan uses the chunk budget of the device it plans for (ddpo_kernels' own function), the
-    attention kernel a run there gets, and no CUDA runtime constant on CPU."""
+    attention kernel a run there gets, and the device's runtime constant."""
     from ddpo_kernels.linear_logprob import default_chunk_tokens
+
+    from engine.plan import CPU_RUNTIME_BYTES
 
     big_v = {**tiny, "model.name": "llama-8b"}
     gpu = plan_memory(PlanSettings.of(big_v, device="cuda"))
     cpu = plan_memory(PlanSettings.of(big_v, device="cpu"))
     assert gpu.chunk_tokens == default_chunk_tokens(128_256, "cuda")
     assert cpu.chunk_tokens == default_chunk_tokens(128_256, "cpu") < gpu.chunk_tokens
-    assert (gpu.runtime, cpu.runtime) == (GIB, 0)
+    assert (gpu.runtime, cpu.runtime) == (GIB, CPU_RUNTIME_BYTES)
     assert (gpu.attn_implementation, cpu.attn_implementation) == ("flash_attention_2", "sdpa_varlen")
     # Per-sequence SDPA keeps its outputs and their concatenation (o_proj's input): + 2 bytes x Dq per token-layer.
     assert cpu.activation_bytes_per_token_layer == gpu.activation_bytes_per_token_layer + 2 * 4096
