@@ -127,7 +127,6 @@ def centroid_pass(x: np.ndarray, gid: np.ndarray, grouped: bool) -> np.ndarray:
 
 def bench_weights(n, d, g, reps, common, rng) -> None:
     from engine.deviation import deviation_weights
-    from engine.deviation.scores import _threads
 
     x = _unit_rows(rng, n, d)
     gid = rng.integers(0, g, size=n)
@@ -139,8 +138,8 @@ def bench_weights(n, d, g, reps, common, rng) -> None:
         ts, peak = _time(lambda: deviation_weights([x], groups), reps)
         ratio = np.median(ts) / np.median(base_ts)
         note = (f"{ratio:.2f}x the {BASELINE} of this run ({np.median(base_ts):.3f} s); exact mean mode, cosine, "
-                f"float64 in cache-sized blocks of whole groups on {min(_threads(), 8)} thread(s), then the weight "
-                f"transform; input float32 {x.nbytes / 2**20:.0f} MB")
+                f"float64 in cache-sized blocks of whole groups, then the weight transform; input float32 "
+                f"{x.nbytes / 2**20:.0f} MB")
         if reps < 10:
             note += f"; only {reps} reps (each run takes seconds)"
         _append(_row("weights_mean", config, n, d, ngroups, "engine.deviation", ts, n / np.median(ts),

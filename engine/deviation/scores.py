@@ -122,7 +122,9 @@ def _mean_cosine(e, codes, n_groups, counts) -> np.ndarray:
     float64 copy of a block stays in the CPU cache through its norms and every group's two products,
     so the float32 input is read from memory once (1M x 384 in 20k groups: 0.27 s of CPU time where
     the former vectorised pass, with a repeated [rows, d] array of group sums, took 1.4 s). A group
-    larger than two blocks is streamed in two passes (its sum, then the dots).
+    larger than two blocks is streamed in two passes (its sum, then the dots). Single-threaded on
+    purpose: blocks on a thread pool ran slower on 2 shared cores (the per-group products are too
+    small to release the GIL for long).
     """
     order, sizes, _ = _group_layout(codes, n_groups)
     in_order = _grouped(codes)
@@ -170,29 +172,9 @@ def _mean_cosine(e, codes, n_groups, counts) -> np.ndarray:
             x, inv, _ = block(s, t)
             finish(s, t, (x @ total) * inv)
 
-    jobs = [(groups_of_block if b - a <= 2 * _BLOCK_ROWS else one_big_group, a, b)
-            for a, b in _chunk_bounds(sizes, _BLOCK_ROWS)]
-    _run_blocks(jobs)
+    for a, b in _chunk_bounds(sizes, _BLOCK_ROWS):
+        (groups_of_block if b - a <= 2 * _BLOCK_ROWS else one_big_group)(a, b)
     return out
-
-
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _run_blocks(jobs: list) -> None:
-    """Run (fn, a, b) jobs that write disjoint rows, on every core: numpy's copies, row dots and BLAS calls
-    release the GIL, so threads overlap all but the Python glue of the per-group loop."""
-    workers = min(_threads(), len(jobs), 8)
-    if workers <= 1:
-        for fn, a, b in jobs:
-            fn(a, b)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(fn, a, b) for fn, a, b in jobs]:
-            f.result()  # re-raise a block's error (a zero embedding) here
 
 
 def _grouped(codes: np.ndarray) -> bool:
