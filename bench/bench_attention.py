@@ -19,8 +19,9 @@ heads (12 x 64) and sequence lengths like the cpu-gpt2-stories training benchmar
   backward, jagged SDPA has no causal kernel).
 Time: median of >= 10 timed forward + backward passes after a warm-up (bench.common.time_fn).
 Peak memory: the peak resident set above the block's start (engine.memory.RssWindow) for one forward +
-backward after a warm-up one, measured before the timed passes of the same route; the routes share
-one process, so memory a route's allocator reuses from an earlier one is not counted again.
+backward after a warm-up one, measured before the timed passes of the same route, with the engine's
+CPU allocator policy (freed blocks of 1 MiB or more return to the system, so a route's window sees
+its own allocations rather than heap left by the previous route).
 """
 
 from __future__ import annotations
@@ -138,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=common.MIN_REPS, help="timed forward + backward passes (>= 10)")
     p.add_argument("--csv", default=str(RESULTS_CSV), help="results file (rows are appended)")
     args = p.parse_args(argv)
+    from engine.memory import limit_allocator_retention
+
+    # Freed blocks of 1 MiB or more go back to the system, so a route's window sees its own allocations
+    # instead of reusing what an earlier route left in the heap (as engine.train runs on CPU).
+    limit_allocator_retention()
     if args.reps < common.MIN_REPS:
         p.error(f"--reps {args.reps}: at least {common.MIN_REPS} timed repetitions are needed for stable quantiles")
     env = common.environment("cpu", packages=("torch",))

@@ -322,19 +322,18 @@ class _EngineRun:
         self.engine.backward(out.loss)
         self.engine.step()
 
-    def plan_mb(self) -> float:
-        """engine.plan's peak for this config and the run's micro-batch geometry: one row holding the largest
-        step's tokens (padding included), on this device."""
+    def plan(self, batch=None):
+        """engine.plan's MemoryPlan for this config and the run's micro-batch geometry: one row holding the
+        tokens of `batch` (default: the largest step's), padding included, on this device."""
         from engine.plan import PlanSettings, plan_memory
 
-        n = max(b.input_ids.numel() for b in self.batches)
+        n = (batch or max(self.batches, key=lambda b: b.input_ids.numel())).input_ids.numel()
         d = self.cfg.data
         # max_length only bounds the config's validation here (a row must hold a pair); the plan does not use it.
         geometry = {"data.rows_per_batch": 1, "data.max_tokens_per_row": n,
                     "data.max_length": min(d.max_length, n // 2),
                     "data.max_prompt_length": min(d.max_prompt_length, n // 2 - 1)}
-        plan = plan_memory(PlanSettings.of(geometry, base=self.cfg, device=self.device.type))
-        return plan.total / 2**20
+        return plan_memory(PlanSettings.of(geometry, base=self.cfg, device=self.device.type))
 
 
 def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
@@ -366,7 +365,7 @@ def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> di
     notes = [f"padding {100 * pad:.1f}%", f"reference forwards {forwards}", "DeepSpeed ZeRO-0 engine, world of one",
              f"attention {run.model.config._attn_implementation}", "subnormals flushed", f"peak: {mem.method}"]
     row = _summary(times, tokens, seq_lens, run.model, run.device, mem.peak_mb)
-    return {**row, "plan_mb": round(run.plan_mb(), 1), "notes": "; ".join(notes)}
+    return {**row, "plan_mb": round(run.plan().total / 2**20, 1), "notes": "; ".join(notes)}
 
 
 MEMORY_CSV = common.RESULTS_DIR / "memory.csv"
@@ -394,7 +393,6 @@ def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str,
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
     from engine.memory import current_rss_mb, limit_allocator_retention
-    from engine.plan import PlanSettings, plan_memory
 
     limit_allocator_retention()
     run = _EngineRun(s, variant, cache_dir, data_cache)
@@ -439,8 +437,7 @@ def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str,
             name = "fused loss: fp32 logits block [rows, V]"
         parts[name] += nbytes
     tensors_mb = sum(parts.values()) / 2**20
-    plan = plan_memory(PlanSettings.of({"data.rows_per_batch": 1, "data.max_tokens_per_row": biggest.input_ids.numel()},
-                                       base=run.cfg, device=run.device.type))
+    plan = run.plan(biggest)
     head_dw = plan.logits_fused - plan.logits_block  # the head's fp32 gradient, filled by the loss's backward
     plan_of = {"weights": plan.at_peak.get("weights", 0),
                "optimizer states (Adam m, v)": plan.at_peak.get("optimizer", 0),

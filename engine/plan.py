@@ -58,8 +58,9 @@ gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
 
 The peak: weights, optimizer states, reference, buffers and runtime are resident throughout; on top
 of them either the backward pass (activations + the loss's logits block + the gradients already
-accumulated from earlier micro-batches) or the optimizer step (every gradient), whichever is
-larger. Activations and gradients do not coexist in full: the gradients of a layer appear as its
+accumulated from earlier micro-batches) or the end of the backward and the optimizer step (every
+gradient, and with a tied input embedding its [V, D] gradient before it is added to the head's),
+whichever is larger. Activations and gradients do not coexist in full: the gradients of a layer appear as its
 activations are freed.
 """
 
@@ -678,7 +679,10 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
     # Gradients of earlier micro-batches stay resident through a later backward.
     accumulated = gradients if cfg.optim.grad_accum > 1 else 0
     backward = {"activations": activations, "logits": logits, "gradients": accumulated}
-    step = {"gradients": gradients}
+    # A tied input embedding gets its dense [V, D] gradient last and adds it to the head's: one more [V, D]
+    # beside every gradient at the end of the backward (untied, autograd keeps the first gradient as is).
+    tied_grad = v * dh * w if shape.tied_embeddings and head_trained and not p.offload_optimizer and zero < 2 else 0
+    step = {"gradients": gradients + tied_grad}
     phase, live = ("backward", backward) if sum(backward.values()) >= sum(step.values()) else ("optimizer step", step)
     at_peak = {k: v_ for k, v_ in {**static, **live}.items() if v_}
     return MemoryPlan(

@@ -410,3 +410,15 @@ def test_cli_run_config(capsys):
     assert main(["--config", "configs/llama8b-ddpo.yaml", "--gpus-per-node", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["settings"]["config"]["model"]["lora_r"] == 128 and data["world_size"] == 8
+
+
+def test_optimizer_step_peak_with_tied_embeddings():
+    """Few tokens: the peak is the end of the backward, every gradient plus GPT-2's tied embedding's own [V, D]
+    gradient before it joins the head's; Llama (untied) has no such transient."""
+    settings = {"parallel.precision": "fp32", "data.max_prompt_length": 64, "data.max_length": 128,
+                "data.max_tokens_per_row": 256}
+    gpt2 = plan_memory(PlanSettings.of({**settings, "model.name": "gpt2-small"}, device="cpu"))
+    v, d, p = 50257, 768, 124_439_808
+    assert gpt2.peak_phase == "optimizer step" and gpt2.at_peak["gradients"] == 4 * p + 4 * v * d
+    tiny = plan_memory(PlanSettings.of(settings, device="cpu"))
+    assert tiny.peak_phase == "backward" or tiny.at_peak["gradients"] == tiny.gradients
