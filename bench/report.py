@@ -374,10 +374,10 @@ def _target(name: str, goal: str, value: str, met: bool | None, source: str) -> 
     return {"target": name, "goal": goal, "measured": value, "status": status, "source": source}
 
 
-def _unmeasured(row: dict | None, what: str) -> str:
-    """Why a compared row gives no number: absent from the run, or its notes (the reason it was skipped)."""
+def _unmeasured(row: dict | None, what: str, absent: str = "") -> str:
+    """Why a compared row gives no number: absent (from the run), or its notes (the reason it was skipped)."""
     if row is None:
-        return f"no {what} row in this run"
+        return absent or f"no {what} row in this run"
     return f"{what}: " + (row.get("notes") or "no timing").split(";")[0]
 
 
@@ -411,7 +411,7 @@ def _kernel_targets(rows: list[dict]) -> list[dict]:
         ours = [r for r in head if r.get("backend") == "triton" and r.get("objective") == obj]
         timed = [r for r in ours if _f(r.get("time_ms_median"))]
         if not timed:
-            why = _unmeasured(_latest(ours), "triton")
+            why = _unmeasured(_latest(ours), "triton", f"no triton row at {TARGET_KERNEL_BENCH} yet (make gpu-check)")
             out += [_target(n, g, "-", None, why) for n, g in names_goals]
             continue
         r = max(timed, key=lambda x: x["_t"])
@@ -440,7 +440,8 @@ def _train_targets(rows: list[dict]) -> list[dict]:
             speed = (f"{bench}: tokens/s vs {vlabel}", f">= {TARGET_TOKENS_VS_TRL}x")
             memory = (f"{bench}: memory vs {vlabel}", "<= 1.0x")
             if r is None:
-                why = _unmeasured(_latest(mine, **ENGINE_CACHE), "ddpo-engine packed+cache")
+                absent = f"no ddpo-engine packed+cache row of {bench} yet (make gpu-check)"
+                why = _unmeasured(_latest(mine, **ENGINE_CACHE), "ddpo-engine packed+cache", absent)
                 out += [_target(*speed, "-", None, why), _target(*memory, "-", None, why)]
                 continue
             trl = _latest([x for x in mine if x["_run"] == r["_run"]], system="trl", variant=variant)
@@ -466,7 +467,7 @@ def targets_section(kernel_rows: list[dict], train_rows: list[dict]) -> list[str
         "memory. Rows come from `make gpu-check` (bench/gpu_check.py); each ratio uses rows of one run."
     )
     md = ["## GPU targets (issue #16)", "", intro, ""]
-    md += [f"{counts['met']} met, {counts['NOT met']} not met, {counts['not measured']} not measured.", ""]
+    md += [f"{counts['met']} met, {counts['NOT met']} NOT met, {counts['not measured']} not measured.", ""]
     md += ["| target | goal | measured | status | source |", "|---|---|---|---|---|"]
     md += [f"| {c['target']} | {c['goal']} | {c['measured']} | {c['status']} | {c['source']} |" for c in checks]
     return md + [""]
