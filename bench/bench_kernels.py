@@ -356,7 +356,7 @@ def make_row(
         med_s = timing.median / 1e3
         rate = flops.lm_head_flops(cfg.n, cfg.v, cfg.d) / med_s
         peak = flops.gpu_peak_flops(flops.device_name(cfg.device)) if cfg.device == "cuda" else None
-        row.update(timing.row(), tokens_per_s=round(cfg.n / med_s, 1), tflops=round(rate / 1e12, 2))
+        row.update(timing.row(), tokens_per_s=round(cfg.n / med_s, 1), tflops=float(f"{rate / 1e12:.4g}"))
         row["pct_peak"] = round(100 * rate / peak, 1) if peak else None
     if peak_mb is not None:
         row["peak_mem_mb"] = round(peak_mb, 1)

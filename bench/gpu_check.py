@@ -13,17 +13,19 @@ and datasets, Liger-Kernel, Cut Cross-Entropy and their small dependencies) come
 while the parts measure.
 
 Parts, in order, each with a time budget inside one global deadline (a part may use the time earlier parts
-left unused; each part keeps the nominal budgets of the parts after it free):
+left unused; the nominal budgets of the parts after it stay reserved; a --deadline shorter than the budgets
+scales them all down):
 1. setup: installs the wheels into a temporary target directory (pip --no-index --no-deps; a wheel whose
    distribution is already installed at the same or a newer version is left out), then a probe process
    records versions (python, torch, CUDA, triton, transformers, peft, accelerate, every optional package and
    whether it imports), the GPU (name, compute capability, SMs, memory, driver), the attention
    implementation the end-to-end rows will use, and this card's two ceilings: a bf16 8192^3 cuBLAS matmul
-   and a device-to-device copy (METHOD.md-style: measured, not the data sheet).
+   and a device-to-device copy (measured here, beside the data sheet's peak that % of peak divides by).
 2. tests: `pytest -m cuda` over tests/ (tests/conftest.py marks every test that skips without CUDA), with
    a per-test timeout when pytest-timeout is there.
 3. kernels: the fused loss forward + backward at the Llama-3-8B head (D 4096, V 128256, bf16, N 32768
-   then 8192; DPO, DDPO, ORPO, DORPO): ours (triton backend), Liger-Kernel, Cut Cross-Entropy, eager.
+   then 8192; DPO, DDPO, ORPO, DORPO): ours (triton backend), Liger-Kernel and Cut Cross-Entropy first,
+   eager PyTorch last (the slowest; no target needs it).
    The worker is restarted after a crash or a lost CUDA context, and a case over its time limit is
    stopped; either way that case gets a row saying so and the rest go on.
 4. train: one optimizer step of the Llama-3-8B-shaped model with 4 of its 32 layers (LoRA, then full
@@ -588,6 +590,8 @@ class Check:
             return PartResult("failed", f"the probe gave no result (exit {child.proc.returncode}): {child.tail_text()}")
         self.probe, self.env_record = found, found["environment"]
         pkgs = found["packages"]
+        versions = [f"{d} {e['version'] or '-'} ({e['import']})" for d, e in pkgs.items()]
+        self.say(f"setup: python {found['python']}, CUDA {found['torch_cuda']}; " + ", ".join(versions))
         broken = {d: e["import"] for d, e in pkgs.items() if e["import"] not in ("ok", "not installed", "not checked")}
         problems = [f"{d} does not import: {error}" for d, error in broken.items()]
         for dist in installed:  # each wheel must be what the children see, not the machine's copy
@@ -844,6 +848,9 @@ class Check:
             row = self.train_row(s, system, variant)
             label = f"{s.name} {system} {variant}"
             uses_cache = system == bench_train.ENGINE and not variant.endswith("on_the_fly")
+            if uses_cache and cache is None and end - time.monotonic() >= self.limits.train_job_min:
+                self.say("train: building the reference cache (shared by every setup: same model and pairs)")
+                cache = self.train_worker(s, "cache", "build", cache_dir, data_cache, end)
             left = end - time.monotonic()
             if left < self.limits.train_job_min:
                 row["notes"] = (
@@ -851,9 +858,6 @@ class Check:
                     f"a worker needs about {self.limits.train_job_min:.0f} s)"
                 )
             else:
-                if uses_cache and cache is None:
-                    self.say("train: building the reference cache (shared by every setup: same model and pairs)")
-                    cache = self.train_worker(s, "cache", "build", cache_dir, data_cache, end)
                 if uses_cache and "error" in cache:
                     row["notes"] = f"failed: the reference cache build failed: {cache['error']}"
                 else:

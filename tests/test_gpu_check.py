@@ -5,7 +5,6 @@ through `make gpu-check DRY_RUN=1` (the paths that need a GPU are the same code,
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import re
@@ -277,18 +276,11 @@ def test_targets_are_judged_from_rows_of_one_run():
     assert len(c) == 16 + 4
 
 
-def _write(path: Path, fields, rows):
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def test_report_leaves_dry_run_rows_out_unless_previewing(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
     dry = [_k("triton", "dpo", 100.0, 900.0, run="dryrun-x"), _k("eager", "dpo", 300.0, 9000.0, run="dryrun-x")]
-    _write(res / "kernels.csv", KFIELDS, [*dry, {**_k("eager", "dpo", 300.0, 9000.0), "bench": "cpu-small"}])
+    common.append_csv(res / "kernels.csv", [*dry, {**_k("eager", "dpo", 300.0, 9000.0), "bench": "cpu-small"}], KFIELDS)
     text = report.render(res, tmp_path / "B.md", plots=False)
     assert "2 dry-run rows" in text and "dryrun-x" not in text and "bench=cpu-small" in text
     assert "## GPU targets (issue #16)" in text
@@ -306,15 +298,15 @@ def test_import_appends_a_gpu_run_once_and_refuses_dry_runs(tmp_path):
     results, src = tmp_path / "results", tmp_path / "check"
     results.mkdir()
     src.mkdir()
-    _write(results / "kernels.csv", KFIELDS, [_k("eager", "dpo", 300.0, 9000.0, run="old")])
-    _write(src / "kernels.csv", KFIELDS, [_k("triton", "dpo", 100.0, 900.0, run="gpu1")])
-    _write(src / "train.csv", TFIELDS, [_t("trl", "ref_forward", 1.0, 1.0, run="gpu1")])
+    common.append_csv(results / "kernels.csv", [_k("eager", "dpo", 300.0, 9000.0, run="old")], KFIELDS)
+    common.append_csv(src / "kernels.csv", [_k("triton", "dpo", 100.0, 900.0, run="gpu1")], KFIELDS)
+    common.append_csv(src / "train.csv", [_t("trl", "ref_forward", 1.0, 1.0, run="gpu1")], TFIELDS)
     assert gpu_check.import_rows(src, results, tmp_path / "B.md") == 0
     assert [r["run_id"] for r in common.read_csv(results / "kernels.csv")] == ["old", "gpu1"]
     assert (results / "train.csv").exists() and (tmp_path / "B.md").exists()
     with pytest.raises(SystemExit, match="already holds the rows of run"):
         gpu_check.import_rows(src, results, tmp_path / "B.md")
-    _write(src / "kernels.csv", KFIELDS, [_k("triton", "dpo", 1.0, 1.0, run="dryrun-1")])
+    common.append_csv(src / "kernels.csv", [_k("triton", "dpo", 1.0, 1.0, run="dryrun-1")], KFIELDS)
     with pytest.raises(SystemExit, match="dry-run rows"):
         gpu_check.import_rows(src, results, tmp_path / "B.md")
 
