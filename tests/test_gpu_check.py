@@ -102,6 +102,8 @@ def test_names_shared_with_the_workers_agree():
     assert gpu_check.KERNEL_DRY_RUN_CONFIG == bench_kernels.DRY_RUN_CONFIG.name
     assert (gpu_check.KERNEL_PLAN_TAG, gpu_check.KERNEL_CASE_TAG) == (bench_kernels.PLAN_TAG, bench_kernels.CASE_TAG)
     assert gpu_check.OBJECTIVES == bench_kernels.OBJECTIVES
+    case = {"config": "gpu-8b-n8192", "op": "fused_preference_loss", "method": "cce", "objective": "dorpo"}
+    assert gpu_check.case_id(case) == bench_kernels.case_id(case)
     assert gpu_check.LIGER_OBJECTIVES == bench_kernels.LIGER_OBJECTIVES
     head = bench_kernels.config_by_name("gpu-8b-n32768")
     assert (head.n, head.d, head.v, head.dtype) == (32768, 4096, 128256, "bfloat16")
