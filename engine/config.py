@@ -23,7 +23,7 @@ import yaml
 
 OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
 PAIR_MODES = ("best_vs_worst", "gap", "all", "divpo")
-NAMED_ARCHITECTURES = ("llama-tiny", "gpt2-small", "llama-8b")
+NAMED_ARCHITECTURES = ("llama-tiny", "gpt2-small", "llama-8b", "llama-8b-4layers")
 
 
 class ConfigError(ValueError):

@@ -2,7 +2,7 @@
 
 Sits at the start of the model side of the flow: the trainer, the reference-cache builder and the
 evaluator get their (model, tokenizer) here. Named architectures (`llama-tiny`, `gpt2-small`,
-`llama-8b`) are built from a config with no download, seeded and deterministic; anything else is a
+`llama-8b`, `llama-8b-4layers`) are built from a config with no download, seeded and deterministic; anything else is a
 Hugging Face causal LM by local path or hub name. The trainer feeds the model's trunk (no LM head) and
 hands the head's weight to the fused loss, so `trunk_and_head` is here too.
 """
@@ -30,14 +30,19 @@ def _named_config(name: str, vocab_size: int):
         )
     if name == "gpt2-small":
         return GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
-    if name == "llama-8b":
-        # Llama-3.1-8B shapes: 8.03e9 parameters.
+    if name in ("llama-8b", "llama-8b-4layers"):
+        # Llama-3.1-8B shapes: 8.03e9 parameters. The 4-layer variant keeps every shape (vocabulary, width,
+        # GQA, MLP) with 4 of the 32 decoder layers (1.92e9 parameters): a one-GPU benchmark of the 8B
+        # step's per-layer and LM-head costs in minutes (make gpu-check).
         return LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+            num_hidden_layers=32 if name == "llama-8b" else 4,
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
             rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
         )
-    raise ValueError(f"unknown named architecture {name!r}; named architectures: llama-tiny, gpt2-small, llama-8b")
+    from engine.config import NAMED_ARCHITECTURES
+
+    raise ValueError(f"unknown named architecture {name!r}; named architectures: {', '.join(NAMED_ARCHITECTURES)}")
 
 
 def is_named_architecture(name: str) -> bool:

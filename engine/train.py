@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpoint, parallelize
+from engine import checkpoint, flops, parallelize
 from engine.config import Config, ConfigError, load_config
 from engine.losses import LossOutput
 
@@ -93,21 +93,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _gpu_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the detected GPU (for MFU); None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-    return next((v for k, v in table.items() if k in name), None)
-
-
-def _flops_per_token(model) -> float:
-    """6 x parameters per token (forward + backward), the usual MFU convention (Kaplan et al. 2020)."""
-    n = sum(p.numel() for p in model.parameters())
-    return 6.0 * n
 
 
 class _StopFlag:
@@ -218,8 +203,9 @@ def _train(cfg: Config) -> dict:
         bar = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.loss.objective}", dynamic_ncols=True, file=sys.stdout)
 
     stop = _StopFlag()
-    peak_flops = _gpu_peak_flops(env.device)
-    flops_per_token = _flops_per_token(model)
+    gpu_name = flops.device_name(env.device)
+    # MFU's attention term uses the training rows' mean per-token context (engine/flops.py).
+    flops_per_token = flops.ModelFlops.of(model).per_token(flops.attention_context(s for r in rows for s in r.seq_lens))
     consecutive_nonfinite = 0
     history: list[dict] = []
     engine.train()
@@ -282,7 +268,7 @@ def _train(cfg: Config) -> dict:
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
-            "mfu": (flops_per_token * tokens / dt / (peak_flops * env.world_size)) if peak_flops else None,
+            "mfu": flops.mfu(flops_per_token, tokens / dt, gpu_name, n_devices=env.world_size),
             "peak_memory_mb": _peak_memory_mb(env.device),
             "padding_fraction": pad / max(1.0, tokens + pad),
             "step_time_s": dt,
