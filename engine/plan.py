@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import OBJECTIVES, LossConfig
+from engine.config import OBJECTIVES, PRECISIONS, LossConfig
 
 GIB = 1024**3
 
@@ -75,8 +75,6 @@ DEEPSPEED_DEFAULTS = {
     "max_live_parameters": 1_000_000_000,
     "param_persistence_threshold": 100_000,
 }
-
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 # Hub names whose shapes equal a named architecture, so a preset naming them can be planned offline
 # (the hub is not reachable from every machine that plans a run).
