@@ -152,6 +152,10 @@ def _literal_choices(hint: Any) -> tuple | None:
     return None
 
 
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
 def _bound_message(meta: dict, nullable: bool) -> str | None:
     lo = ("[", meta["ge"]) if "ge" in meta else (("(", meta["gt"]) if "gt" in meta else None)
     hi = ("]", meta["le"]) if "le" in meta else ((")", meta["lt"]) if "lt" in meta else None)
@@ -198,7 +202,7 @@ class _Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value, where, hint = getattr(self, f.name), f"{self.section}.{f.name}", hints[f.name]
-            nullable = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+            nullable = _is_optional(hint)
             if value is None and nullable:
                 continue
             choices = _literal_choices(hint)
@@ -228,7 +232,8 @@ class ModelConfig(_Section):
                                "named architectures.")
     dtype: ModelDtype = _f("float32", "Parameter dtype when loading.")
     attn_implementation: AttnImplementation = _f("auto", "auto: flash_attention_2 on CUDA when installed, else sdpa.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (about 30% more compute).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (about 30% more "
+                                      "compute).")
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.", ge=0, note="0 disables LoRA")
     lora_alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
@@ -240,7 +245,8 @@ class ModelConfig(_Section):
     seed: int = _f(0, "Seed for random initialisation of named architectures.")
 
     def check(self):
-        _check(self.lora_r == 0 or self.lora_alpha > 0, f"model.lora_alpha must be > 0 with LoRA, got {self.lora_alpha}")
+        _check(self.lora_r == 0 or self.lora_alpha > 0,
+               f"model.lora_alpha must be > 0 with LoRA, got {self.lora_alpha}")
 
 
 @dataclass
@@ -305,7 +311,8 @@ class DataConfig(_Section):
     strict: bool = _f(False, "Raise on the first bad input row instead of skipping and counting it.")
     seed: int = _f(0, "Seed for pair sampling, splits and shuffling.")
     num_workers: int = _f(1, "Processes for tokenisation.", ge=1)
-    cache_dir: str = _f(".cache/data", "Where tokenised data is cached (keyed by data, tokenizer, template and lengths).")
+    cache_dir: str = _f(".cache/data", "Where tokenised data is cached (keyed by data, tokenizer, template, lengths "
+                        "and truncation).")
 
     def check(self):
         _check(
@@ -430,7 +437,8 @@ class ParallelConfig(_Section):
                                       "from this config.")
 
     def check(self):
-        _check(not self.offload_optimizer or self.zero_stage >= 1, "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        _check(not self.offload_optimizer or self.zero_stage >= 1,
+               "parallel.offload_optimizer needs parallel.zero_stage >= 1")
         _check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params needs parallel.zero_stage 3")
 
 
@@ -670,12 +678,17 @@ def load_yaml(path: str | Path) -> dict:
 def _type_name(hint: Any) -> str:
     choices = _literal_choices(hint)
     if choices is not None:
-        nullable = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        return "|".join(map(str, choices)) + ("|null" if nullable else "")
+        return "|".join(map(str, choices)) + ("|null" if _is_optional(hint) else "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 _HELP_WIDTH = 118
+
+
+def _wrap(text: str, first: int, rest: int) -> str:
+    # Names such as jinaai/jina-embeddings-v3 or file:line citations must stay whole to be searchable.
+    return textwrap.fill(text, _HELP_WIDTH, initial_indent=" " * first, subsequent_indent=" " * rest,
+                         break_on_hyphens=False, break_long_words=False)
 
 
 def help_text() -> str:
@@ -685,7 +698,7 @@ def help_text() -> str:
         if f.name in _top_level_types():
             lines.append(f"--{f.name} ({_type_name(_top_level_types()[f.name])}, default {f.default!r})")
             text = f"{f.metadata.get('help', '')} Precedence, lowest first: recipe, YAML file, command line."
-            lines.append(textwrap.fill(text, _HELP_WIDTH, initial_indent=" " * 4, subsequent_indent=" " * 4))
+            lines.append(_wrap(text, 4, 4))
             lines.append("")
     for name, cls in _section_types().items():
         lines.append(f"{name}:")
@@ -696,9 +709,8 @@ def help_text() -> str:
             else:
                 default = f"default {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
             head = f"  --{name}.{f.name} ({_type_name(hints[f.name])}, {default})"
-            lines.append(textwrap.fill(head, _HELP_WIDTH, subsequent_indent=" " * 8))
-            lines.append(textwrap.fill(f.metadata.get("help", ""), _HELP_WIDTH, initial_indent=" " * 6,
-                                       subsequent_indent=" " * 6))
+            lines.append(_wrap(head, 0, 8))
+            lines.append(_wrap(f.metadata.get("help", ""), 6, 6))
         lines.append("")
     return "\n".join(lines)
 

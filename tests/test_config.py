@@ -67,7 +67,8 @@ def test_published_dorpo_recipe():
     dorpo = _published("llama8b-dorpo")
     _check_published(dorpo, "dorpo", 4, 0.25)
     assert dorpo.recipe == "authors" and dorpo.loss.nll_on_prompt and dorpo.data.truncation == "trl"
-    assert (dorpo.data.max_length, dorpo.data.max_prompt_length, dorpo.model.name) == (512, 128, "meta-llama/Llama-3.1-8B")
+    assert (dorpo.data.max_length, dorpo.data.max_prompt_length) == (512, 128)
+    assert dorpo.model.name == "meta-llama/Llama-3.1-8B"
 
 
 def test_overrides_are_typed():

@@ -97,8 +97,10 @@ class LoadReport:
         }
 
     def summary(self) -> str:
-        kept = f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept else f"{self.pairs_kept} pairs"
-        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), {self.rows_skipped} skipped"]
+        kept = (f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept
+                else f"{self.pairs_kept} pairs")
+        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), "
+                 f"{self.rows_skipped} skipped"]
         for reason, n in sorted(self.counts.items()):
             lines.append(f"  skipped row  {reason:<20} {n:>8}   e.g. {self.examples.get(reason, '')[:120]}")
         for reason, n in sorted(self.response_counts.items()):
@@ -117,7 +119,8 @@ class LoadReport:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row index, parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs one row."""
+    """(row index, parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs
+    one row."""
     with path.open("rb") as f:
         index = 0
         for raw in f:
@@ -189,7 +192,7 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
         from datasets import load_from_disk
 
         files = sorted(p for ext in ("*.jsonl", "*.parquet", "*.json") for p in path.glob(ext))
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             yield from _iter_dataset(load_from_disk(str(path)))
             return
         if not files:
@@ -211,7 +214,8 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
         elif suffix == ".parquet":
             yield from _iter_parquet(path)
         else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
+            raise DataError(
+                f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
         return
     if "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
         from datasets import load_dataset
@@ -222,11 +226,13 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
             raise DataError(
                 f"{source!r} is no local file or directory, and loading it as a hub dataset failed "
                 f"({type(e).__name__}: {e}); without hub access save it with "
-                f"datasets.save_to_disk or export jsonl/parquet elsewhere and pass the path, or use data.source synthetic"
+                "datasets.save_to_disk or export jsonl/parquet elsewhere and pass the path, or use data.source "
+                "synthetic"
             ) from None
         yield from _iter_dataset(ds)
         return
-    raise DataError(f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
+    raise DataError(
+        f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -359,16 +365,16 @@ def _pair_row(row: Any) -> Pair:
     pid = make_prompt_id(prompt)
     cid, rid = make_response_id(pid, sides["chosen"]), make_response_id(pid, sides["rejected"])
     return Pair(
-        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"], rejected=sides["rejected"],
-        chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
+        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"],
+        rejected=sides["rejected"], chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
     )
 
 
 def _fail_or_count(report: LoadReport, strict: bool, index: int, bad: _BadRow) -> None:
     if strict:
         raise DataError(
-            f"{report.source}: row {index} is bad ({bad.reason}): {bad.detail}; fix the row or run with --data.strict false "
-            f"to skip and count bad rows"
+            f"{report.source}: row {index} is bad ({bad.reason}): {bad.detail}; fix the row or run with "
+            "--data.strict false to skip and count bad rows"
         )
     report.bad(bad.reason, index, bad.detail)
 

@@ -117,7 +117,7 @@ def _first_partner(s: np.ndarray, min_gap: float) -> np.ndarray:
 
 
 def _gap_authors(group: list[Response], min_gap: float, max_pairs: int | None, rng: random.Random) -> list[Pair]:
-    """The authors' sampler (models/utils.py:294-347, called at scripts_dataset_cleaner/2_data_prep_to_preference.py:66).
+    """The authors' sampler: models/utils.py:294-347, called at scripts_dataset_cleaner/2_data_prep_to_preference.py:66.
 
     Until fewer than two responses are left: draw one pair uniformly among the available pairs with
     different upvotes differing by >= min_gap; when none is left, uniformly among the pairs with any
@@ -238,7 +238,8 @@ def build_pairs(
         raise ValueError(f"gap_sampler and divpo_sampler must be 'authors' or 'engine'; got {gap_sampler!r}, "
                          f"{divpo_sampler!r}")
     if mode == "divpo" and deviation is None:
-        raise ValueError("divpo pairs rank responses by diversity: pass deviation=compute_deviation(responses, cfg.deviation)")
+        raise ValueError("divpo pairs rank responses by diversity: pass "
+                         "deviation=compute_deviation(responses, cfg.deviation)")
     if mode == "divpo" and not 0 < rho <= 0.5:
         raise ValueError(f"divpo rho must be in (0, 0.5] so the high and low sets do not overlap, got {rho}")
     if mode == "divpo" and divpo_sampler == "authors" and max_pairs_per_prompt is None:
@@ -256,7 +257,8 @@ def build_pairs(
             out.extend(_all(group, max_pairs_per_prompt, _rng(seed, pid, "all")))
         elif divpo_sampler == "authors":
             # Their DivPO reads the responses their gap step paired (max_pairs None: the pool is not capped).
-            paired = {r for p in gap(group, min_gap, None, _rng(seed, pid, "gap")) for r in (p.chosen_id, p.rejected_id)}
+            gap_pairs = gap(group, min_gap, None, _rng(seed, pid, "gap"))
+            paired = {r for p in gap_pairs for r in (p.chosen_id, p.rejected_id)}
             pool = [r for r in group if r.response_id in paired]
             out.extend(_divpo_authors(pool, rho, max_pairs_per_prompt, deviation, _rng(seed, pid, "divpo")))
         else:
@@ -308,7 +310,8 @@ def attach_weights(pairs: Sequence[Pair], deviation) -> list[Pair]:
     Only the chosen weight enters a loss (as in the authors' trainers, models/ddpo_trainer.py:1237 and
     models/dorpo_trainer.py:701,834); the rejected weight is recorded for reports."""
     return [
-        replace(p, chosen_weight=float(deviation.weight_of(p.chosen_id)), rejected_weight=float(deviation.weight_of(p.rejected_id)))
+        replace(p, chosen_weight=float(deviation.weight_of(p.chosen_id)),
+                rejected_weight=float(deviation.weight_of(p.rejected_id)))
         for p in pairs
     ]
 
@@ -326,13 +329,16 @@ def responses_of_pairs(pairs: Sequence[Pair]) -> list[Response]:
     """Distinct responses of the pairs, in order of first use."""
     seen: dict[str, Response] = {}
     for p in pairs:
-        for rid, text, score in ((p.chosen_id, p.chosen, p.chosen_score), (p.rejected_id, p.rejected, p.rejected_score)):
+        sides = ((p.chosen_id, p.chosen, p.chosen_score), (p.rejected_id, p.rejected, p.rejected_score))
+        for rid, text, score in sides:
             if rid not in seen:
                 seen[rid] = Response(prompt_id=p.prompt_id, response_id=rid, prompt=p.prompt, text=text, score=score)
     return list(seen.values())
 
 
-def paired_groups(pairs: Sequence[Pair], max_per_prompt: int | None = None) -> tuple[list[Pair], list[Response], dict[str, int]]:
+def paired_groups(
+    pairs: Sequence[Pair], max_per_prompt: int | None = None
+) -> tuple[list[Pair], list[Response], dict[str, int]]:
     """The authors' deviation groups (scripts_dataset_cleaner/3_data_prep_for_diversified_training.py:52-73).
 
     Per prompt, its pairs are read in order and each adds its chosen and rejected response to the

@@ -42,7 +42,12 @@ from engine.data.pairs import (
     split_by_prompt,
 )
 from engine.data.records import Pair, Response, content_id
-from engine.data.tokenize import TokenizedPair, filter_long_responses, tokenization_fingerprint, tokenize_pairs_with_counts
+from engine.data.tokenize import (
+    TokenizedPair,
+    filter_long_responses,
+    tokenization_fingerprint,
+    tokenize_pairs_with_counts,
+)
 
 
 @dataclass
@@ -76,7 +81,8 @@ def train_fingerprint(pairs: list[Pair], tok_fp: str) -> str:
     return content_id("train-set", tok_fp, *(p.pair_id for p in pairs))
 
 
-def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None, verbose: bool = True) -> PreparedData:
+def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None,
+                 verbose: bool = True) -> PreparedData:
     """Load, clean, pair, weight, split, tokenise and pack the data of `cfg` (an engine.config.Config)."""
     d = cfg.data
     t0 = time.perf_counter()
@@ -89,7 +95,8 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     deviation = None
 
     if loaded.kind == "responses":
-        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens, count=d.length_filter)
+        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens,
+                                                  count=d.length_filter)
         if n_long:
             counts["response_too_long"] = n_long
         if d.pairs == "divpo":
@@ -149,7 +156,8 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     )
     cap_frac = packing_padding_fraction(train_rows, d.max_tokens_per_row)
     # The padding the trainer actually computes on: epoch-0 micro-batches of one rank, as sampled.
-    plan = RowSampler([r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed)
+    plan = RowSampler([r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch,
+                      seed=d.seed)
     pad_frac = microbatch_padding_fraction(train_rows, list(plan))
     report = {
         "load": loaded.report.to_dict(),
@@ -174,7 +182,8 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     if verbose:
         print(
             f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs -> {len(train_rows)} rows of <= "
-            f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of {d.rows_per_batch} row(s), "
+            f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of "
+            f"{d.rows_per_batch} row(s), "
             f"{100 * cap_frac:.2f}% if padded to the row size (padded pair batches of 8: "
             f"{100 * report['padding_fraction_padded_pairs']:.1f}%); dropped {report['dropped'] or 'nothing'}",
             flush=True,

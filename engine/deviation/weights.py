@@ -44,7 +44,8 @@ from .scores import deviation_scores, group_codes
 DEFAULT_TIE_ATOL = 1e-6
 
 
-def minmax_scale_groups(scores: np.ndarray, codes: np.ndarray, n_groups: int, tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
+def minmax_scale_groups(scores: np.ndarray, codes: np.ndarray, n_groups: int,
+                        tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
     """Step 1's scaling: per group, map [min, max] linearly to [-1, 1]; all-equal groups -> 0."""
     scores = np.asarray(scores, dtype=np.float64)
     gmin = np.full(n_groups, np.inf)
@@ -151,7 +152,8 @@ def deviation_weights(
     raw, scaled = [], []
     for e in embeddings_list:
         es = e if subset is None else e[subset]
-        r = deviation_scores(es, sub_codes, metric=metric, mode=mode, k=k, scope=scope, counts=sub_counts, **knn_options)
+        r = deviation_scores(es, sub_codes, metric=metric, mode=mode, k=k, scope=scope, counts=sub_counts,
+                             **knn_options)
         raw.append(r)
         scaled.append(minmax_scale_groups(r, sub_codes, n_groups, tie_atol))
     combined = combine_geometric(scaled)
