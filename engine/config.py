@@ -63,6 +63,12 @@ PAIR_MODES: tuple[str, ...] = typing.get_args(PairMode)
 LOSS_BACKENDS: tuple[str, ...] = typing.get_args(LossBackend)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 RECIPES: tuple[str, ...] = typing.get_args(Recipe)
+CLEANINGS: tuple[str, ...] = typing.get_args(Cleaning)
+MODEL_DTYPES: tuple[str, ...] = typing.get_args(ModelDtype)
+ZERO_STAGES: tuple[int, ...] = typing.get_args(ZeroStage)
+DISTANCE_METRICS: tuple[str, ...] = typing.get_args(DistanceMetric)
+DEVIATION_MODES: tuple[str, ...] = typing.get_args(DeviationMode)
+KNN_SCOPES: tuple[str, ...] = typing.get_args(KnnScope)
 NAMED_ARCHITECTURES = ("llama-tiny", "gpt2-small", "llama-8b")
 
 # The authors' repository, as cited in the recipe of each field (paths relative to its root).

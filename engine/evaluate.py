@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import metrics as M
+from engine.config import CLEANINGS, MODEL_DTYPES
 
 # Columns of the comparison table, in order; those a run lacks are shown as "-".
 REPORT_KEYS = (
@@ -709,7 +710,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="which prompts: those training held out (val, default), the training ones, or all")
     p.add_argument("--val-fraction", type=float, help="held-out fraction used by training (default: data config's)")
     p.add_argument("--split-seed", type=int, help="split seed used by training (default: data config's data.seed)")
-    p.add_argument("--cleaning", choices=("authors", "engine"),
+    p.add_argument("--cleaning", choices=CLEANINGS,
                    help="data.cleaning used by training: it decides the prompt texts, hence the split (default: engine)")
     p.add_argument("--human", action="store_true", help="score the prompts' human responses instead of sampling")
     p.add_argument("--human-selection", choices=HUMAN_SELECTIONS, default="top",
@@ -730,7 +731,7 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="let the embedders run their own code (jinaai/jina-embeddings-v3 needs it)")
     p.add_argument("--reward-model", help="HF sequence-classification model scoring quality")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

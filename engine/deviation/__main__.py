@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from engine.config import ConfigError, DeviationConfig
+from engine.config import DEVIATION_MODES, DISTANCE_METRICS, KNN_SCOPES, ConfigError, DeviationConfig
 
 
 def _is_pairs_file(path: Path) -> bool:
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output file: .parquet or .jsonl")
     p.add_argument("--semantic-model", default=cfg.semantic_model, help="'' drops it")
     p.add_argument("--style-model", default=cfg.style_model, help="'' drops it")
-    p.add_argument("--metric", default=cfg.metric, choices=("cosine", "euclidean"))
-    p.add_argument("--mode", default=cfg.mode, choices=("mean", "knn"))
+    p.add_argument("--metric", default=cfg.metric, choices=DISTANCE_METRICS)
+    p.add_argument("--mode", default=cfg.mode, choices=DEVIATION_MODES)
     p.add_argument("--k", type=int, default=cfg.k)
-    p.add_argument("--scope", default=cfg.scope, choices=("group", "global"))
+    p.add_argument("--scope", default=cfg.scope, choices=KNN_SCOPES)
     p.add_argument("--max-per-prompt", type=int, default=cfg.max_per_prompt,
                    help="responses per prompt scored, the first ones in input order (deviation.groups all)")
     p.add_argument("--count-duplicates", action="store_true", default=cfg.count_duplicates)
