@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import metrics as M
+from engine.config import CLEANINGS, MODEL_DTYPES
 
 # Columns of the comparison table, in order; those a run lacks are shown as "-".
 REPORT_KEYS = (
@@ -234,12 +235,12 @@ def _auto_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_embedder(name: str | None, device: str, batch_size: int = 64):
+def _load_embedder(name: str | None, device: str, batch_size: int = 64, trust_remote_code: bool = False):
     if not name:
         return None
     from engine.deviation import get_embedder
 
-    return get_embedder(name, device=device, batch_size=batch_size)
+    return get_embedder(name, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -394,9 +395,11 @@ def _embedders_and_reward(cfg, device: str, embedders: dict | None, reward_score
     """The embedders and reward scorer named by cfg, unless the caller passed its own."""
     embedders = dict(embedders) if embedders is not None else {}
     if "semantic" not in embedders:
-        embedders["semantic"] = _load_embedder(getattr(cfg, "semantic_model", None), device)
+        embedders["semantic"] = _load_embedder(getattr(cfg, "semantic_model", None), device,
+                                               trust_remote_code=getattr(cfg, "trust_remote_code", False))
     if "style" not in embedders:
-        embedders["style"] = _load_embedder(getattr(cfg, "style_model", None), device)
+        embedders["style"] = _load_embedder(getattr(cfg, "style_model", None), device,
+                                            trust_remote_code=getattr(cfg, "trust_remote_code", False))
     if reward_scorer is None and getattr(cfg, "reward_model", None):
         reward_scorer = RewardScorer(cfg.reward_model, device=device)
     return embedders, reward_scorer
@@ -517,11 +520,12 @@ def load_prompt_groups(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     strict: bool = False,
+    cleaning: str = "engine",
 ) -> list[list]:
     """Responses of the first `num_prompts` prompts of one split of a data source, grouped by prompt.
 
     split: "val" = the prompts training held out (engine.data.pairs.split_by_prompt with the same
-    val_fraction and seed as the data config), "train" = the others, "all" = every prompt. Within the
+    val_fraction, seed and data.cleaning as the data config), "train" = the others, "all" = every prompt. Within the
     split, prompts are ordered by prompt_id (a content hash), so the choice does not depend on file
     order and is a reproducible pseudo-random subset rather than the oldest posts.
     """
@@ -530,7 +534,7 @@ def load_prompt_groups(
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    responses, _report = load_responses(source, strict=strict)
+    responses, _report = load_responses(source, strict=strict, cleaning=cleaning)
     if split != "all":
         train, val = split_by_prompt(responses, val_fraction, split_seed)
         responses = val if split == "val" else train
@@ -690,6 +694,7 @@ _CFG_FLAGS = {
     "n": "n_samples", "num_prompts": "num_prompts", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
     "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "batch_size": "batch_size",
     "seed": "seed", "semantic_model": "semantic_model", "style_model": "style_model", "reward_model": "reward_model",
+    "trust_remote_code": "trust_remote_code",
 }
 
 
@@ -705,6 +710,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="which prompts: those training held out (val, default), the training ones, or all")
     p.add_argument("--val-fraction", type=float, help="held-out fraction used by training (default: data config's)")
     p.add_argument("--split-seed", type=int, help="split seed used by training (default: data config's data.seed)")
+    p.add_argument("--cleaning", choices=CLEANINGS,
+                   help="data.cleaning used by training: it decides the prompt texts, hence the split (default: engine)")
     p.add_argument("--human", action="store_true", help="score the prompts' human responses instead of sampling")
     p.add_argument("--human-selection", choices=HUMAN_SELECTIONS, default="top",
                    help="which human responses: the n highest-scored (top) or n at random (seeded)")
@@ -720,9 +727,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--semantic-model", help="embedder for semantic diversity ('' drops the metric)")
     p.add_argument("--style-model", help="embedder for style diversity ('' drops the metric)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="let the embedders run their own code (jinaai/jina-embeddings-v3 needs it)")
     p.add_argument("--reward-model", help="HF sequence-classification model scoring quality")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -782,6 +791,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
         args.prompts, cfg.num_prompts, split=args.split,
         val_fraction=data_defaults.val_fraction if args.val_fraction is None else args.val_fraction,
         split_seed=data_defaults.seed if args.split_seed is None else args.split_seed, strict=args.strict,
+        cleaning=args.cleaning or data_defaults.cleaning,
     )
     synthetic = True if args.prompts == "synthetic" else None
     if args.human:

@@ -144,7 +144,8 @@ def heldout_prompts(cfg) -> HeldOut:
     from engine.data.pairs import group_by_prompt, split_by_prompt
 
     d = cfg.data
-    responses, _ = load_responses(d.source, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed)
+    responses, _ = load_responses(d.source, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed,
+                                  cleaning=d.cleaning)
     _, val = split_by_prompt(responses, d.val_fraction, d.seed)
     groups = group_by_prompt(val)
     if not groups:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
+from engine.config import OBJECTIVES  # declared once, as the Literal engine.config.Objective
 
 # Largest argument log1mexp accepts before clamping. An average log-prob of exactly 0 (a
 # response with no tokens, or a model that is certain of every token) gives log(1 - exp(0)) =

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import OBJECTIVES, LossConfig
+from engine.config import OBJECTIVES, PRECISIONS, ZERO_STAGES, LossConfig
 
 GIB = 1024**3
 
@@ -75,8 +75,6 @@ DEEPSPEED_DEFAULTS = {
     "max_live_parameters": 1_000_000_000,
     "param_persistence_threshold": 100_000,
 }
-
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 # Hub names whose shapes equal a named architecture, so a preset naming them can be planned offline
 # (the hub is not reachable from every machine that plans a run).
@@ -353,7 +351,7 @@ class PlanSettings:
         for k in ("nodes", "gpus_per_node", "max_tokens_per_row", "rows_per_batch"):
             v = getattr(self, k)
             need(isinstance(v, int) and v >= 1, f"{k} must be an integer >= 1, got {v!r}")
-        need(self.zero in (0, 1, 2, 3), f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        need(self.zero in ZERO_STAGES, f"zero must be one of {', '.join(map(str, ZERO_STAGES))}, got {self.zero!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.lora_r >= 0, f"lora_r must be >= 0 (0 trains all weights), got {self.lora_r}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -686,7 +684,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=None, help="plan a run config (YAML) instead; the flags below then only set the world size and GPU")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0)
+    ap.add_argument("--zero", type=int, choices=ZERO_STAGES, default=0)
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="bf16/fp16: mixed precision with fp32 master weights and Adam states")
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: train all weights)")
     ap.add_argument("--lora-targets", default=None, help="comma-separated module names LoRA adapts (default: all projections)")

@@ -238,12 +238,13 @@ def test_validation_errors_name_the_setting():
 def test_plan_from_config_maps_fields():
     from engine.config import from_dict, load_config
 
-    cfg = load_config(["--config", "configs/llama8b-ddpo.yaml"])
+    # A preset that starts from a hub model (llama8b-ddpo.yaml starts from an SFT directory made first).
+    cfg = load_config(["--config", "configs/llama8b-dorpo-engine.yaml"])
     s = settings_from_config(cfg, 8)
     assert (s.model, s.zero, s.precision, s.lora_r, s.gradient_checkpointing, s.max_tokens_per_row) == (
         "meta-llama/Llama-3.1-8B", 3, "bf16", 128, True, 8192,
     )  # fmt: skip
-    assert (s.loss, s.ref, s.objective, s.world_size) == ("fused", "cache", "ddpo", 8)
+    assert (s.loss, s.ref, s.objective, s.world_size) == ("fused", "cache", "dorpo", 8)
     plan = plan_from_config(cfg, 8)  # hub name planned offline through its known shapes
     assert plan.parameters == 8_030_261_248
     assert plan.lora_parameters == 32 * 128 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
@@ -316,6 +317,6 @@ def test_cli_table_and_json(capsys):
 
 
 def test_cli_run_config(capsys):
-    assert main(["--config", "configs/llama8b-ddpo.yaml", "--gpus-per-node", "8", "--json"]) == 0
+    assert main(["--config", "configs/llama8b-dorpo-engine.yaml", "--gpus-per-node", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["settings"]["lora_r"] == 128 and data["world_size"] == 8

@@ -2,19 +2,26 @@
 
 First step of the data flow (DESIGN.md): rows come from jsonl/json/parquet files, a
 `datasets.save_to_disk` directory, a hub dataset name, or the bundled synthetic generator; every
-row is validated, cleaned as published, and turned into records with content-derived ids.
+row is validated, cleaned (`data.cleaning`), and turned into records with content-derived ids.
 
 Bad input never crashes a run and is never dropped silently: each skipped row is counted under a
 reason in a `LoadReport` (printed and saved); with `strict=True` the first bad row raises a
 `DataError` naming its row index and reason instead.
 
-Cleaning (as in the published recipe):
-- the title loses a leading bracket tag such as `[WP]`; prompt = title + "\\n" + post text
-  (just the title when the post text is empty);
-- responses containing moderator boilerplate, `[deleted]`/`[removed]` and empty texts are dropped
-  (counted per reason in `LoadReport.response_counts`); a response repeated verbatim under the same
-  prompt is kept once (same content id);
-- the token-length limit needs the tokenizer and is applied later (`tokenize.filter_long_responses`).
+Cleaning, `cleaning="authors"` (scripts_dataset_cleaner/0_data_prep_scoring.py:21-30,
+1_data_prep_filtering.py:57-79, 2_data_prep_to_preference.py:51):
+- the title loses its first `^\\[.*?\\]` (a bracket group at the very start, any length) and is then
+  stripped; a title without one is kept as is; prompt = title + "\\n" + post text, even when empty;
+- responses containing moderator boilerplate are dropped, nothing else.
+`cleaning="engine"`:
+- the title loses every leading bracket tag (`[WP]`, `[Writing Prompt]`, stacked `[WP] [EU]`: all
+  meta-data of the subreddit, not part of the prompt); prompt = title + "\\n" + post text, or just the
+  title when the post text is empty;
+- responses containing moderator boilerplate, `[deleted]`/`[removed]` and empty texts are dropped.
+Both: dropped responses are counted per reason in `LoadReport.response_counts`; a response repeated
+verbatim under the same prompt is kept once (ids are content hashes: DESIGN.md, "Identities"), which
+the authors' lists do not do; the token-length limit needs the tokenizer and is applied later
+(`tokenize.filter_long_responses`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ PAIR_REQUIRED = ("chosen", "rejected")
 # Published cleaning: responses containing any of these are moderator/bot boilerplate.
 BOILERPLATE_MARKERS = ("**Welcome to the Prompt!**", "this submission has been removed", "**Off-Topic Discussion**")
 DELETED_TEXTS = frozenset({"[deleted]", "[removed]"})
-_TAG_RE = re.compile(r"^\s*\[[^\]]{1,10}\]\s*")
+_AUTHORS_TAG_RE = re.compile(r"^\[.*?\]")  # scripts_dataset_cleaner/0_data_prep_scoring.py:23
+_LEADING_TAGS_RE = re.compile(r"^\s*(?:\[[^\]\n]*\]\s*)+")
 
 # Row-level reasons (the whole row is skipped).
 BAD_ROW_REASONS = (
@@ -89,8 +97,10 @@ class LoadReport:
         }
 
     def summary(self) -> str:
-        kept = f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept else f"{self.pairs_kept} pairs"
-        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), {self.rows_skipped} skipped"]
+        kept = (f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept
+                else f"{self.pairs_kept} pairs")
+        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), "
+                 f"{self.rows_skipped} skipped"]
         for reason, n in sorted(self.counts.items()):
             lines.append(f"  skipped row  {reason:<20} {n:>8}   e.g. {self.examples.get(reason, '')[:120]}")
         for reason, n in sorted(self.response_counts.items()):
@@ -109,7 +119,8 @@ class LoadReport:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row index, parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs one row."""
+    """(row index, parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs
+    one row."""
     with path.open("rb") as f:
         index = 0
         for raw in f:
@@ -181,7 +192,7 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
         from datasets import load_from_disk
 
         files = sorted(p for ext in ("*.jsonl", "*.parquet", "*.json") for p in path.glob(ext))
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             yield from _iter_dataset(load_from_disk(str(path)))
             return
         if not files:
@@ -203,7 +214,8 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
         elif suffix == ".parquet":
             yield from _iter_parquet(path)
         else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
+            raise DataError(
+                f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
         return
     if "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
         from datasets import load_dataset
@@ -214,11 +226,13 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
             raise DataError(
                 f"{source!r} is no local file or directory, and loading it as a hub dataset failed "
                 f"({type(e).__name__}: {e}); without hub access save it with "
-                f"datasets.save_to_disk or export jsonl/parquet elsewhere and pass the path, or use data.source synthetic"
+                "datasets.save_to_disk or export jsonl/parquet elsewhere and pass the path, or use data.source "
+                "synthetic"
             ) from None
         yield from _iter_dataset(ds)
         return
-    raise DataError(f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
+    raise DataError(
+        f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -247,29 +261,36 @@ def _check_score(value: Any, what: str) -> float:
     return value
 
 
-def clean_title(title: str) -> str:
-    """Strip a leading bracket tag like `[WP]` (published cleaning)."""
-    return _TAG_RE.sub("", title, count=1).strip()
+def clean_title(title: str, cleaning: str = "engine") -> str:
+    """The title without its bracket tag(s); see the module docstring for the two cleanings."""
+    if cleaning == "authors":
+        found = _AUTHORS_TAG_RE.match(title)
+        return title[found.end():].strip() if found else title
+    return _LEADING_TAGS_RE.sub("", title, count=1).strip()
 
 
-def make_prompt(title: str, text: str) -> str:
-    title, text = clean_title(title), (text or "").strip()
+def make_prompt(title: str, text: str, cleaning: str = "engine") -> str:
+    if cleaning == "authors":
+        return f"{clean_title(title, cleaning)}\n{text or ''}"
+    title, text = clean_title(title, cleaning), (text or "").strip()
     return f"{title}\n{text}" if text else title
 
 
-def response_drop_reason(text: str) -> str | None:
-    """Why a response is dropped by the published cleaning, or None to keep it."""
+def response_drop_reason(text: str, cleaning: str = "engine") -> str | None:
+    """Why a response is dropped by the cleaning, or None to keep it."""
+    if any(m in text for m in BOILERPLATE_MARKERS):
+        return "moderator_response"
+    if cleaning == "authors":
+        return None
     stripped = text.strip()
     if not stripped:
         return "empty_response"
     if stripped in DELETED_TEXTS:
         return "deleted_response"
-    if any(m in text for m in BOILERPLATE_MARKERS):
-        return "moderator_response"
     return None
 
 
-def _wp_row(row: Any) -> tuple[str, list[str], list[float], list[dict]]:
+def _wp_row(row: Any, cleaning: str) -> tuple[str, list[str], list[float], list[dict]]:
     """Validate one WritingPrompts-schema row: (prompt, texts, scores, metas) or raise _BadRow."""
     if not isinstance(row, dict):
         raise _BadRow("not_a_mapping", f"row must be a mapping of fields, got {type(row).__name__}")
@@ -297,8 +318,8 @@ def _wp_row(row: Any) -> tuple[str, list[str], list[float], list[dict]]:
     if times is not None:
         for m, t in zip(metas, times):
             m.setdefault("time", t)
-    prompt = make_prompt(title, text)
-    if not prompt:
+    prompt = make_prompt(title, text, cleaning)
+    if not prompt.strip():
         raise _BadRow("empty_prompt", "post_title is empty after cleaning")
     return prompt, texts, scores, metas
 
@@ -344,22 +365,25 @@ def _pair_row(row: Any) -> Pair:
     pid = make_prompt_id(prompt)
     cid, rid = make_response_id(pid, sides["chosen"]), make_response_id(pid, sides["rejected"])
     return Pair(
-        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"], rejected=sides["rejected"],
-        chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
+        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"],
+        rejected=sides["rejected"], chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
     )
 
 
 def _fail_or_count(report: LoadReport, strict: bool, index: int, bad: _BadRow) -> None:
     if strict:
         raise DataError(
-            f"{report.source}: row {index} is bad ({bad.reason}): {bad.detail}; fix the row or run with --data.strict false "
-            f"to skip and count bad rows"
+            f"{report.source}: row {index} is bad ({bad.reason}): {bad.detail}; fix the row or run with "
+            "--data.strict false to skip and count bad rows"
         )
     report.bad(bad.reason, index, bad.detail)
 
 
-def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tuple[list[Response], LoadReport]:
+def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>",
+                        cleaning: str = "engine") -> tuple[list[Response], LoadReport]:
     """Validate and clean (index, row) pairs of the WritingPrompts schema into responses."""
+    if cleaning not in ("authors", "engine"):
+        raise ValueError(f"cleaning must be 'authors' or 'engine', got {cleaning!r}")
     report = LoadReport(source=source)
     out: list[Response] = []
     seen: set[str] = set()
@@ -368,14 +392,14 @@ def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -
         try:
             if isinstance(row, _BadRow):
                 raise row
-            prompt, texts, scores, metas = _wp_row(row)
+            prompt, texts, scores, metas = _wp_row(row, cleaning)
         except _BadRow as bad:
             _fail_or_count(report, strict, index, bad)
             continue
         report.rows_kept += 1
         pid = make_prompt_id(prompt)
         for j, (text, score, meta) in enumerate(zip(texts, scores, metas)):
-            reason = response_drop_reason(text)
+            reason = response_drop_reason(text, cleaning)
             if reason:
                 report.drop_response(reason)
                 continue
@@ -414,10 +438,11 @@ def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tu
     return out, report
 
 
-def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0):
+def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+                   cleaning: str = "engine"):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
     rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed)
-    return responses_from_rows(rows, strict=strict, source=source)
+    return responses_from_rows(rows, strict=strict, source=source, cleaning=cleaning)
 
 
 def load_pairs(source: str, *, strict: bool = False):
@@ -444,7 +469,8 @@ def detect_schema(row: Any) -> str | None:
     return None
 
 
-def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0) -> LoadedData:
+def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+             cleaning: str = "engine") -> LoadedData:
     """Load a source of either schema, detected from its first row that has either schema's fields."""
     rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed)
     head: list = []  # rows read while detecting: only the unreadable ones before the first good row
@@ -460,7 +486,7 @@ def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240,
         )
     everything = itertools.chain(head, rows)
     if kind == "responses":
-        responses, report = responses_from_rows(everything, strict=strict, source=source)
+        responses, report = responses_from_rows(everything, strict=strict, source=source, cleaning=cleaning)
         return LoadedData("responses", responses, [], report)
     pairs, report = pairs_from_rows(everything, strict=strict, source=source)
     return LoadedData("pairs", [], pairs, report)

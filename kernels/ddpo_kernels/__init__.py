@@ -21,7 +21,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "eager")
+from engine.config import LOSS_BACKENDS as BACKENDS  # declared once, as the Literal engine.config.LossBackend
+
 BACKEND_ENV_VAR = "ENGINE_KERNEL_BACKEND"
 
 

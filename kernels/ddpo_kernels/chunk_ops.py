@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from engine.config import OBJECTIVES
+
 __all__ = [
     "chunk_logprob_forward",
     "chunk_logprob_backward_",
@@ -64,7 +66,6 @@ __all__ = [
 IGNORE_INDEX = -100
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # kernels/ddpo_kernels/chunk_ops.py -> repo root
 _CSRC = _REPO_ROOT / "csrc"
-_OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
 # Rows per block in the reference backward: bounds its fp32 temporary to 256 x V floats.
 _REF_BWD_ROWS = 256
 
@@ -389,8 +390,8 @@ def chunk_logprob_backward_(
 
 
 def _check_objective(objective: str) -> None:
-    if objective not in _OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(_OBJECTIVES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
 
 
 def preference_epilogue(
