@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
+OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft", "reward")
+REWARD_LOSSES = ("l1", "mse", "bradley_terry")
 PAIR_MODES = ("best_vs_worst", "gap", "all", "divpo")
 NAMED_ARCHITECTURES = ("llama-tiny", "gpt2-small", "llama-8b")
 
@@ -147,11 +148,23 @@ class LossConfig:
     beta: float = _f(0.1, "DPO/DDPO: KL strength beta. ORPO/DORPO: the odds-ratio weight lambda (published DORPO: 0.25).")
     backend: str = _f("auto", "Fused loss backend: auto (triton on CUDA, torch chunks on CPU), triton, torch, or eager (full logits, for debugging).")
     nll_on_prompt: bool = _f(False, "Also put loss targets on prompt tokens (the published ORPO code does).")
+    reward_loss: str = _f(
+        "l1", "objective reward: l1 or mse (regression on each response's transformed score; l1 = the authors') or "
+        "bradley_terry (preference pairs, TRL's RewardTrainer).",
+    )
+    reward_margin: float = _f(0.0, "bradley_terry: margin = this x (chosen label - rejected label), TRL's margin; 0 = none.")
+    center_rewards_coefficient: float | None = _f(None, "bradley_terry: TRL's center_rewards_coefficient (e.g. 0.01); null = off.")
 
     def __post_init__(self):
         _choice("loss", "objective", self.objective, OBJECTIVES)
         _check(self.beta > 0, f"loss.beta must be > 0, got {self.beta}")
         _choice("loss", "backend", self.backend, ("auto", "triton", "torch", "eager"))
+        _choice("loss", "reward_loss", self.reward_loss, REWARD_LOSSES)
+        _check(self.reward_margin >= 0, f"loss.reward_margin must be >= 0 (0: no margin), got {self.reward_margin}")
+        _check(
+            self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+            f"loss.center_rewards_coefficient must be >= 0 or null, got {self.center_rewards_coefficient}",
+        )
 
     @property
     def needs_reference(self) -> bool:
@@ -276,6 +289,46 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Objective reward only (engine.reward): input format, labels, held-out evaluation, early stopping."""
+
+    template: str = _f(
+        "chat", "Reward model input: chat (the tokenizer's chat template, user = prompt, assistant = response) or authors "
+        "(<prompt>{prompt}</prompt><response>{response}</response>, models/reward_model.py). The export's tokenizer "
+        "carries it as its chat template, so engine.evaluate renders the same text.",
+    )
+    score_transform: str = _f(
+        "authors", "Labels: authors (the published iterated-log transform of upvotes to about [-1, 1], with the "
+        "dataset's min/max) or none (raw upvotes).",
+    )
+    compression_factor: int = _f(100, "authors transform: how many times log(x + 1) is applied (published: 100).")
+    standardize_labels: bool = _f(
+        True, "Z-score the labels with the training split's mean and std (ranks kept; the L1/MSE optimum maps back "
+        "affinely, and the export's config records both). The authors' transform leaves labels within ~0.01 of "
+        "each other when the minimum score is 0; Adam's steps then swamp that spread (false: the published labels).",
+    )
+    eval_every_steps: int = _f(0, "Held-out metrics every this many optimizer steps (0: once per epoch); always at the end.")
+    early_stopping_patience: int = _f(3, "Stop after this many evaluations without a lower held-out loss (0: never).")
+    early_stopping_min_delta: float = _f(0.0, "A held-out loss counts as lower when below best - min_delta.")
+    lr_plateau_patience: int | None = _f(None, "Multiply the learning rate by lr_plateau_factor after more than this many "
+                                               "evaluations without improvement (ReduceLROnPlateau); null: off.")
+    lr_plateau_factor: float = _f(0.1, "Learning-rate factor of the plateau schedule.")
+
+    def __post_init__(self):
+        _choice("reward", "template", self.template, ("chat", "authors"))
+        _choice("reward", "score_transform", self.score_transform, ("authors", "none"))
+        _check(self.compression_factor >= 1, f"reward.compression_factor must be >= 1, got {self.compression_factor}")
+        _check(self.eval_every_steps >= 0, f"reward.eval_every_steps must be >= 0 (0: once per epoch), got {self.eval_every_steps}")
+        _check(self.early_stopping_patience >= 0, f"reward.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        _check(self.early_stopping_min_delta >= 0, f"reward.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
+        _check(
+            self.lr_plateau_patience is None or self.lr_plateau_patience >= 0,
+            f"reward.lr_plateau_patience must be >= 0 or null, got {self.lr_plateau_patience}",
+        )
+        _check(0 < self.lr_plateau_factor < 1, f"reward.lr_plateau_factor must be in (0, 1), got {self.lr_plateau_factor}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -287,6 +340,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self):
         # Cross-section rules.
@@ -304,6 +358,17 @@ class Config:
             f"preference log-probs of {self.loss.objective}; it is supported with loss.objective sft only, "
             "set loss.nll_on_prompt false",
         )
+        if self.loss.objective == "reward":
+            _check(
+                self.data.pairs != "divpo",
+                "data.pairs divpo picks pairs by diversity, not quality, so a reward model would learn diversity: "
+                "use best_vs_worst, gap or all with loss.objective reward",
+            )
+            _check(
+                self.checkpoint.merge_lora,
+                "loss.objective reward exports an AutoModelForSequenceClassification directory, which needs the LoRA "
+                "adapters merged: set checkpoint.merge_lora true",
+            )
         _check(
             not (self.parallel.precision == "bf16" and self.model.dtype == "float16"),
             "parallel.precision bf16 with model.dtype float16 mixes half formats: use model.dtype bfloat16 or float32",
