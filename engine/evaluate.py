@@ -697,6 +697,17 @@ _CFG_FLAGS = {
 }
 
 
+def _config_spelling(argv: Sequence[str]) -> list[str]:
+    """Accept the training config's spelling of the sampling/scoring flags too: --eval.reward_model DIR
+    is --reward-model DIR (every EvalConfig field that has a flag here)."""
+    aliases = {f"--eval.{field_}": "--" + flag.replace("_", "-") for flag, field_ in _CFG_FLAGS.items()}
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(aliases[key] + eq + value if key in aliases else arg)
+    return out
+
+
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.evaluate",
@@ -772,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
         return files
 
     parser = _eval_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_config_spelling(argv))
     if not args.human and not args.model:
         parser.error("--model is required unless --human is given")
     from engine.config import DataConfig, EvalConfig

@@ -3,7 +3,8 @@
 Sits at the start of the model side of the flow: the trainer, the reference-cache builder and the
 evaluator get their (model, tokenizer) here. Named architectures (`llama-tiny`, `gpt2-small`,
 `llama-8b`) are built from a config with no download, seeded and deterministic; anything else is a
-Hugging Face causal LM by local path or hub name. The trainer feeds the model's trunk (no LM head) and
+Hugging Face causal LM by local path or hub name (with `num_labels`, the sequence classifier on the
+same trunk that `engine.reward` trains). The trainer feeds the model's trunk (no LM head) and
 hands the head's weight to the fused loss, so `trunk_and_head` is here too.
 """
 

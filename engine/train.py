@@ -184,7 +184,10 @@ def _train(cfg: Config) -> dict:
     if cfg.loss.needs_reference:
         ref_cache = ensure_cache(cfg, tokenizer, prepared, device=env.device, rank=env.rank, world_size=env.world_size)
 
-    model = load_reward_model(cfg.model, prepared, device=env.device) if is_reward else load_model(cfg.model, device=env.device)
+    if is_reward:
+        model = load_reward_model(cfg.model, prepared, device=env.device)
+    else:
+        model = load_model(cfg.model, device=env.device)
     reference = None
     if cfg.loss.needs_reference and ref_cache is None:
         reference = on_the_fly_reference(model, cfg)

@@ -387,6 +387,35 @@ def test_early_stopping_keeps_and_exports_the_best_model(tmp_path):
     assert (run / "final" / "model.safetensors").read_bytes() == (run / "best" / "model.safetensors").read_bytes()
 
 
+def test_plateau_schedule_lowers_the_learning_rate_after_bad_evaluations(tmp_path):
+    # min_delta 100: no evaluation after the first counts as an improvement.
+    _run_in_process(tmp_path, "plateau", "--optim.lr", "3e-3", "--optim.max_steps", "9",
+                    "--reward.eval_every_steps", "2", "--reward.early_stopping_patience", "0",
+                    "--reward.early_stopping_min_delta", "100",
+                    "--reward.lr_plateau_patience", "1", "--checkpoint.export_final", "false")
+    recs = {r["step"]: r for r in map(json.loads, (tmp_path / "plateau" / "metrics.jsonl").read_text().splitlines())}
+    # Bad evaluations at steps 4, 6, 8: the second of them exceeds patience 1 and lowers the rate 10x.
+    assert [recs[s]["eval/bad_evals"] for s in (2, 4, 6, 8)] == [0, 1, 2, 3]
+    assert [recs[s]["eval/lr_scale"] for s in (2, 4, 6, 8)] == pytest.approx([1, 1, 0.1, 0.1])
+    # The step after an evaluation already runs at the lowered rate (the schedule is constant).
+    assert [recs[s]["lr"] for s in (5, 7, 9)] == pytest.approx([3e-3, 3e-4, 3e-4], rel=1e-9)
+
+
+def test_evaluate_reports_quality_reward_with_an_exported_reward_model(tmp_path, prepared):
+    from engine import evaluate as E
+    from engine.train import export
+
+    cfg = _cfg(tmp_path)
+    export(_module(cfg, prepared).model, prepared.tokenizer, tmp_path / "rm", cfg, is_main=True)
+    # Any policy (here the random-init tiny Llama), the reward model named as in the training config.
+    result = E.main(["--model", "llama-tiny", "--prompts", "synthetic", "--num-prompts", "2", "--n", "2",
+                     "--max-new-tokens", "8", "--semantic-model", "", "--style-model", "", "--no-progress",
+                     "--eval.reward_model", str(tmp_path / "rm"), "--out", str(tmp_path / "eval")])
+    assert math.isfinite(result.summary["quality_reward"]) and "quality_true" in result.summary
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["settings"]["reward_model"] == str(tmp_path / "rm")
+
+
 def _steps(run_dir):
     by_step = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -466,3 +495,24 @@ def test_two_process_zero3_lora(tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(run / "final")
     assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_parameters())
+
+
+def test_benchmarks_md_reward_section_comes_from_the_rows(tmp_path):
+    from bench import common, report
+    from bench.bench_reward import FIELDS
+
+    base = {k: "" for k in FIELDS}
+    base.update(bench="reward-tiny-cpu", reward_loss="l1", steps="288", best_step="250", threads="1",
+                load1_start="1.0", load1_end="2.0", target_spearman_quality="0.6", hardware="cpu", torch="2",
+                transformers="5", commit="abc", timestamp="2026-01-01T00:00:00+00:00")
+    rows = [dict(base, variant="preset", labels="authors standardized", spearman_quality="0.8026", run_id="r1"),
+            dict(base, variant="published_labels", labels="authors", spearman_quality="0.5406", run_id="r1"),
+            dict(base, variant="preset", spearman_quality="0.1", run_id="r0",
+                 timestamp="2025-01-01T00:00:00+00:00")]
+    common.append_csv(tmp_path / "reward.csv", rows, FIELDS)
+    text = report.render(tmp_path, tmp_path / "B.md")
+    section = text.split("## Reward model")[1].split("\n## ")[0]
+    assert "Run `r1`" in section and section.count("| preset |") == 1  # the latest run's rows only
+    assert "| preset | l1 | authors standardized | 0.803 | >= 0.6 |" in section
+    assert "| published_labels | l1 | authors | 0.541 | < 0.6 |" in section
+    assert "| 288 (250) |" in section
