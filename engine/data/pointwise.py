@@ -4,7 +4,8 @@ Where this sits: the data side of `loss.objective reward` (engine.reward), besid
 of `prepare.py` and built from the same steps, so both see the same responses, split and pairs:
 
     load + validate + clean (loading.py) -> drop over-long responses (tokenize.py)
-    -> labels: the authors' transform of the upvotes, min/max over the whole dataset
+    -> labels: the authors' transform of the upvotes, min/max over the whole dataset, then (by
+       default) standardised with the training split's mean and std
     -> split by prompt (pairs.split_by_prompt: the prompt-level split of the preference data)
     -> preference pairs of each split (pairs.build_pairs with data.pairs)
     -> tokenise each response once with the reward template, cut at the end, cached
