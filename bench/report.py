@@ -531,6 +531,9 @@ def render(
             if spec is not None:
                 missing.append(f"- `{stem}.csv`: no rows at all (the benchmark has not been run here).")
             continue
+        if stem == "reward":
+            md += _reward_section(rows)
+            continue
         if spec is None:
             md += _generic_section(stem, rows)
             continue
@@ -573,6 +576,39 @@ def render(
     text = "\n".join(md)
     out_path.write_text(text)
     return text
+
+
+def _reward_section(rows: list[dict]) -> list[str]:
+    """reward.csv (bench/bench_reward.py): held-out quality of the tiny reward preset and its variants, the
+    latest row of each variant (quality figures stand alone: no ratio is taken across rows)."""
+    latest: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["_t"]):
+        latest[r["variant"]] = r
+    rs = list(latest.values())
+    md = ["## Reward model: held-out quality of the tiny preset", "",
+          "`configs/reward-tiny-cpu.yaml` trained by `engine.train`, its exported `final/` loaded by transformers "
+          "(engine.evaluate.RewardScorer) and scored on every held-out response of the synthetic data "
+          "(bench/bench_reward.py). *Spearman (quality)*: rank correlation of the export's scores with the "
+          "generator's ground-truth quality; *train-time*: the same from the trainer's packed forward at the best "
+          "step; *Spearman (upvotes)*, *pair accuracy*: against the held-out upvotes and preference pairs. Times: "
+          "the whole train call (data, training, held-out evaluations, exports) in wall and CPU seconds, with the "
+          "machine's 1-minute load average before and after. The latest row of each variant.", "",
+          "| variant | loss | labels | Spearman (quality) | bar | train-time | Spearman (upvotes) | pair accuracy | "
+          "steps (best) | wall s | CPU s | threads | load | run |",
+          "|" + "---|" * 14]  # fmt: skip
+    for r in rs:
+        q, bar = _f(r.get("spearman_quality")), _f(r.get("target_spearman_quality"))
+        verdict = "-" if q is None or bar is None else (f">= {bar:g}" if q >= bar else f"< {bar:g}")
+        md.append(
+            f"| {r['variant']} | {r['reward_loss']} | {r['labels']} | {fmt(q, 3)} | {verdict} | "
+            f"{fmt(r.get('spearman_quality_train'), 3)} | {fmt(r.get('spearman_label'), 3)} | "
+            f"{fmt(r.get('pairwise_accuracy'), 3)} | {r['steps']} ({r['best_step']}) | {fmt(r.get('wall_s'))} | "
+            f"{fmt(r.get('cpu_s'))} | {r['threads']} | {r['load1_start']} -> {r['load1_end']} | {r['_run']} |"
+        )
+    envs = sorted({(r["hardware"], r["torch"], r["transformers"], r["commit"]) for r in rs})
+    md += ["", "Hardware and versions of these rows:", ""]
+    md += [f"- {h}; torch {t}, transformers {tf}, commit {c}" for h, t, tf, c in envs]
+    return md + [""]
 
 
 def _generic_section(stem: str, rows: list[dict]) -> list[str]:

@@ -36,7 +36,11 @@ import yaml
 
 # ------------------------------------------------------------------------------------- choices
 
-Objective = Literal["dpo", "ddpo", "orpo", "dorpo", "sft"]
+PolicyObjective = Literal["dpo", "ddpo", "orpo", "dorpo", "sft"]  # trained through the fused LM-head loss
+Objective = Literal[PolicyObjective, "reward"]  # reward: a sequence classifier (engine.reward)
+RewardLoss = Literal["l1", "mse", "bradley_terry"]
+RewardTemplate = Literal["chat", "authors"]
+ScoreTransform = Literal["authors", "none"]
 PairMode = Literal["best_vs_worst", "gap", "all", "divpo"]
 LossBackend = Literal["auto", "triton", "torch", "eager"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -59,6 +63,8 @@ DivpoSampler = Literal["authors", "engine"]
 DeviationGroups = Literal["paired", "all"]
 
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+POLICY_OBJECTIVES: tuple[str, ...] = typing.get_args(PolicyObjective)
+REWARD_LOSSES: tuple[str, ...] = typing.get_args(RewardLoss)
 PAIR_MODES: tuple[str, ...] = typing.get_args(PairMode)
 LOSS_BACKENDS: tuple[str, ...] = typing.get_args(LossBackend)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
@@ -391,6 +397,14 @@ class LossConfig(_Section):
         authors=ByField("objective", {"orpo": True, "dorpo": True, "sft": True}, False), engine=False,
         cite="models/dorpo_trainer.py:815-819",
     )
+    reward_loss: RewardLoss = _f(
+        "l1", "objective reward: l1 or mse (regression on each response's transformed score; l1 = the authors') or "
+        "bradley_terry (preference pairs, TRL's RewardTrainer).",
+    )
+    reward_margin: float = _f(0.0, "bradley_terry: margin = this x (chosen label - rejected label), TRL's margin; "
+                              "0 = none.", ge=0)
+    center_rewards_coefficient: float | None = _f(None, "bradley_terry: TRL's center_rewards_coefficient (e.g. 0.01); "
+                                                  "null = off.", ge=0)
 
     @property
     def needs_reference(self) -> bool:
@@ -498,6 +512,37 @@ class EvalConfig(_Section):
 
 
 @dataclass
+class RewardConfig(_Section):
+    """Objective reward only (engine.reward): input format, labels, held-out evaluation, early stopping."""
+
+    section: ClassVar[str] = "reward"
+    template: RewardTemplate = _f(
+        "chat", "Reward model input: chat (the tokenizer's chat template, user = prompt, assistant = response) or "
+        "authors (<prompt>{prompt}</prompt><response>{response}</response>, models/reward_model.py). The export's "
+        "tokenizer carries it as its chat template, so engine.evaluate renders the same text.",
+    )
+    score_transform: ScoreTransform = _f(
+        "authors", "Labels: authors (the published iterated-log transform of upvotes to about [-1, 1], with the "
+        "dataset's min/max) or none (raw upvotes).",
+    )
+    compression_factor: int = _f(100, "authors transform: how many times log(x + 1) is applied (published: 100).",
+                                 ge=1)
+    standardize_labels: bool = _f(
+        True, "Z-score the labels with the training split's mean and std (ranks kept; the L1/MSE optimum maps back "
+        "affinely, and the export's config records both). The authors' transform leaves labels within ~0.01 of "
+        "each other when the minimum score is 0; Adam's steps then swamp that spread (false: the published labels).",
+    )
+    eval_every_steps: int = _f(0, "Held-out metrics every this many optimizer steps (0: once per epoch); always at "
+                               "the end.", ge=0, note="0 means once per epoch")
+    early_stopping_patience: int = _f(3, "Stop after this many evaluations without a lower held-out loss (0: never).",
+                                      ge=0)
+    early_stopping_min_delta: float = _f(0.0, "A held-out loss counts as lower when below best - min_delta.", ge=0)
+    lr_plateau_patience: int | None = _f(None, "Multiply the learning rate by lr_plateau_factor after more than this "
+                                         "many evaluations without improvement (ReduceLROnPlateau); null: off.", ge=0)
+    lr_plateau_factor: float = _f(0.1, "Learning-rate factor of the plateau schedule.", gt=0, lt=1)
+
+
+@dataclass
 class Config:
     recipe: Recipe = _f("engine", "Whose choice to take at every point where this engine departs from the authors' "
                         "code: authors or engine. Fields marked 'set by recipe' follow it unless set explicitly.")
@@ -511,6 +556,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self):
         _check(self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
@@ -533,6 +579,17 @@ class Config:
             f"the preference log-probs of {self.loss.objective}; it is supported with loss.objective sft only, "
             "set loss.nll_on_prompt false",
         )
+        if self.loss.objective == "reward":
+            _check(
+                self.data.pairs != "divpo",
+                "data.pairs divpo picks pairs by diversity, not quality, so a reward model would learn diversity: "
+                "use best_vs_worst, gap or all with loss.objective reward",
+            )
+            _check(
+                self.checkpoint.merge_lora,
+                "loss.objective reward exports an AutoModelForSequenceClassification directory, which needs the LoRA "
+                "adapters merged: set checkpoint.merge_lora true",
+            )
         _check(
             not (self.parallel.precision == "bf16" and self.model.dtype == "float16"),
             "parallel.precision bf16 with model.dtype float16 mixes half formats: use model.dtype bfloat16 or float32",

@@ -176,15 +176,19 @@ class RewardScorer:
     The pair is rendered with the reward tokenizer's chat template (user = prompt, assistant =
     response) when it has one, else encoded as a text pair. Score: the logit when the head has one
     label (a reward model), else the softmax probability of the last label (the positive class).
+    max_length None: the tokenizer's model_max_length (a reward model trained here records its training
+    length there, so texts are cut where training cut them), 1024 when the tokenizer states none.
     """
 
-    def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 8, max_length: int = 1024):
+    def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 8, max_length: int | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = str(path)
         self.batch_size = batch_size
-        self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        stated = getattr(self.tokenizer, "model_max_length", None)
+        # Tokenizers without a limit report a huge sentinel (int(1e30)).
+        self.max_length = max_length or (int(stated) if stated and stated < 1_000_000 else 1024)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"reward tokenizer at {self.path} has no pad or eos token; add a pad token to it")
@@ -698,6 +702,17 @@ _CFG_FLAGS = {
 }
 
 
+def _config_spelling(argv: Sequence[str]) -> list[str]:
+    """Accept the training config's spelling of the sampling/scoring flags too: --eval.reward_model DIR
+    is --reward-model DIR (every EvalConfig field that has a flag here)."""
+    aliases = {f"--eval.{field_}": "--" + flag.replace("_", "-") for flag, field_ in _CFG_FLAGS.items()}
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(aliases[key] + eq + value if key in aliases else arg)
+    return out
+
+
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.evaluate",
@@ -777,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
         return files
 
     parser = _eval_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_config_spelling(argv))
     if not args.human and not args.model:
         parser.error("--model is required unless --human is given")
     from engine.config import DataConfig, EvalConfig

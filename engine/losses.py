@@ -7,12 +7,19 @@ weights into one scalar loss plus TRL-named metrics. The fused kernels, the trai
 benchmarks all call (or are tested against) the functions here; nothing else re-derives a
 formula.
 
-Objectives (`OBJECTIVES`):
+Objectives (`POLICY_OBJECTIVES`):
 - "dpo"   Rafailov et al. 2023, sigmoid loss; = "ddpo" with every weight 1.
 - "ddpo"  deviation-weighted DPO, Chung et al. 2025.
 - "orpo"  Hong et al. 2024, NLL + odds-ratio term; = "dorpo" with every weight 1.
 - "dorpo" deviation-weighted ORPO, Chung et al. 2025.
 - "sft"   token-mean negative log-likelihood of the chosen responses.
+
+Reward-model losses (`REWARD_LOSSES`, objective "reward"), on one scalar reward per sequence read
+from a sequence-classification head (engine.reward):
+- "l1"            mean absolute error to each response's transformed score (the authors' criterion);
+- "mse"           mean squared error to the same labels;
+- "bradley_terry" -logsigmoid(chosen - rejected - margin) over preference pairs, with TRL's optional
+                  margin and center_rewards_coefficient (TRL's RewardTrainer).
 
 Conventions shared by every function:
 - Inputs are 1-D tensors over the P pairs of a batch, any float dtype. The math runs in fp32
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.config import OBJECTIVES  # declared once, as the Literal engine.config.Objective
+from engine.config import POLICY_OBJECTIVES, REWARD_LOSSES  # declared once, as Literals in engine.config
 
 # Largest argument log1mexp accepts before clamping. An average log-prob of exactly 0 (a
 # response with no tokens, or a model that is certain of every token) gives log(1 - exp(0)) =
@@ -361,8 +368,8 @@ def preference_loss(
     - "sft":   sft_loss on the chosen side; the rejected inputs may be None and are ignored.
     All math runs in fp32 whatever the input dtype (fp64 stays fp64).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(OBJECTIVES)}")
+    if objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(POLICY_OBJECTIVES)}")
     if objective == "sft":
         return sft_loss(chosen_logps, chosen_counts)
 
@@ -394,3 +401,111 @@ def preference_loss(
     rejected_avg = rejected_sums / rejected_n.clamp(min=1)
     chosen_nll = -chosen_sums.sum() / chosen_n.sum().clamp(min=1)
     return dorpo_loss(chosen_avg, rejected_avg, chosen_nll, chosen_weights=weights, beta=beta)
+
+
+# ------------------------------------------------------------------------------- reward models
+
+
+def _reward_stats(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL RewardTrainer's reward statistics over every scored sequence of the batch."""
+    r = rewards.detach().float()
+    return {"min_reward": r.min(), "mean_reward": r.mean(), "max_reward": r.max()}
+
+
+def pointwise_reward_loss(rewards: torch.Tensor, labels: torch.Tensor, kind: str = "l1") -> LossOutput:
+    """Regression of each sequence's reward onto its label (the response's transformed score).
+
+        l1:  loss = mean_i |r_i - y_i|
+        mse: loss = mean_i (r_i - y_i)^2
+
+    "l1" is the authors' reward model (models/reward_model.py: torch.nn.L1Loss on the transformed
+    upvotes of every cleaned response); both are torch's L1Loss / MSELoss with reduction "mean".
+
+    Metrics: min_reward, mean_reward, max_reward (TRL's names), mean_label, mean_abs_error,
+    mean_squared_error.
+    """
+    if kind not in ("l1", "mse"):
+        raise ValueError(f"pointwise reward loss must be l1 or mse, got {kind!r}; bradley_terry needs pairs")
+    _check_pairs(rewards=rewards, labels=labels)
+    dtype = _compute_dtype(rewards, labels)
+    diff = rewards.to(dtype) - labels.to(dtype)
+    loss = diff.abs().mean() if kind == "l1" else diff.square().mean()
+    with torch.no_grad():
+        d = diff.detach().float()
+        metrics = _reward_stats(rewards)
+        metrics["mean_label"] = labels.detach().float().mean()
+        metrics["mean_abs_error"] = d.abs().mean()
+        metrics["mean_squared_error"] = d.square().mean()
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> LossOutput:
+    """Bradley-Terry reward-model loss on preference pairs, as TRL's RewardTrainer computes it.
+
+        loss = mean_i( -logsigmoid(rc_i - rr_i - m_i) ) + c * mean_i( (rc_i + rr_i)^2 )
+
+    rc/rr are the rewards of the chosen/rejected response of pair i; m_i the optional per-pair
+    margin (Touvron et al. 2023, Llama 2, Eq. 2; None -> 0); c the optional
+    center_rewards_coefficient (Eisenstein et al. 2023; None -> no term), which keeps rewards
+    centred on 0.
+
+    Metrics (TRL's names): min_reward, mean_reward, max_reward over both sides, accuracy =
+    mean(rc > rr) (ties count as wrong), margin = mean(rc - rr).
+    """
+    _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, margin=margin)
+    if center_rewards_coefficient is not None:
+        _check_beta(center_rewards_coefficient, "center_rewards_coefficient", allow_zero=True)
+    dtype = _compute_dtype(chosen_rewards, rejected_rewards, margin)
+    rc, rr = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
+    logits = rc - rr if margin is None else rc - rr - margin.to(dtype)
+    per_pair = -F.logsigmoid(logits)
+    loss = per_pair.mean()
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * (rc + rr).square().mean()
+    with torch.no_grad():
+        metrics = _reward_stats(torch.cat([rc.detach(), rr.detach()]))
+        metrics["accuracy"] = (rc > rr).float().mean()
+        metrics["margin"] = (rc - rr).detach().float().mean()
+    return LossOutput(
+        loss=loss, metrics=metrics, per_pair_loss=per_pair.detach(), chosen_rewards=rc.detach(),
+        rejected_rewards=rr.detach(),
+    )
+
+
+def reward_loss(
+    kind: str,
+    rewards: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    chosen_index: torch.Tensor | None = None,
+    rejected_index: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    margin_scale: float = 0.0,
+    center_rewards_coefficient: float | None = None,
+) -> LossOutput:
+    """The reward-model epilogue: [S] per-sequence rewards -> the configured reward loss.
+
+    - "l1" / "mse":    `pointwise_reward_loss(rewards, labels)`.
+    - "bradley_terry": `bradley_terry_loss(rewards[chosen_index], rewards[rejected_index],
+                        margin = margin_scale * margins (None when margin_scale is 0), c)`;
+                        margins are the pairs' label gaps y_chosen - y_rejected.
+    """
+    if kind not in REWARD_LOSSES:
+        raise ValueError(f"unknown reward loss {kind!r}; valid reward losses are {', '.join(REWARD_LOSSES)}")
+    if kind != "bradley_terry":
+        if labels is None:
+            raise ValueError(f"reward loss {kind} regresses onto labels: pass one label per sequence")
+        return pointwise_reward_loss(rewards, labels, kind)
+    if chosen_index is None or rejected_index is None:
+        raise ValueError("reward loss bradley_terry compares pairs: pass chosen_index and rejected_index")
+    margin = None
+    if margin_scale:
+        if margins is None:
+            raise ValueError("a reward margin scale was given without per-pair margins (label gaps)")
+        margin = margin_scale * margins
+    return bradley_terry_loss(rewards[chosen_index], rewards[rejected_index], margin, center_rewards_coefficient)

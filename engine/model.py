@@ -3,7 +3,8 @@
 Sits at the start of the model side of the flow: the trainer, the reference-cache builder and the
 evaluator get their (model, tokenizer) here. Named architectures (`llama-tiny`, `gpt2-small`,
 `llama-8b`, `llama-8b-4layers`) are built from a config with no download, seeded and deterministic; anything else is a
-Hugging Face causal LM by local path or hub name. The trainer feeds the model's trunk (no LM head) and
+Hugging Face causal LM by local path or hub name (with `num_labels`, the sequence classifier on the
+same trunk that `engine.reward` trains). The trainer feeds the model's trunk (no LM head) and
 hands the head's weight to the fused loss, so `trunk_and_head` is here too.
 """
 
@@ -95,40 +96,57 @@ def build_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     vocab_size: int | None = None,
+    num_labels: int | None = None,
 ):
-    """Random-init named architecture, deterministic for (name, seed). device='meta' allocates nothing."""
-    from transformers import AutoModelForCausalLM
+    """Random-init named architecture, deterministic for (name, seed). device='meta' allocates nothing.
 
+    num_labels: None builds the causal LM; a number builds the sequence classifier with that many
+    outputs on the same trunk (a reward model with 1).
+    """
     if vocab_size is None:
         vocab_size = default_vocab_size()
     cfg = _named_config(name, vocab_size)
     cfg._attn_implementation = attn_implementation
+    auto = _auto_class(num_labels)
+    if num_labels is not None:
+        cfg.num_labels = num_labels
     torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     if torch.device(device).type == "meta":
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+            return auto.from_config(cfg, dtype=torch_dtype)
     fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+        model = auto.from_config(cfg, dtype=torch_dtype)
     return model.to(device)
 
 
-def load_model(cfg, *, device: str | torch.device = "cpu", name: str | None = None, for_training: bool = True):
+def _auto_class(num_labels: int | None):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+
+
+def load_model(
+    cfg, *, device: str | torch.device = "cpu", name: str | None = None, for_training: bool = True,
+    num_labels: int | None = None,
+):
     """Model for a run from a ModelConfig (`name` overrides cfg.name, e.g. a separate reference model).
 
     Applies the attention choice, gradient checkpointing and LoRA (when cfg.lora_r > 0 and for_training).
+    num_labels None: the causal LM; a number: AutoModelForSequenceClassification with that many
+    labels (its new score head randomly initialised when the checkpoint has none), LoRA task SEQ_CLS.
     """
-    from transformers import AutoModelForCausalLM
-
     name = name or cfg.name
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
     if is_named_architecture(name):
-        model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn)
+        model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn,
+                            num_labels=num_labels)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
+        extra = {} if num_labels is None else {"num_labels": num_labels}
+        model = _auto_class(num_labels).from_pretrained(
             name, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, **extra,
         ).to(device)
     model.config.use_cache = False  # packed rows rely on attention_mask=None and no KV cache
     if not for_training:
@@ -136,11 +154,13 @@ def load_model(cfg, *, device: str | torch.device = "cpu", name: str | None = No
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, task_type="CAUSAL_LM" if num_labels is None else "SEQ_CLS")
     return model
 
 
-def apply_lora(model, cfg):
+def apply_lora(model, cfg, task_type: str = "CAUSAL_LM"):
+    """LoRA on cfg.lora_target_modules. task_type SEQ_CLS makes peft train the classifier head
+    (`score`) in full through modules_to_save, as a freshly initialised head must be."""
     from peft import LoraConfig, get_peft_model
 
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -150,7 +170,7 @@ def apply_lora(model, cfg):
             f"model.lora_target_modules {cfg.lora_target_modules} match no module of {type(model).__name__}; "
             f"candidates include {sorted(n for n in present if 'proj' in n or n.startswith('c_'))}"
         )
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type=task_type)
     return get_peft_model(model, lcfg)
 
 

@@ -111,6 +111,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank ([obj] without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def deepspeed_config(cfg, *, total_steps: int) -> dict:
     """DeepSpeed JSON derived from our config; a user's parallel.deepspeed_config overrides its keys."""
     p, o = cfg.parallel, cfg.optim

@@ -150,7 +150,17 @@ def _train(cfg: Config) -> dict:
             print(f"memory plan unavailable for {cfg.model.name}: {e}")
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name, revision=cfg.model.revision)
-    prepared = prepare_data(cfg, tokenizer, out_dir=run_dir if env.is_main else None)
+    # The objective picks the data, the module and the held-out evaluation: a reward model trains a
+    # sequence classifier on packed responses (engine.reward); the policy objectives the fused-loss LM.
+    is_reward = cfg.loss.objective == "reward"
+    if is_reward:
+        from engine.data.pointwise import collate_reward as collate, prepare_reward_data
+        from engine.reward import RewardWithLoss, load_reward_model
+
+        prepared = prepare_reward_data(cfg, tokenizer, out_dir=run_dir if env.is_main else None)
+        tokenizer = prepared.tokenizer  # the reward template and length: what the export must carry
+    else:
+        prepared = prepare_data(cfg, tokenizer, out_dir=run_dir if env.is_main else None)
     rows = prepared.train_rows
     if not rows:
         raise RuntimeError(f"no training pairs after preparation; see {run_dir / 'data_report.json'}")
@@ -159,11 +169,14 @@ def _train(cfg: Config) -> dict:
     if cfg.loss.needs_reference:
         ref_cache = ensure_cache(cfg, tokenizer, prepared, device=env.device, rank=env.rank, world_size=env.world_size)
 
-    model = load_model(cfg.model, device=env.device)
+    if is_reward:
+        model = load_reward_model(cfg.model, prepared, device=env.device)
+    else:
+        model = load_model(cfg.model, device=env.device)
     reference = None
     if cfg.loss.needs_reference and ref_cache is None:
         reference = on_the_fly_reference(model, cfg)
-    module = PolicyWithLoss(model, cfg.loss)
+    module = RewardWithLoss(model, cfg.loss) if is_reward else PolicyWithLoss(model, cfg.loss)
 
     sampler = RowSampler(
         [r.num_tokens for r in rows], num_replicas=env.world_size, rank=env.rank,
@@ -173,6 +186,12 @@ def _train(cfg: Config) -> dict:
     steps_per_epoch = max(1, micro_per_epoch // cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or max(1, math.ceil(steps_per_epoch * cfg.optim.epochs))
     engine, optimizer, scheduler = parallelize.setup_deepspeed(module, cfg, total_steps=total_steps)
+    validation = None
+    if is_reward:
+        from engine.reward import RewardValidation
+
+        validation = RewardValidation(cfg, prepared, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
+                                      total_steps=total_steps, device=env.device, is_main=env.is_main)
 
     ckpt_dir = run_dir / "checkpoints"
     state = {"step": 0, "epoch": 0, "sampler": None, "nonfinite_skipped": 0, "tokens": 0}
@@ -181,6 +200,9 @@ def _train(cfg: Config) -> dict:
         state = checkpoint.load(engine, resume_from, rank=env.rank)
         if env.is_main:
             print(f"resumed from {resume_from} at step {state['step']}")
+    if validation is not None:
+        validation.load_state_dict(state.get("validation"))
+        state["validation"] = validation.state  # the same dict: every checkpoint saves the current one
     if state["sampler"] is not None:
         sampler.load_state_dict(state["sampler"])
     else:
@@ -219,8 +241,8 @@ def _train(cfg: Config) -> dict:
             sampler.set_epoch(state["epoch"])
 
     stream = batches()
-    stopped = False
-    while state["step"] < total_steps and not stopped:
+    stopped = early_stopped = False
+    while state["step"] < total_steps and not stopped and not early_stopped:
         t0 = time.time()
         acc: dict[str, float] = {}
         tokens = pad = 0
@@ -273,8 +295,12 @@ def _train(cfg: Config) -> dict:
             "padding_fraction": pad / max(1.0, tokens + pad),
             "step_time_s": dt,
         }
+        evaluated = validation is not None and validation.due(state["step"])
+        if evaluated:
+            record.update(validation.run(engine, module, scheduler, tokenizer, state["step"]))  # collective
+            early_stopped = validation.should_stop
         history.append(record)
-        if env.is_main and state["step"] % cfg.logging.log_every == 0:
+        if env.is_main and (state["step"] % cfg.logging.log_every == 0 or evaluated):
             _log_line(metrics_path, record)
             if writer is not None:
                 for k, v in record.items():
@@ -308,7 +334,10 @@ def _train(cfg: Config) -> dict:
 
     final_dir = run_dir / "final"
     if cfg.checkpoint.export_final:
-        export(module.model, tokenizer, final_dir, cfg, is_main=env.is_main)
+        if validation is not None and validation.state["best_step"] is not None:
+            validation.finish(final_dir)  # the best held-out model, not the last one
+        else:
+            export(module.model, tokenizer, final_dir, cfg, is_main=env.is_main)
     parallelize.barrier()
 
     summary = {}
@@ -328,7 +357,11 @@ def _train(cfg: Config) -> dict:
             "reference": "cache" if ref_cache is not None else ("on the fly" if reference is not None else "none"),
             "train_time_s": time.time() - t_start,
         }
-        if cfg.eval.enabled and prepared.val_pairs:
+        if validation is not None:
+            summary.update(responses=len(prepared.train_responses), best_step=validation.state["best_step"],
+                           stopped_early_at=validation.state["stopped_early_at"])
+            summary["eval"] = validation.state["best_metrics"] or {}
+        elif cfg.eval.enabled and prepared.val_pairs:
             summary["eval"] = evaluate_after_training(module.model, tokenizer, prepared, cfg, run_dir / "eval")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         print_summary(summary)

@@ -94,7 +94,7 @@ def test_numbers_without_a_dot_and_bare_off_in_yaml(tmp_path):
     "argv, message",
     [
         (["--loss.beta", "-1"], "loss.beta must be > 0, got -1"),
-        (["--loss.objective", "ppo"], "loss.objective must be one of dpo, ddpo, orpo, dorpo, sft; got 'ppo'"),
+        (["--loss.objective", "ppo"], "loss.objective must be one of dpo, ddpo, orpo, dorpo, sft, reward; got 'ppo'"),
         (["--optim.lr", "abc"], "--optim.lr must be a number, got 'abc'"),
         (["--data.max_length", "64", "--data.max_prompt_length", "128"], "must exceed data.max_prompt_length"),
         (["--parallel.zero_stage", "4"], "parallel.zero_stage must be one of 0, 1, 2, 3; got 4"),

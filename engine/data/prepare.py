@@ -189,11 +189,7 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
             flush=True,
         )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "data_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out / "data_report.json")
+        write_data_report(out_dir, report)
     return PreparedData(
         train_pairs=train_pairs, val_pairs=val_pairs, train_tokenized=train_tok, val_tokenized=val_tok,
         train_rows=train_rows, val_rows=val_rows, load_report=loaded.report, counts=counts, padding_fraction=pad_frac,
@@ -201,6 +197,15 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
         fingerprint=report["fingerprint"], tokenization_fingerprint=tok_fp, responses=responses, deviation=deviation,
         weights_attached=bool(needs_weights), report=report,
     )
+
+
+def write_data_report(out_dir: str | Path, report: dict) -> None:
+    """<out_dir>/data_report.json, written atomically (tmp + rename)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "data_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "data_report.json")
 
 
 def write_pairs_jsonl(path: str | Path, prepared: PreparedData) -> int:
