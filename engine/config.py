@@ -61,6 +61,7 @@ Truncation = Literal["engine", "trl"]
 GapSampler = Literal["authors", "engine"]
 DivpoSampler = Literal["authors", "engine"]
 DeviationGroups = Literal["paired", "all"]
+MetricsCompat = Literal["engine", "authors"]
 
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 POLICY_OBJECTIVES: tuple[str, ...] = typing.get_args(PolicyObjective)
@@ -75,6 +76,7 @@ ZERO_STAGES: tuple[int, ...] = typing.get_args(ZeroStage)
 DISTANCE_METRICS: tuple[str, ...] = typing.get_args(DistanceMetric)
 DEVIATION_MODES: tuple[str, ...] = typing.get_args(DeviationMode)
 KNN_SCOPES: tuple[str, ...] = typing.get_args(KnnScope)
+METRICS_COMPATS: tuple[str, ...] = typing.get_args(MetricsCompat)
 NAMED_ARCHITECTURES = ("llama-tiny", "gpt2-small", "llama-8b", "llama-8b-4layers")
 
 # The authors' repository, as cited in the recipe of each field (paths relative to its root).
@@ -509,6 +511,13 @@ class EvalConfig(_Section):
     trust_remote_code: bool = _f(False, "Let the embedders run their own code (jinaai/jina-embeddings-v3 needs it).")
     reward_model: str | None = _f(None, "HF sequence-classification model scoring quality; on synthetic data the "
                                   "ground truth is used too.")
+    metrics_compat: MetricsCompat = _f(
+        "engine", "Definitions of the text diversity metrics (engine.metrics). engine: what each name says. authors: "
+        "the values of the authors' evaluation, to set beside the paper's figures: compression of the text gzipped "
+        "twice, their homogenization walk (last sample left out, n identical samples score n - 1), n-grams split on "
+        "single spaces, values rounded to 3 decimals, empty samples scored as 'nan' as their CSV reads them "
+        "(diversity/compression.py, homogenization.py, ngram_diversity.py, scripts_eval/generation_eval1_2.py). Not "
+        "set by `recipe`: it changes the report, not the training, and runs compared side by side must share it.")
 
 
 @dataclass

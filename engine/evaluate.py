@@ -5,7 +5,8 @@ to `runs/<name>/eval/`), and the CLI wraps the same function for any saved model
 architecture. Each prompt gets `n_samples` samples drawn with the published settings (temperature
 1.0, top-p 0.95, top-k 50, repetition penalty 1.1); the group of samples is scored with the
 functions of `engine.metrics` (semantic and style diversity through the deviation pipeline's
-embedders, n-gram diversity, compression ratio, homogenization), plus quality from a reward model
+embedders, n-gram diversity, compression ratio, homogenization; `eval.metrics_compat` chooses the
+engine's definitions or the authors' values), plus quality from a reward model
 and, on the bundled synthetic data, from the generator's ground truth. `--human` scores the human
 responses of the same prompts instead of samples, the reference diversity of human writing.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import metrics as M
-from engine.config import CLEANINGS, MODEL_DTYPES
+from engine.config import CLEANINGS, METRICS_COMPATS, MODEL_DTYPES
 
 # Columns of the comparison table, in order; those a run lacks are shown as "-".
 REPORT_KEYS = (
@@ -270,6 +271,7 @@ def score_samples(
     settings: dict | None = None,
     out_dir: str | Path | None = None,
     show_progress: bool = True,
+    metrics_compat: str = "engine",
 ) -> EvalResult:
     """Score groups of samples (from a model or from people) and write the outputs.
 
@@ -278,6 +280,7 @@ def score_samples(
     `engine.deviation.get_embedder`; a missing one leaves its metric out. Quality: `quality_reward`
     (reward model) and, when `synthetic`, `quality_true` (the generator's ground truth) plus theme/style
     shares and entropies; `quality` is the ground truth on synthetic data, else the reward.
+    metrics_compat: the definitions of the diversity metrics (`engine.metrics`, eval.metrics_compat).
     """
     from engine.data.records import make_prompt_id
 
@@ -314,9 +317,9 @@ def score_samples(
         lo, hi = int(bounds[i]), int(bounds[i + 1])
         texts = groups[i]
         row = {"prompt_id": pid, "prompt": prompt}
-        row.update(M.text_metrics(texts))
+        row.update(M.text_metrics(texts, compat=metrics_compat))
         for key, emb in embedded.items():
-            row[key] = M.embedding_diversity(emb[lo:hi])
+            row[key] = M.embedding_diversity(emb[lo:hi], compat=metrics_compat)
         if any("n_tokens" in s for s in group):
             row["length_tokens_mean"] = float(np.mean([s.get("n_tokens", 0) for s in group])) if group else 0.0
             row["truncated_share"] = float(np.mean([bool(s.get("truncated")) for s in group])) if group else 0.0
@@ -358,6 +361,7 @@ def score_samples(
         semantic_model=getattr(semantic_embedder, "id", None),
         style_model=getattr(style_embedder, "id", None),
         reward_model=getattr(reward_scorer, "path", None),
+        metrics_compat=metrics_compat,
     )
     result = EvalResult(summary=summary, per_prompt=per_prompt, generations=generations, settings=settings)
     if out_dir is not None:
@@ -455,6 +459,7 @@ def evaluate_model(
         settings=settings,
         out_dir=out_dir,
         show_progress=show_progress,
+        metrics_compat=getattr(cfg, "metrics_compat", "engine"),
     )
 
 
@@ -510,6 +515,7 @@ def evaluate_human(
         settings=settings,
         out_dir=out_dir,
         show_progress=show_progress,
+        metrics_compat=getattr(cfg, "metrics_compat", "engine"),
     )
 
 
@@ -698,7 +704,7 @@ _CFG_FLAGS = {
     "n": "n_samples", "num_prompts": "num_prompts", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
     "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "batch_size": "batch_size",
     "seed": "seed", "semantic_model": "semantic_model", "style_model": "style_model", "reward_model": "reward_model",
-    "trust_remote_code": "trust_remote_code",
+    "trust_remote_code": "trust_remote_code", "metrics_compat": "metrics_compat",
 }
 
 
@@ -745,6 +751,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="let the embedders run their own code (jinaai/jina-embeddings-v3 needs it)")
     p.add_argument("--reward-model", help="HF sequence-classification model scoring quality")
+    p.add_argument("--metrics-compat", choices=METRICS_COMPATS,
+                   help="definitions of the text diversity metrics: engine (default) or authors (the values of the "
+                   "authors' evaluation code, to set beside the paper's figures; see engine.metrics)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")

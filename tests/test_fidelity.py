@@ -11,16 +11,23 @@ chi-square test (p > 1e-4, deterministic seeds) compares the two.
 
 Points (README "Fidelity"): 1 DORPO NLL on prompt tokens, 2 deviation groups, 3 title cleaning,
 4 length filter, 5 gap pairs, 6 DivPO pairs, 7 max_per_prompt / duplicates, 8 rejected weights,
-9 the llama8b configs, 10 embedders.
+9 the llama8b configs, 10 embedders, 11 evaluation metrics (`eval.metrics_compat: authors`, not the
+recipe), 12 groups of one and score ties (kept as the engine's under both recipes; the tests show why).
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.util
 import itertools
+import json
+import math
+import os
 import re
 import shutil
+import tempfile
+import types
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -198,32 +205,49 @@ def authors_deviation_weights(pairs: list[tuple[str, str, str]], embed, max_cuto
         if max_cutoff != -1 and not (chosen in comments[prompt] and rejected in comments[prompt]):  # :70-74
             out.append(None)
             continue
-        per_model_all, per_model_chosen = [], []
-        for m in range(2):  # :94-114
-            cur = scores[m][prompt]
-            c, vals = cur[chosen], list(cur.values())
-            hi, lo = max(vals), min(vals)
-            if hi == lo:
-                c, vals = 0, [0 for _ in vals]
-            else:
-                c = 2 * (c - lo) / (hi - lo) - 1
-                vals = [2 * (s - lo) / (hi - lo) - 1 for s in vals]
-            per_model_all.append(vals)
-            per_model_chosen.append(c)
-        combined = []  # :122-136
-        for i in range(len(per_model_all[0])):
-            s = 1
-            for m in range(2):
-                s *= ((per_model_all[m][i] + 1) / 2) ** (1 / 2)
-            combined.append(2 * s - 1)
-        sc = 1
-        for m in range(2):
-            sc *= ((per_model_chosen[m] + 1) / 2) ** (1 / 2)
-        sc = 2 * sc - 1
-        if min(combined) != max(combined):  # :143-144
-            sc = (sc * len(combined) - sum(combined)) / (len(combined) + sum(combined))
-        out.append(sc + 1)
+        out.append(authors_transform([scores[m][prompt] for m in range(2)], chosen) + 1)
     return out
+
+
+def authors_transform(cur_by_model: list[dict[str, float]], chosen: str) -> float:
+    """scripts_dataset_cleaner/3_data_prep_for_diversified_training.py:94-145, transform_scores for one pair:
+    per model, the prompt's {text: deviation score}; returns the pair's score_chosen (exact equality at :103
+    and :143, as theirs)."""
+    per_model_all, per_model_chosen = [], []
+    for cur in cur_by_model:  # :94-114
+        c, vals = cur[chosen], list(cur.values())
+        hi, lo = max(vals), min(vals)
+        if hi == lo:
+            c, vals = 0, [0 for _ in vals]
+        else:
+            c = 2 * (c - lo) / (hi - lo) - 1
+            vals = [2 * (s - lo) / (hi - lo) - 1 for s in vals]
+        per_model_all.append(vals)
+        per_model_chosen.append(c)
+    m_count = len(cur_by_model)
+    combined = []  # :122-136
+    for i in range(len(per_model_all[0])):
+        s = 1
+        for m in range(m_count):
+            s *= ((per_model_all[m][i] + 1) / 2) ** (1 / m_count)
+        combined.append(2 * s - 1)
+    sc = 1
+    for m in range(m_count):
+        sc *= ((per_model_chosen[m] + 1) / 2) ** (1 / m_count)
+    sc = 2 * sc - 1
+    if min(combined) != max(combined):  # :143-144
+        sc = (sc * len(combined) - sum(combined)) / (len(combined) + sum(combined))
+    return sc
+
+
+def authors_group_weights(emb_by_model: list[torch.Tensor], texts: list[str]) -> list[float]:
+    """One prompt's group list through :78-86 (get_diversity, then a dict keyed by text) and transform_scores
+    with each text as the chosen one, plus the trainers' 1: the weight of every text of the group."""
+    cur_by_model = []
+    for emb in emb_by_model:
+        div = authors_get_diversity(emb)
+        cur_by_model.append({t: div[i] for i, t in enumerate(texts)})
+    return [authors_transform(cur_by_model, t) + 1 for t in texts]
 
 
 def authors_process_scores(emb_by_model: list[torch.Tensor]) -> list[float]:
@@ -270,6 +294,78 @@ def authors_divpo_distribution(texts, scores, emb_by_model, *, min_gap, rho=25,
             for lp in perms:
                 seq = tuple((texts[high[hp[i]]], texts[low[lp[i]]]) for i in range(max_num_pair))
                 out[seq] = out.get(seq, Fraction(0)) + p_gap / (len(perms) ** 2)
+    return out
+
+
+def authors_compression_ratio(data: list[str]) -> float:
+    """diversity/compression.py:10-58 with algorithm 'gzip' and no path (a temporary directory); the text file
+    is written with their default encoding, UTF-8 on Linux."""
+    temp_dir = tempfile.TemporaryDirectory()
+    path = Path(temp_dir.name)
+    with (path / "original.txt").open("w+", encoding="utf-8") as f:
+        f.write(" ".join(data))
+    original_size = os.path.getsize(os.path.join(path, "original.txt"))
+    with gzip.GzipFile(str(path / "compressed.gz"), "w+") as f:
+        f.write(gzip.compress(" ".join(data).encode("utf-8")))
+    compressed_size = os.path.getsize(os.path.join(path, "compressed.gz"))
+    temp_dir.cleanup()
+    return round(original_size / compressed_size, 3)
+
+
+def authors_homogenization_score(data: list[str]) -> float:
+    """diversity/homogenization.py:10-87 with measure 'rougel', no stemmer (their _calculate_score's memo cache
+    changes no value)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+    def calculate_score(pair):
+        if pair[0] == pair[1]:
+            return 1
+        return scorer.score(pair[0], pair[1])["rougeL"][-1]
+
+    all_pairs = ((data[i], data[j]) for i in range(len(data)) for j in range(len(data)) if i != j)
+    curr_str = data[0]
+    corpus_score = 0
+    doc_score = 0
+    for pair in all_pairs:
+        if pair[0] == curr_str:
+            doc_score += calculate_score(pair)
+        else:
+            corpus_score += doc_score / (len(data) - 1)
+            curr_str = pair[0]
+            doc_score = 0
+            doc_score += calculate_score(pair)
+    if corpus_score == 0:
+        corpus_score += doc_score
+    return round(corpus_score / len(data), 3)
+
+
+def authors_ngram_diversity_score(data: list[str], num_n: int = 4) -> float:
+    """diversity/ngram_diversity.py:4-26."""
+    import nltk
+
+    score = 0
+    data = " ".join(data).split(" ")
+    for i in range(1, num_n + 1):
+        ngrams = list(nltk.ngrams(data, i))
+        score += len(set(ngrams)) / len(ngrams)
+    return round(score, 3)
+
+
+def authors_csv_round_trip(groups: list[list[str]], path: Path) -> list[list[str]]:
+    """The samples as their metric script sees them: scripts_eval/generation_eval1_1.py:84-99 writes one row per
+    sample with pandas, generation_eval1_2.py:24,31-34 reads the file and takes str() of each prompt's responses."""
+    import pandas as pd
+
+    rows = [{"prompt_id": i, "prompt": "p", "response": t, "reddit_reward": 0.0, "semantic_diversity": 0.0,
+             "style_diversity": 0.0} for i, g in enumerate(groups) for t in g]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    val_df = pd.read_csv(path)
+    out = []
+    for prompt_id in val_df["prompt_id"].unique():
+        sub_df = val_df[val_df["prompt_id"] == prompt_id]
+        out.append([str(r) for r in sub_df["response"].tolist()])
     return out
 
 
@@ -788,3 +884,215 @@ def test_point10_default_embedders_are_labelled_truthfully():
             "jinaai/jina-embeddings-v3", "AnnaWegmann/Style-Embedding")
         assert cfg.deviation.trust_remote_code and (cfg.eval.semantic_model, cfg.eval.style_model) == (
             "jinaai/jina-embeddings-v3", "AnnaWegmann/Style-Embedding")
+
+
+# ---------------------------------------------------------------------------------------- 11: metrics
+
+
+@pytest.fixture
+def their_clock(monkeypatch):
+    """gzip.compress stamps the call's time into its header (their inner stream); pin it to the second the
+    engine's authors' definition uses."""
+    from engine.metrics import AUTHORS_GZIP_MTIME
+
+    monkeypatch.setattr(gzip, "time", types.SimpleNamespace(time=lambda: float(AUTHORS_GZIP_MTIME)))
+
+
+METRIC_GROUPS = [
+    STORIES[:4],
+    [STORIES[0]] * 3,  # every sample identical: n - 1 there
+    [STORIES[1], STORIES[1], STORIES[2], STORIES[3]],  # consecutive copies merge
+    [STORIES[4], STORIES[5], STORIES[4], STORIES[6]],  # a copy that does not
+    ["", "None", STORIES[7], "NA"],  # read back from their CSV as "nan"
+    ["...", "!!!", STORIES[8], STORIES[9]],  # no word character: ROUGE finds no token
+    ["Line one.\n\nLine  two", STORIES[10] + "  " + STORIES[11], "\u00e9t\u00e9 \u2014 caf\u00e9", STORIES[12]],
+    ["Hi", "there"],  # no 3-gram: their n-gram score divides by zero
+    [STORIES[13]],
+    [" ".join(STORIES * 3), " ".join(reversed(STORIES * 3)), " ".join(STORIES[::2] * 5), STORIES[0]],
+]
+
+
+def _or_nan(fn, *args):
+    try:
+        return fn(*args)
+    except ZeroDivisionError:
+        return float("nan")
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def test_point11_text_metrics_equal_the_authors_evaluation(tmp_path, their_clock):
+    """diversity/compression.py, homogenization.py, ngram_diversity.py (their vendored copy of Shaib et al.'s
+    package) on the samples as their CSV returns them (scripts_eval/generation_eval1_1.py:84-99,
+    generation_eval1_2.py:24,31-37): equal to the last bit (rounded to 3 decimals there). Where their code raises
+    (no 3-gram), the engine reports NaN, which the averages over prompts skip."""
+    from engine import metrics as M
+
+    theirs_texts = authors_csv_round_trip(METRIC_GROUPS, tmp_path / "eval.csv")
+    ports = {"compression_ratio": authors_compression_ratio, "homogenization": authors_homogenization_score,
+             "ngram_diversity": authors_ngram_diversity_score}
+    differs = Counter()
+    for samples, seen_by_them in zip(METRIC_GROUPS, theirs_texts):
+        ours, engine = M.text_metrics(samples, compat="authors"), M.text_metrics(samples)
+        for key, port in ports.items():
+            want = _or_nan(port, seen_by_them)
+            assert _same(ours[key], want), (key, samples, ours[key], want)
+            differs[key] += not _same(engine[key], want)
+    assert all(differs[k] >= 3 for k in ports), differs  # the engine's definitions are other numbers
+
+
+def test_point11_their_compression_ratio_depends_on_the_clock(monkeypatch):
+    """The inner gzip.compress writes the time of the call into the stream their file compresses again; for
+    some texts a few bytes of time change the outer size. Hence a pinned second (AUTHORS_GZIP_MTIME)."""
+    from engine.metrics import AUTHORS_GZIP_MTIME
+
+    words = " ".join(STORIES).split()
+    seconds = [AUTHORS_GZIP_MTIME + 3600 * h for h in range(24)]
+    for k in range(1, len(words)):
+        values = set()
+        for t in seconds:
+            monkeypatch.setattr(gzip, "time", types.SimpleNamespace(time=lambda t=t: float(t)))
+            values.add(authors_compression_ratio([" ".join(words[:k])]))
+        if len(values) > 1:
+            break
+    assert len(values) > 1, "no text found whose value depends on the clock"
+
+
+def test_point11_embedding_diversity_equals_theirs():
+    """models/diversity_model.py:25-42 as scripts_eval/generation_eval1_1.py:82-83 calls it, averaged over the
+    prompt's samples; one sample: NaN there (0/0; generation_eval2.py:54-59 writes NaN too), 0.0 in the engine."""
+    from engine import metrics as M
+
+    gen = torch.Generator().manual_seed(0)
+    for texts in (STORIES[:4], STORIES[5:7], STORIES[:1]):
+        style = embed_fn([get_embedder("builtin:stylometric")])(texts)[0]
+        for e in (style, torch.randn(len(texts), 24, generator=gen)):
+            want = float(np.mean(authors_get_diversity(e)))
+            got = M.embedding_diversity(e.numpy(), compat="authors")
+            assert _same(got, want) or got == pytest.approx(want, abs=1e-6)  # their float32 arithmetic
+            if len(texts) == 1:
+                assert math.isnan(got) and M.embedding_diversity(e.numpy()) == 0.0
+
+
+def _metrics_and_samples(out_dir: Path):
+    doc = json.loads((out_dir / "metrics.json").read_text())
+    samples: dict[str, list[str]] = {}
+    for line in (out_dir / "generations.jsonl").read_text().splitlines():
+        g = json.loads(line)
+        samples.setdefault(g["prompt_id"], []).append(g["text"])
+    return doc, samples
+
+
+def _assert_authors_rows(doc, samples, tmp_path):
+    pids = [row["prompt_id"] for row in doc["per_prompt"]]
+    seen_by_them = authors_csv_round_trip([samples[p] for p in pids], tmp_path / "eval.csv")
+    for row, texts in zip(doc["per_prompt"], seen_by_them):
+        for key, port in (("compression_ratio", authors_compression_ratio),
+                          ("homogenization", authors_homogenization_score),
+                          ("ngram_diversity", authors_ngram_diversity_score)):
+            want = _or_nan(port, texts)
+            assert (row[key] is None and math.isnan(want)) or row[key] == want, (key, row[key], want)
+
+
+def test_point11_evaluate_cli_and_after_training_use_the_switch(tmp_path, their_clock):
+    """`python -m engine.evaluate --metrics-compat authors` and the evaluation after training (eval.metrics_compat)
+    write the authors' values and record the choice; the recipe does not set it (see the README)."""
+    from types import SimpleNamespace
+
+    from engine.evaluate import main
+    from engine.model import build_model, load_tokenizer
+    from engine.train import evaluate_after_training
+
+    assert from_dict({"recipe": "authors"}).eval.metrics_compat == "engine"
+    assert from_dict({"recipe": "authors", "eval": {"metrics_compat": "authors"}}).eval.metrics_compat == "authors"
+
+    out = tmp_path / "human"
+    main(["--human", "--prompts", "synthetic", "--split", "all", "--num-prompts", "3", "--n", "4", "--semantic-model",
+          "", "--style-model", "builtin:stylometric", "--metrics-compat", "authors", "--out", str(out),
+          "--no-progress"])
+    doc, samples = _metrics_and_samples(out)
+    assert doc["settings"]["metrics_compat"] == "authors" and len(doc["per_prompt"]) == 3
+    _assert_authors_rows(doc, samples, tmp_path)
+
+    cfg = from_dict({"eval": {"metrics_compat": "authors", "n_samples": 3, "num_prompts": 2, "max_new_tokens": 8,
+                              "batch_size": 2, "semantic_model": "", "style_model": "builtin:stylometric"},
+                     "data": {"source": "synthetic"}})
+    prepared = SimpleNamespace(val_pairs=[SimpleNamespace(prompt=p) for p in ("Write about a ship.", "A dragon?")])
+    torch.manual_seed(0)
+    evaluate_after_training(build_model("llama-tiny", seed=0), load_tokenizer(), prepared, cfg, tmp_path / "eval")
+    doc, samples = _metrics_and_samples(tmp_path / "eval")
+    assert doc["settings"]["metrics_compat"] == "authors"
+    _assert_authors_rows(doc, samples, tmp_path)
+
+
+# ------------------------------------------------------------------------------ 12: groups of one, ties
+
+
+def test_point12_a_group_of_one_weighs_one_where_theirs_is_nan(tmp_path):
+    """models/diversity_model.py:40 divides by n - 1 = 0 for one response, and transform_scores keeps the NaN
+    (3_data_prep_for_diversified_training.py:100-145). The engine gives weight 1 and counts such groups."""
+    from engine.deviation import weight_summary
+
+    lone = group("Lonely prompt", [(STORIES[0], 3)])
+    others = group("Busy prompt", [(t, i) for i, t in enumerate(STORIES[1:5])])
+    assert all(math.isnan(w) for w in authors_group_weights(embed_fn(STYLE_TWICE)([STORIES[0]]), [STORIES[0]]))
+    res = compute_deviation(lone + others, style_only(tmp_path, groups="all").deviation)
+    assert res.weight_of(lone[0].response_id) == 1.0 and res.score_of(lone[0].response_id) == 0.0
+    summary = weight_summary(res)
+    assert summary["groups_of_one"] == 1 and "NaN" in summary["notes"][0]
+    assert weight_summary(compute_deviation(others, style_only(tmp_path).deviation))["groups_of_one"] == 0
+
+
+def test_point12_exact_ties_turn_rounding_into_weights_0_and_2():
+    """:103 and :143 test exact equality. A spread of 1e-12 between the two scores of a group of two, the size
+    of float rounding, makes their weights 2 and 0 (min-max scaling to +-1); the engine's tolerance gives the
+    exact-arithmetic answer, 1 and 1, which is also theirs whenever their arithmetic ties exactly."""
+    from engine.deviation import combine_geometric, minmax_scale_groups, normalise_weights
+
+    d = 0.4375
+    for raw in ((d, d + 1e-12), (d + 1e-12, d), (d, d)):
+        cur = {"chosen": raw[0], "rejected": raw[1]}
+        theirs = [authors_transform([cur, cur], t) + 1 for t in cur]
+        codes = np.zeros(2, dtype=np.int64)
+        scaled = minmax_scale_groups(np.array(raw), codes, 1)
+        ours = normalise_weights(combine_geometric([scaled, scaled]), codes, 1)
+        assert ours.tolist() == [1.0, 1.0]
+        want = [1.0, 1.0] if raw[0] == raw[1] else sorted([0.0, 2.0], reverse=raw[0] > raw[1])
+        assert theirs == pytest.approx(want, abs=1e-12)
+
+
+def test_point12_groups_of_two_weigh_one_and_ties_change_no_real_group(tmp_path):
+    """Every group of two stories: weight 1 and 1 in the engine. The port (their float32 matrix product,
+    exact equality) agrees wherever its two scores are bit-equal; where its matrix product is not
+    bit-symmetric, rounding alone gives those responses weights far from 1 (hardware-dependent, which is why
+    exact equality is not offered). With exact equality on its own arithmetic the engine too would scatter
+    weights. Larger groups: the tolerance changes no weight."""
+    from engine.deviation import deviation_weights
+
+    emb = embed_fn(STYLE_TWICE)(STORIES)[0]
+    twos = list(itertools.combinations(range(len(STORIES)), 2))
+    groups = [group(f"P{i}-{j}", [(STORIES[i], 2), (STORIES[j], 1)]) for i, j in twos]
+    res = compute_deviation([r for g in groups for r in g], style_only(tmp_path).deviation)
+    assert res.weights.tolist() == [1.0] * 2 * len(twos)
+    noisy_engine = 0
+    for i, j in twos:
+        theirs = authors_group_weights([emb[[i, j]]] * 2, [STORIES[i], STORIES[j]])
+        div = authors_get_diversity(emb[[i, j]])
+        if div[0] == div[1]:
+            assert theirs == pytest.approx([1.0, 1.0], abs=1e-12)
+        else:
+            assert abs(div[0] - div[1]) < 1e-6 and max(abs(w - 1) for w in theirs) > 0.5
+        exact = deviation_weights([emb[[i, j]].numpy()], np.zeros(2, dtype=np.int64), tie_atol=0.0)
+        noisy_engine += exact.tolist() != [1.0, 1.0]
+    assert noisy_engine > 0
+    rng = np.random.default_rng(0)
+    subsets = [sorted(rng.choice(len(STORIES), size=int(rng.integers(3, 7)), replace=False).tolist())
+               for _ in range(20)]
+    groups = [group(f"G{n}", [(STORIES[k], k) for k in idx]) for n, idx in enumerate(subsets)]
+    res = compute_deviation([r for g in groups for r in g], style_only(tmp_path).deviation)
+    for g, idx in zip(groups, subsets):
+        got = [res.weight_of(r.response_id) for r in g]
+        want = authors_group_weights([emb[idx]] * 2, [STORIES[k] for k in idx])
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)

@@ -148,7 +148,8 @@ def compute_deviation(responses: list, cfg, *, cache_dir: str | Path | None = No
 
 
 def weight_summary(result: DeviationResult, bins=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, np.inf)) -> dict:
-    """Histogram of weights per prompt-size bucket (considered responses, each distinct id once)."""
+    """Histogram of weights per prompt-size bucket (considered responses, each distinct id once), and the count
+    of prompts whose group holds a single response (weight 1; NaN in the authors' code), with a note when any."""
     _, first = np.unique(result.response_ids.astype(str), return_index=True)
     pid = result.prompt_ids[first]
     w = result.weights[first]
@@ -172,4 +173,9 @@ def weight_summary(result: DeviationResult, bins=(0.0, 0.25, 0.5, 0.75, 1.0, 1.2
     out["responses"] = int(cons.sum())
     out["prompts"] = int(g)
     out["not_considered"] = int((~cons).sum())
+    groups_of_one = int(len(np.unique(codes[cons & (size == 1)])))
+    out["groups_of_one"] = groups_of_one
+    if groups_of_one:
+        out["notes"] = [f"{groups_of_one} prompt(s) with a single response in their group: score 0, weight 1 (the "
+                        "authors' code gives NaN there, 0/0: models/diversity_model.py:40)"]
     return out

@@ -3,16 +3,28 @@
 Sits after deviation scores (scores.py) and before the data pipeline attaches one weight to each
 side of every pair. Steps, exactly as the method defines them:
   1. per embedding model, per group: the "mean" deviation score of each response, min-max scaled
-     within the group to [-1, 1]; a group whose scores are all equal gets 0 everywhere;
+     within the group to [-1, 1]; a group whose scores are all equal (see Ties) gets 0 everywhere;
   2. models combined by the geometric mean on the [0, 1] scale:
          s = 2 * prod_m ((s_m + 1) / 2) ** (1 / M) - 1
   3. w_i = (s_i + 1) / mean_{k in group}(s_k + 1): weights average exactly 1 within every group;
      a group whose combined scores are all equal gets weight 1 everywhere.
 
-Equality is decided with `tie_atol` (default 1e-6 on the score scale): the O(N d) mean-distance
-identity and float32 embeddings leave ~1e-12..1e-7 of rounding between scores that are equal in
-exact arithmetic (two responses of a group of two, exact duplicate texts), and min-max scaling
-would blow that noise up to +-1. A real deviation spread below 1e-6 carries no signal anyway.
+Groups of one response: score 0 and weight 1 (also in knn mode and for DivPO's sets of one). The
+authors' code divides 0 by 0 there (models/diversity_model.py:40, the sum of a 1 x 1 distance matrix
+over n - 1 = 0), and the NaN runs through every later step
+(scripts_dataset_cleaner/3_data_prep_for_diversified_training.py:100-145) into the weight. Their pairs
+never form such a group (a pair adds two responses); `deviation.groups: all` does, for a prompt with a
+single response (which then has no pair), and `python -m engine.deviation` reports the count
+(`weight_summary`).
+
+Ties. Equality is decided with `tie_atol` (default 1e-6 on the score scale); the authors test exact
+equality (`div_max == div_min`, :103, and `min != max`, :143). The scores of a group of two are equal
+in exact arithmetic (both are the one distance), as are those of duplicate texts, but not in floating
+point: the O(N d) mean-distance identity here, and their float32 n x n matrix product whenever it is
+not bit-symmetric, leave ~1e-12..1e-7 between them, which exact equality followed by min-max scaling
+turns into +-1 (weights 0 and 2 instead of 1 and 1). The tolerance gives the exact-arithmetic answer
+whatever the hardware; exact equality would only trade their rounding noise for ours, so it is not
+offered. A real deviation spread below 1e-6 carries no signal anyway.
 
 The authors compute the same weight in two steps: a score (s n - sum s) / (n + sum s) per response
 (scripts_dataset_cleaner/3_data_prep_for_diversified_training.py:143-145), to which their trainers add
