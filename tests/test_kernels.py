@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.losses import OBJECTIVES, preference_loss
+from engine.config import POLICY_OBJECTIVES as OBJECTIVES
+from engine.losses import preference_loss
 from ddpo_kernels import (
     BACKEND_ENV_VAR,
     fused_preference_loss,
