@@ -10,9 +10,7 @@ checked again on load, so a truncated or altered file is an error, never silentl
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -21,29 +19,13 @@ import numpy as np
 import torch
 
 from engine import parallelize
+from engine.fileio import atomic_write, publish_dir, sha256_file
 
 MANIFEST = "MANIFEST.json"
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -79,16 +61,15 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, config, *, rank
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     parallelize.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag_tmp, save_latest=False)
-    torch.save(rng_state(), tmp_dir / f"rng-rank{rank}.pt")
+    atomic_write(tmp_dir / f"rng-rank{rank}.pt", lambda f: torch.save(rng_state(), f))
     parallelize.barrier()
     if rank == 0:
-        _atomic_write_text(tmp_dir / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        atomic_write(tmp_dir / "trainer_state.json", json.dumps(trainer_state, indent=1))
         config.save(tmp_dir / "config.yaml")
         files = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        _atomic_write_text(tmp_dir / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp_dir, final)
+        manifest = {str(p.relative_to(tmp_dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+        atomic_write(tmp_dir / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1))
+        publish_dir(tmp_dir, final)
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     parallelize.barrier()
@@ -106,7 +87,7 @@ def verify(path: Path) -> dict:
         p = path / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {rel}; resume from an earlier checkpoint")
-        if p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+        if p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file {p} does not match its manifest (corrupted or altered); resume from an earlier checkpoint")
     return json.loads((path / "trainer_state.json").read_text())
 

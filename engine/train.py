@@ -24,6 +24,7 @@ import torch
 
 from engine import checkpoint, parallelize
 from engine.config import Config, ConfigError, load_config
+from engine.fileio import atomic_write, publish_dir
 from engine.losses import LossOutput
 
 
@@ -344,7 +345,7 @@ def _train(cfg: Config) -> dict:
         }
         if cfg.eval.enabled and prepared.val_pairs:
             summary["eval"] = evaluate_after_training(module.model, tokenizer, prepared, cfg, run_dir / "eval")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
         print_summary(summary)
     parallelize.barrier()
     return summary
@@ -366,12 +367,11 @@ def export(model, tokenizer, out_dir: Path, cfg: Config, *, is_main: bool) -> No
             import copy
 
             to_save = copy.deepcopy(model).merge_and_unload()
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        publish_dir(tmp, out_dir)
 
 
 def evaluate_after_training(model, tokenizer, prepared, cfg: Config, out_dir: Path) -> dict:

@@ -31,6 +31,7 @@ from engine.data.sampler import RowSampler
 from engine.data.pairs import attach_weights, build_pairs, pair_skip_counts, response_pair_counts, split_by_prompt
 from engine.data.records import Pair, Response, content_id
 from engine.data.tokenize import TokenizedPair, filter_long_responses, tokenization_fingerprint, tokenize_pairs_with_counts
+from engine.fileio import atomic_write
 
 
 @dataclass
@@ -167,11 +168,7 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
             flush=True,
         )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "data_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out / "data_report.json")
+        atomic_write(Path(out_dir) / "data_report.json", json.dumps(report, indent=2))
     return PreparedData(
         train_pairs=train_pairs, val_pairs=val_pairs, train_tokenized=train_tok, val_tokenized=val_tok,
         train_rows=train_rows, val_rows=val_rows, load_report=loaded.report, counts=counts, padding_fraction=pad_frac,
@@ -183,19 +180,14 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
 
 def write_pairs_jsonl(path: str | Path, prepared: PreparedData) -> int:
     """pairs.jsonl: one pair a line (prompt, chosen, rejected, upvotes, ids, split; weights when computed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
-            for p in pairs:
-                row = p.to_dict()
-                if not prepared.weights_attached:
-                    row.pop("chosen_weight")
-                    row.pop("rejected_weight")
-                row["split"] = split
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    tmp.replace(path)
-    return n
+    lines = []
+    for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
+        for p in pairs:
+            row = p.to_dict()
+            if not prepared.weights_attached:
+                row.pop("chosen_weight")
+                row.pop("rejected_weight")
+            row["split"] = split
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))
+    return len(lines)

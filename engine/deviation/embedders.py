@@ -12,7 +12,7 @@ Any other name is loaded with sentence-transformers (a hub name or a local direc
 
 The cache keys every vector by (embedder id, sha256 of the text), so a rerun, a resumed run or a
 re-split dataset embeds only texts it has not seen. It is a directory of shard files per embedder
-id, each written atomically (tmp + os.replace) and carrying a checksum that is verified on load: a
+id, each written atomically (engine.fileio.atomic_write) and carrying a checksum that is verified on load: a
 corrupt shard is renamed aside and its texts are embedded again, never used.
 """
 
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from engine.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -389,12 +391,7 @@ class EmbeddingCache:
         mdir = self.model_dir(embedder_id)
         mdir.mkdir(parents=True, exist_ok=True)
         final = mdir / f"shard-{uuid.uuid4().hex}.npz"
-        tmp = mdir / f".tmp-{final.name}"
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=karr, emb=emb, meta=np.asarray(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        atomic_write(final, lambda f: np.savez(f, keys=karr, emb=emb, meta=np.asarray(meta)))
         if embedder_id in self._loaded:
             index, blocks = self._loaded[embedder_id]
             offset = sum(len(b) for b in blocks)
