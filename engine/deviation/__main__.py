@@ -23,19 +23,9 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
-
-def _default_cfg():
-    try:
-        from engine.config import DeviationConfig
-
-        return DeviationConfig()
-    except ImportError:  # config module absent: the same fields, duck-typed
-        return SimpleNamespace(enabled=True, semantic_model="builtin:minilm", style_model="builtin:stylometric",
-                               metric="cosine", mode="mean", k=10, scope="group", max_per_prompt=None,
-                               rejected_weight_floor=0.2, count_duplicates=False, batch_size=64, device="auto",
-                               cache_dir=".cache/embeddings")
+from engine.config import DeviationConfig
+from engine.fileio import atomic_write
 
 
 def _is_pairs_file(path: Path) -> bool:
@@ -81,21 +71,16 @@ def load_pairs(path: Path):
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     if path.suffix == ".parquet":
         import pandas as pd
 
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        atomic_write(path, lambda f: pd.DataFrame(rows).to_parquet(f, index=False))
     else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = _default_cfg()
+    cfg = DeviationConfig()
     p = argparse.ArgumentParser(prog="python -m engine.deviation", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset source (see engine.data.loading) or a pairs.jsonl")
     p.add_argument("--out", required=True, help="output file: .parquet or .jsonl")
@@ -118,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                   scope=a.scope, max_per_prompt=a.max_per_prompt, rejected_weight_floor=a.rejected_weight_floor,
                   count_duplicates=a.count_duplicates, batch_size=a.batch_size, device=a.device, cache_dir=a.cache_dir)
     try:
-        cfg = dataclasses.replace(cfg, **fields) if dataclasses.is_dataclass(cfg) else SimpleNamespace(**{**vars(cfg), **fields})
+        cfg = dataclasses.replace(cfg, **fields)
     except ValueError as exc:  # the config's own validation: say which flag to change
         p.error(str(exc))
 
@@ -130,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if _is_pairs_file(data):
         responses, pairs, usage = load_pairs(data)
     else:
+        from engine.data.loading import DataError, load_responses
+
         try:
-            from engine.data.loading import load_responses
-        except ImportError as exc:
-            p.error(f"--data {a.data!r} is not a pairs.jsonl and engine.data.loading is unavailable ({exc}); "
-                    "pass a pairs.jsonl (prompt, chosen, rejected per line)")
-        responses, report = load_responses(a.data, strict=a.strict)
+            responses, report = load_responses(a.data, strict=a.strict, strict_off="run without --strict")
+        except DataError as exc:
+            p.error(str(exc))
     if not responses:
         p.error(f"--data {a.data!r} gave no responses")
 
@@ -157,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                    pairs=len(pairs) if pairs is not None else None,
                    data_report=dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report)
     spath = out.with_name(f"{out.stem}.summary.json")
-    spath.write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write(spath, json.dumps(summary, indent=2, default=str))
     written.append(str(spath))
     print(json.dumps(summary, indent=2, default=str))
     print("wrote " + ", ".join(written), file=sys.stderr)
