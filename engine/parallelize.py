@@ -101,6 +101,37 @@ def all_ranks_agree(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def raise_if_any_failed(error: BaseException | None, *, what: str, error_type: type[Exception] = RuntimeError) -> None:
+    """Collective: if any rank failed, every rank raises, so none waits forever at the next collective.
+
+    The failing rank re-raises its own error; the others raise `error_type` naming the rank and its message.
+    """
+    if not _multi_rank():
+        if error is not None:
+            raise error
+        return
+    msgs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, msg in enumerate(msgs):
+        if msg is not None:
+            raise error_type(f"{what} failed on rank {rank}: {msg}")
+
+
+def broadcast_from_zero(obj):
+    """Rank 0's `obj` on every rank (any picklable value)."""
+    if not _multi_rank():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
