@@ -18,7 +18,9 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -122,9 +124,99 @@ class _StopFlag:
         self.stop = True
 
 
-def _log_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """Rank 0's outputs of the loop: metrics.jsonl, TensorBoard, Weights & Biases and the progress bar."""
+
+    def __init__(self, cfg: Config, env, *, total_steps: int, start_step: int, fresh: bool):
+        self.cfg, self.active = cfg, env.is_main
+        self.path = cfg.logging.run_dir / "metrics.jsonl"
+        self.writer = self.wandb = self.bar = None
+        if not self.active:
+            return
+        if fresh:
+            self.path.unlink(missing_ok=True)  # a fresh run starts its log anew; a resumed one appends
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(cfg.logging.run_dir / "tensorboard"))
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(name=cfg.logging.run_name, dir=str(cfg.logging.run_dir), config=cfg.to_dict(), resume="allow")
+        if cfg.logging.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.loss.objective, dynamic_ncols=True, file=sys.stdout)
+
+    def step(self, record: dict) -> None:
+        if not self.active:
+            return
+        step = record["step"]
+        if step % self.cfg.logging.log_every == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        self.writer.add_scalar(f"train/{k}", v, step)
+            if self.wandb is not None:
+                self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.bar = self.writer = self.wandb = None
+
+
+@dataclass
+class Run:
+    """What set-up hands the loop: the run's data, model engine, sampler position and outputs."""
+
+    cfg: Config
+    env: parallelize.DistEnv
+    tokenizer: Any
+    prepared: Any
+    module: torch.nn.Module
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: Any
+    total_steps: int
+    state: dict
+    ref_cache: Any = None
+    reference: Any = None
+    log: MetricsLog | None = None
+    history: list = field(default_factory=list)
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.logging.run_dir
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def micro_batches(self) -> Iterator[list[int]]:
+        """Row indices of each micro-batch from the saved sampler position onwards, epoch after epoch."""
+        while True:
+            yield from self.sampler
+            self.state["epoch"] += 1
+            self.sampler.set_epoch(self.state["epoch"])
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save(
+            self.engine, self.ckpt_dir, self.state["step"], self.state, self.cfg, rank=self.env.rank,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
 
 
 def train(cfg: Config) -> dict:
@@ -134,30 +226,39 @@ def train(cfg: Config) -> dict:
     on the way out; a torchrun world belongs to the launcher and stays.
     """
     try:
-        return _train(cfg)
+        run = setup(cfg)
+        try:
+            stopped = train_loop(run)
+        finally:
+            run.log.close()
+        return finish(run, stopped=stopped)
     finally:
         parallelize.release_own_world()
 
 
-def _train(cfg: Config) -> dict:
-    from engine.data import RowSampler, collate, prepare_data
+def _loss_module(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """The trained module: the model and its loss as one module (the one place a model+loss kind is chosen)."""
+    return PolicyWithLoss(model, cfg.loss)
+
+
+def setup(cfg: Config) -> Run:
+    """Process group, data, reference log-probs, model, DeepSpeed engine, resumed state and loggers."""
+    from engine.data import RowSampler, prepare_data
     from engine.model import load_model, load_tokenizer
     from engine.refcache import ensure_cache, on_the_fly_reference
 
-    wandb = None
     if cfg.logging.wandb:
         try:
-            import wandb
+            import wandb  # noqa: F401
         except ImportError:
             raise RuntimeError("logging.wandb is true but the wandb package is not installed: pip install wandb, or set logging.wandb false") from None
     env = parallelize.init_distributed(cfg.parallel)
     torch.manual_seed(cfg.data.seed + env.rank)
     run_dir = cfg.logging.run_dir
+    t_start = time.time()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
-    t_start = time.time()
-    if env.is_main:
         from engine.plan import PlanError, plan_from_config
 
         try:
@@ -179,20 +280,18 @@ def _train(cfg: Config) -> dict:
     reference = None
     if cfg.loss.needs_reference and ref_cache is None:
         reference = on_the_fly_reference(model, cfg)
-    module = PolicyWithLoss(model, cfg.loss)
+    module = _loss_module(cfg, model)
 
     sampler = RowSampler(
         [r.num_tokens for r in rows], num_replicas=env.world_size, rank=env.rank,
         rows_per_batch=cfg.data.rows_per_batch, seed=cfg.data.seed,
     )
-    micro_per_epoch = len(sampler)
-    steps_per_epoch = max(1, micro_per_epoch // cfg.optim.grad_accum)
+    steps_per_epoch = max(1, len(sampler) // cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or max(1, math.ceil(steps_per_epoch * cfg.optim.epochs))
     engine, optimizer, scheduler = parallelize.setup_deepspeed(module, cfg, total_steps=total_steps)
 
-    ckpt_dir = run_dir / "checkpoints"
     state = {"step": 0, "epoch": 0, "sampler": None, "nonfinite_skipped": 0, "tokens": 0}
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir / "checkpoints")
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, rank=env.rank)
         if env.is_main:
@@ -202,66 +301,31 @@ def _train(cfg: Config) -> dict:
     else:
         sampler.set_epoch(state["epoch"])
 
-    writer = None
-    metrics_path = run_dir / "metrics.jsonl"
-    if env.is_main and resume_from is None:
-        metrics_path.unlink(missing_ok=True)  # a fresh run starts its log anew; a resumed one appends
-    if env.is_main and cfg.logging.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    run = Run(
+        cfg=cfg, env=env, tokenizer=tokenizer, prepared=prepared, module=module, engine=engine, optimizer=optimizer,
+        scheduler=scheduler, sampler=sampler, total_steps=total_steps, state=state, ref_cache=ref_cache,
+        reference=reference, t_start=t_start,
+    )
+    run.log = MetricsLog(cfg, env, total_steps=total_steps, start_step=state["step"], fresh=resume_from is None)
+    return run
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-    if env.is_main and wandb is not None:
-        wandb.init(name=cfg.logging.run_name, dir=str(run_dir), config=cfg.to_dict(), resume="allow")
-    bar = None
-    if env.is_main and cfg.logging.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.loss.objective}", dynamic_ncols=True, file=sys.stdout)
-
+def train_loop(run: Run) -> bool:
+    """Optimizer steps until the last one, or until a stop signal; True when stopped early (checkpoint saved)."""
+    cfg, env, state = run.cfg, run.env, run.state
     stop = _StopFlag()
     peak_flops = _gpu_peak_flops(env.device)
-    flops_per_token = _flops_per_token(model)
+    flops_per_token = _flops_per_token(run.module.model)
     consecutive_nonfinite = 0
-    history: list[dict] = []
-    engine.train()
-
-    def batches():
-        """Micro-batches from the saved sampler position onwards, epoch after epoch."""
-        while True:
-            for indices in sampler:
-                yield indices
-            state["epoch"] += 1
-            sampler.set_epoch(state["epoch"])
-
-    stream = batches()
-    stopped = False
-    while state["step"] < total_steps and not stopped:
+    stream = run.micro_batches()
+    run.engine.train()
+    while state["step"] < run.total_steps:
         t0 = time.time()
-        acc: dict[str, float] = {}
-        tokens = pad = 0
-        skipped = False
-        grad_norm = None
-        for _ in range(cfg.optim.grad_accum):
-            batch = collate([rows[i] for i in next(stream)], device=env.device)
-            if ref_cache is not None:
-                ref_cache.fill(batch)
-            elif reference is not None:
-                batch.ref_chosen_logps, batch.ref_rejected_logps = reference(batch)
-            out = engine(batch)
-            nonfinite = parallelize.all_ranks_agree(not bool(torch.isfinite(out.loss.detach())))
-            if nonfinite:
-                skipped = True
-                continue
-            engine.backward(out.loss)
-            grad_norm = parallelize.step_with_grad_norm(engine)
-            for k, v in out.metrics.items():
-                acc[k] = acc.get(k, 0.0) + float(v) / cfg.optim.grad_accum
-            acc["loss"] = acc.get("loss", 0.0) + float(out.loss.detach()) / cfg.optim.grad_accum
-            tokens += batch.num_real_tokens
-            pad += batch.num_pad_tokens
+        # grad_accum micro-batches forward and backward; DeepSpeed applies the update at the boundary.
+        sums, grad_norm, skipped = train_step(run, stream)
         if skipped:
             # A non-finite micro-batch drops the whole step on every rank (grads are zeroed, nothing applied).
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             consecutive_nonfinite += 1
             state["nonfinite_skipped"] += 1
             if consecutive_nonfinite >= cfg.logging.max_nonfinite_steps:
@@ -273,14 +337,15 @@ def _train(cfg: Config) -> dict:
         consecutive_nonfinite = 0
         state["step"] += 1
         dt = time.time() - t0
-        tokens, pad = parallelize.all_reduce_sum([tokens, pad])
+        # Throughput counts every rank's tokens.
+        tokens, pad = parallelize.all_reduce_sum([sums.pop("tokens"), sums.pop("pad")])
         state["tokens"] += int(tokens)
-        state["sampler"] = sampler.state_dict()
+        state["sampler"] = run.sampler.state_dict()
         record = {
             "step": state["step"],
             "epoch": state["epoch"],
-            **acc,
-            "lr": scheduler.get_last_lr()[0],
+            **sums,
+            "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
             "mfu": (flops_per_token * tokens / dt / (peak_flops * env.world_size)) if peak_flops else None,
@@ -288,62 +353,82 @@ def _train(cfg: Config) -> dict:
             "padding_fraction": pad / max(1.0, tokens + pad),
             "step_time_s": dt,
         }
-        history.append(record)
-        if env.is_main and state["step"] % cfg.logging.log_every == 0:
-            _log_line(metrics_path, record)
-            if writer is not None:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(f"train/{k}", v, state["step"])
-            if wandb is not None:
-                wandb.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=state["step"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        run.history.append(record)
+        run.log.step(record)
         # Ranks may receive SIGTERM a step apart: decide together, or the collectives would deadlock.
         stopped = parallelize.all_ranks_agree(stop.stop)
         every = cfg.checkpoint.every_steps
         if (every and state["step"] % every == 0) or stopped:
-            checkpoint.save(engine, ckpt_dir, state["step"], state, cfg, rank=env.rank, keep_last=cfg.checkpoint.keep_last)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    if env.is_main and wandb is not None:
-        wandb.finish()
+            run.save_checkpoint()
+        if stopped:
+            return True
+    return False
 
+
+def train_step(run: Run, stream: Iterator[list[int]]) -> tuple[dict, float | None, bool]:
+    """One optimizer step of grad_accum micro-batches: (metrics averaged over them, grad norm, skipped)."""
+    from engine.data import collate
+
+    cfg, rows = run.cfg, run.prepared.train_rows
+    acc: dict[str, float] = {}
+    tokens = pad = 0
+    skipped = False
+    grad_norm = None
+    for _ in range(cfg.optim.grad_accum):
+        batch = collate([rows[i] for i in next(stream)], device=run.env.device)
+        if run.ref_cache is not None:
+            run.ref_cache.fill(batch)
+        elif run.reference is not None:
+            batch.ref_chosen_logps, batch.ref_rejected_logps = run.reference(batch)
+        out = run.engine(batch)
+        nonfinite = parallelize.all_ranks_agree(not bool(torch.isfinite(out.loss.detach())))
+        if nonfinite:
+            skipped = True
+            continue
+        run.engine.backward(out.loss)
+        grad_norm = parallelize.step_with_grad_norm(run.engine)
+        for k, v in out.metrics.items():
+            acc[k] = acc.get(k, 0.0) + float(v) / cfg.optim.grad_accum
+        acc["loss"] = acc.get("loss", 0.0) + float(out.loss.detach()) / cfg.optim.grad_accum
+        tokens += batch.num_real_tokens
+        pad += batch.num_pad_tokens
+    return {**acc, "tokens": tokens, "pad": pad}, grad_norm, skipped
+
+
+def finish(run: Run, *, stopped: bool) -> dict:
+    """After the loop: the last checkpoint, the export, the evaluation and the run's summary (rank 0)."""
+    cfg, env, state = run.cfg, run.env, run.state
     if stopped:
         if env.is_main:
-            print(f"SIGTERM: checkpoint saved at step {state['step']} in {ckpt_dir}; resume with --checkpoint.resume auto")
+            print(f"SIGTERM: checkpoint saved at step {state['step']} in {run.ckpt_dir}; resume with --checkpoint.resume auto")
         return {}
     if cfg.checkpoint.every_steps:
-        checkpoint.save(engine, ckpt_dir, state["step"], state, cfg, rank=env.rank, keep_last=cfg.checkpoint.keep_last)
-
-    final_dir = run_dir / "final"
+        run.save_checkpoint()
     if cfg.checkpoint.export_final:
-        export(module.model, tokenizer, final_dir, cfg, is_main=env.is_main)
+        export(run.module.model, run.tokenizer, run.run_dir / "final", cfg, is_main=env.is_main)
     parallelize.barrier()
 
     summary = {}
     if env.is_main:
+        history = run.history
         summary = {
-            "run_dir": str(run_dir),
+            "run_dir": str(run.run_dir),
             "objective": cfg.loss.objective,
             "steps": state["step"],
-            "pairs": len(prepared.train_pairs),
+            "pairs": len(run.prepared.train_pairs),
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,
             "tokens": state["tokens"],
             "tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(1, len(history)),
-            "padding_fraction": prepared.padding_fraction,
+            "padding_fraction": run.prepared.padding_fraction,
             "nonfinite_skipped": state["nonfinite_skipped"],
             "peak_memory_mb": _peak_memory_mb(env.device),
-            "reference": "cache" if ref_cache is not None else ("on the fly" if reference is not None else "none"),
-            "train_time_s": time.time() - t_start,
+            "reference": "cache" if run.ref_cache is not None else ("on the fly" if run.reference is not None else "none"),
+            "train_time_s": time.time() - run.t_start,
         }
-        if cfg.eval.enabled and prepared.val_pairs:
-            summary["eval"] = evaluate_after_training(module.model, tokenizer, prepared, cfg, run_dir / "eval")
-        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        if cfg.eval.enabled and run.prepared.val_pairs:
+            summary["eval"] = evaluate_after_training(run.module.model, run.tokenizer, run.prepared, cfg, run.run_dir / "eval")
+        atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
         print_summary(summary)
     parallelize.barrier()
     return summary
