@@ -237,6 +237,11 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "Write TensorBoard event files.")
     wandb: bool = _f(False, "Log to Weights & Biases (needs wandb installed and configured).")
     progress: bool = _f(True, "Show a progress bar on rank 0.")
+    overwrite: bool = _f(
+        False,
+        "Start afresh in a run directory that holds another run: its contents are moved aside to "
+        "<run_dir>.old-<time>/ (never deleted). Without it such a directory is refused.",
+    )
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive steps with a non-finite loss.")
 
     def __post_init__(self):
@@ -303,6 +308,11 @@ class Config:
             f"loss.nll_on_prompt puts targets on prompt tokens, which the fused loss would also count in the "
             f"preference log-probs of {self.loss.objective}; it is supported with loss.objective sft only, "
             "set loss.nll_on_prompt false",
+        )
+        _check(
+            not (self.logging.overwrite and self.checkpoint.resume != "none"),
+            f"logging.overwrite true starts the run afresh, checkpoint.resume {self.checkpoint.resume} continues it: "
+            "choose one (set logging.overwrite false or checkpoint.resume none)",
         )
         _check(
             not (self.parallel.precision == "bf16" and self.model.dtype == "float16"),
@@ -421,7 +431,19 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (presets live in configs/)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(
+            f"{where}: YAML syntax error: {what}; fix the file (YAML: `section:` then indented `field: value`)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections")
     return data

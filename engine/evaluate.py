@@ -766,6 +766,14 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
     args = parser.parse_args(argv)
     if not args.human and not args.model:
         parser.error("--model is required unless --human is given")
+    if not args.human:
+        from engine.config import ConfigError, ModelConfig
+        from engine.model import check_model
+
+        try:  # before any prompt loading or sampling: a path that is not there is named as such, not as a hub id
+            check_model(ModelConfig(name=args.model), field="--model")
+        except ConfigError as e:
+            parser.error(str(e))
     from engine.config import DataConfig, EvalConfig
 
     data_defaults = DataConfig()
