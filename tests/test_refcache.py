@@ -223,20 +223,21 @@ def test_objective_and_beta_share_the_cache(world, tmp_path):
 # ------------------------------------------------------------------------------ resume, processes
 
 
-# Runs the build CLI in a subprocess that SIGKILLs itself right after its second part file is published:
-# the fault comes from outside the engine (a wrapper around the one atomic writer), at an exact point.
-KILL_AFTER_SECOND_PART = """
+# Runs the build CLI in a subprocess that SIGKILLs itself right after its third part file is published,
+# before that part's checksum record: the fault comes from outside the engine (a wrapper around the one
+# atomic writer), at an exact point.
+KILL_AT_THIRD_PART = """
 import os, signal, sys
-import engine.fileio, engine.refcache.build as build
-real, parts = engine.fileio.atomic_write, []
+import engine.refcache.format as fmt
+real, parts = fmt.atomic_write, []
 def write(path, *a, **k):
     out = real(path, *a, **k)
     if str(path).endswith(".npy"):
         parts.append(path)
-        if len(parts) == 2:
+        if len(parts) == 3:
             os.kill(os.getpid(), signal.SIGKILL)
     return out
-build.atomic_write = write
+fmt.atomic_write = write
 from engine.refcache.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -244,20 +245,24 @@ sys.exit(main(sys.argv[1:]))
 
 def test_sigkilled_build_resumes_to_identical_bytes(world, tmp_path):
     d = tmp_path / "killed"
-    cmd = [sys.executable, "-c", KILL_AFTER_SECOND_PART, "build", *_overrides(world.tmp, ref_cache__dir=d)]
+    cmd = [sys.executable, "-c", KILL_AT_THIRD_PART, "build", *_overrides(world.tmp, ref_cache__dir=d)]
     cmd += ["--rows_per_part", str(ROWS_PER_PART)]
     proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (d / refcache.MANIFEST_NAME).exists()
-    assert sorted(p.name for p in d.glob("part-*.npy")) == ["part-00000.npy", "part-00001.npy"]
+    assert sorted(p.name for p in d.glob("part-*.npy")) == ["part-00000.npy", "part-00001.npy", "part-00002.npy"]
+    # The third part was published without its checksum record: it does not count as done.
+    assert sorted(p.name for p in d.glob("part-*.json")) == ["part-00000.json", "part-00001.json"]
     assert "unfinished build: 2/" in refcache.describe(d)
     with pytest.raises(RefCacheError, match=r"unfinished build \(2/\d+ parts\)"):
         RefCache.open(d)
 
     done_before = {p: (d / p).stat().st_mtime_ns for p in ("part-00000.npy", "part-00001.npy")}
+    unverified = (d / "part-00002.npy").stat().st_mtime_ns
     cfg = dataclasses.replace(world.cfg, ref_cache=dataclasses.replace(world.cfg.ref_cache, dir=str(d)))
-    refcache.build_cache(cfg, world.tok, world.prep, rows_per_part=ROWS_PER_PART)
-    assert {p: (d / p).stat().st_mtime_ns for p in done_before} == done_before  # finished parts were kept
+    refcache.build_cache(cfg, world.tok, world.prep)  # the layout of the unfinished build is kept
+    assert {p: (d / p).stat().st_mtime_ns for p in done_before} == done_before  # verified parts were kept
+    assert (d / "part-00002.npy").stat().st_mtime_ns != unverified  # the part without a record was recomputed
     assert _files(d) == _files(world.dir)
 
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from engine import parallelize
-from engine.fileio import atomic_write, sha256_file
 from engine.refcache.fingerprint import cache_fingerprint, check_fingerprint, fingerprint_diff, sha256_hex
 from engine.refcache.format import (
     FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, PLAN_NAME, RefCacheError, build_command, encode_key, part_name,
-    read_manifest, record_dtype, row_keys, train_rows, verify_parts, write_json,
+    part_problem, part_record_name, plan_digest, read_manifest, record_dtype, row_keys, train_rows, verify_parts,
+    write_json, write_part,
 )
 from engine.refcache.reader import RefCache
 from engine.refcache import reference
@@ -71,7 +71,9 @@ def make_plan(rows: Sequence, fingerprint: dict, *, rows_per_part: int, rows_per
     if rows_per_part < 1:
         raise ValueError(f"rows_per_part must be >= 1; got {rows_per_part}")
     if not rows:
-        raise RefCacheError("the train set has no packed rows: nothing to cache (check data.source and the data report)")
+        raise RefCacheError(
+            "the train set has no packed rows: nothing to cache (check data.source and the data report)"
+        )
     parts, key_bytes = [], 1
     for index, start in enumerate(range(0, len(rows), rows_per_part)):
         stop = min(len(rows), start + rows_per_part)
@@ -89,34 +91,34 @@ def make_plan(rows: Sequence, fingerprint: dict, *, rows_per_part: int, rows_per
     }
 
 
-def _part_is_valid(path: Path, plan: dict, part: dict, known_sha: str | None) -> bool:
-    """A part file left by an earlier build counts as done when it matches the plan (and the old manifest)."""
-    if known_sha is not None:
-        return sha256_file(path) == known_sha
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return False
-    if arr.dtype != record_dtype(plan["key_bytes"]) or arr.ndim != 1:
-        return False
-    return sha256_hex(b"\n".join(arr["key"].tolist())) == part["keys_sha256"]
+def _existing_layout(cache_dir: Path, fingerprint: dict) -> int | None:
+    """rows_per_part of the finished cache (or unfinished build) in cache_dir for these inputs, if any.
 
-
-def _plan_digest(plan: dict) -> str:
-    return sha256_hex(json.dumps(plan, sort_keys=True))
+    Repairs and resumes keep the layout the cache was built with, so they recompute exactly the bad
+    parts instead of starting over with the default layout.
+    """
+    for name in (MANIFEST_NAME, PLAN_NAME):
+        try:
+            doc = json.loads((cache_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if (isinstance(doc, dict) and doc.get("format") == FORMAT_VERSION and doc.get("fingerprint") == fingerprint
+                and isinstance(doc.get("rows_per_part"), int)):
+            return doc["rows_per_part"]
+    return None
 
 
 def _prepare_dir(cache_dir: Path, plan: dict, *, overwrite: bool, log: Callable) -> tuple[list[int], bool]:
     """Rank 0, under the lock: reconcile the directory with the plan.
 
-    Returns (part indices still to compute, whether a finished manifest for this plan is already there).
+    Returns (part indices still to compute, whether a finished, verified cache for these inputs is there).
+    A part on disk is kept only when its checksum record says it was computed for this plan and its
+    bytes still match (format.part_problem); every other part is recomputed.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(".*.tmp.*"):  # temp files of a killed build
         stale.unlink(missing_ok=True)
-    manifest_path, plan_path = cache_dir / MANIFEST_NAME, cache_dir / PLAN_NAME
-    digest = _plan_digest(plan)
-    known: dict[str, str] = {}  # part file -> sha256 from a finished manifest of this very plan
+    manifest_path = cache_dir / MANIFEST_NAME
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
@@ -129,40 +131,22 @@ def _prepare_dir(cache_dir: Path, plan: dict, *, overwrite: bool, log: Callable)
             elif not verify_parts(cache_dir, old):
                 # Valid for these inputs, even if built with another part layout: keep it (runs may be reading it).
                 return [], True
-        if old.get("plan_sha256") == digest:
-            known = {p["file"]: p["sha256"] for p in old.get("parts", [])}
-    try:
-        same_plan = plan_path.is_file() and json.loads(plan_path.read_text()) == plan
-    except ValueError:  # an unreadable plan is as good as none
-        same_plan = False
-    if not same_plan and not known:
-        # Parts on disk (if any) were planned for other inputs or another layout.
-        if manifest_path.is_file():
-            manifest_path.unlink()
-        stale_parts = sorted(cache_dir.glob("part-*.npy"))
-        if stale_parts:
-            log(f"refcache: {cache_dir} holds {len(stale_parts)} parts of another build plan; discarding them")
-        for old_part in stale_parts:
-            old_part.unlink()
-    todo, bad = [], []
-    for index, part in enumerate(plan["parts"]):
-        path = cache_dir / part["file"]
-        if path.is_file() and _part_is_valid(path, plan, part, known.get(part["file"])):
-            continue
-        if path.is_file():
-            bad.append(path)
-        todo.append(index)
-    extra = sorted(set(p.name for p in cache_dir.glob("part-*.npy")) - {p["file"] for p in plan["parts"]})
-    # The manifest must never describe parts that are about to change: remove it before touching them.
-    if manifest_path.is_file():
+        # The manifest must never describe parts that are about to change: remove it before touching them.
         manifest_path.unlink()
-    for path in bad:
-        log(f"refcache: part {path.name} does not match the plan or its checksum; recomputing it")
-        path.unlink()
-    for name in extra:
-        (cache_dir / name).unlink()
-    if not same_plan:
-        write_json(plan_path, plan)
+    digest = plan_digest(plan)
+    todo = []
+    for index, part in enumerate(plan["parts"]):
+        problem = part_problem(cache_dir, part["file"], digest)
+        if problem is None:
+            continue
+        if (cache_dir / part["file"]).is_file():
+            log(f"refcache: {problem}; recomputing it")
+        todo.append(index)
+    planned = {p["file"] for p in plan["parts"]} | {part_record_name(p["file"]) for p in plan["parts"]}
+    for extra in sorted(cache_dir.glob("part-*")):
+        if extra.name not in planned:
+            extra.unlink()
+    write_json(cache_dir / PLAN_NAME, plan)
     return todo, False
 
 
@@ -196,16 +180,19 @@ def _compute_part(model, rows: Sequence, plan: dict, *, device, backend: str) ->
 
 
 def _finalize(cache_dir: Path, plan: dict) -> dict:
+    """Verify every part against the checksum written with it, then write the manifest (last)."""
+    digest = plan_digest(plan)
     parts, num_sequences, chosen, rejected = [], 0, set(), set()
     for part in plan["parts"]:
-        path = cache_dir / part["file"]
-        if not path.is_file():
-            raise RefCacheError(f"part {path} is missing after every rank finished; rerun the build: {build_command(cache_dir)}")
-        arr = np.load(path, allow_pickle=False)
+        problem = part_problem(cache_dir, part["file"], digest)
+        if problem is not None:
+            raise RefCacheError(f"after every rank finished, {problem}; rerun the build: {build_command(cache_dir)}")
+        record = json.loads((cache_dir / part_record_name(part["file"])).read_text())
+        arr = np.load(cache_dir / part["file"], allow_pickle=False)
         for key in arr["key"].tolist():
             pair_id, side = key.rsplit(b"/", 1)
             (chosen if side == b"c" else rejected).add(pair_id)
-        parts.append({"file": part["file"], "sha256": sha256_file(path), "bytes": path.stat().st_size, "records": int(len(arr))})
+        parts.append({k: record[k] for k in ("file", "sha256", "bytes", "records")})
         num_sequences += len(arr)
     manifest = {
         "format": FORMAT_VERSION,
@@ -216,7 +203,7 @@ def _finalize(cache_dir: Path, plan: dict) -> dict:
         "key_bytes": plan["key_bytes"],
         "num_sequences": num_sequences,
         "num_pairs": len(chosen & rejected),
-        "plan_sha256": _plan_digest(plan),
+        "plan_sha256": digest,
         "parts": parts,
     }
     write_json(cache_dir / MANIFEST_NAME, manifest)
@@ -232,20 +219,23 @@ def build_cache(
     device: str | torch.device = "cpu",
     rank: int = 0,
     world_size: int = 1,
-    rows_per_part: int = ROWS_PER_PART,
+    rows_per_part: int | None = None,
     overwrite: bool = False,
     backend: str | None = None,
     progress: bool | None = None,
 ) -> Path:
     """Compute (or finish) the cache of the train rows; every rank of an initialised process group calls it.
 
-    Resumable: parts already on disk that match the plan are kept, so a killed build picks up where
-    it stopped and ends with the same bytes as an uninterrupted one. A finished cache with another
+    Resumable: parts already on disk that match the plan and the checksum written with them are kept,
+    so a killed build picks up where it stopped and ends with the same bytes as an uninterrupted one;
+    a repair recomputes exactly the bad parts. rows_per_part None keeps the layout of the cache (or
+    unfinished build) already in the directory, else ROWS_PER_PART. A finished cache with another
     fingerprint is an error unless overwrite=True.
     """
     if world_size > 1 and not torch.distributed.is_initialized():
         raise RuntimeError(
-            f"build_cache with world_size={world_size} needs an initialised torch.distributed process group (run under torchrun)"
+            f"build_cache with world_size={world_size} needs an initialised torch.distributed process group "
+            "(run under torchrun)"
         )
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_dir_for(cfg)
     backend = backend or cfg.loss.backend
@@ -253,7 +243,11 @@ def build_cache(
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     rows = train_rows(prepared)
     fingerprint = _shared_fingerprint(cfg, tokenizer, prepared, rank)
+    if rows_per_part is None:
+        layout = _existing_layout(cache_dir, fingerprint) if rank == 0 else None
+        rows_per_part = parallelize.broadcast_from_zero(layout) or ROWS_PER_PART
     plan = make_plan(rows, fingerprint, rows_per_part=rows_per_part, rows_per_batch=cfg.data.rows_per_batch)
+    digest = plan_digest(plan)
 
     lock = contextlib.nullcontext()
     state, error = None, None
@@ -275,7 +269,8 @@ def build_cache(
         # Round-robin over the parts still to do (balanced on resume too); which rank computes a part
         # does not change its bytes.
         mine = todo[rank::world_size]
-        log(f"refcache: building {cache_dir}: {len(plan['parts'])} parts, {len(todo)} to compute on {world_size} rank(s)")
+        n_parts = len(plan["parts"])
+        log(f"refcache: building {cache_dir}: {n_parts} parts, {len(todo)} to compute on {world_size} rank(s)")
 
         error, model, t0, done_rows, done_tokens = None, None, time.perf_counter(), 0, 0
         try:
@@ -289,7 +284,7 @@ def build_cache(
                     part = plan["parts"][index]
                     part_rows = rows[part["rows"][0] : part["rows"][1]]
                     rec = _compute_part(model, part_rows, plan, device=device, backend=backend)
-                    atomic_write(cache_dir / part["file"], lambda f, rec=rec: np.save(f, rec, allow_pickle=False))
+                    write_part(cache_dir, part["file"], rec, digest)
                     done_rows += len(part_rows)
                     done_tokens += int(rec["count"].sum())
                     bar.update(len(part_rows))
@@ -304,13 +299,15 @@ def build_cache(
         elapsed = time.perf_counter() - t0
         if done_rows:
             rate = done_tokens / max(elapsed, 1e-9)
-            log(f"refcache: rank 0 computed {done_rows} rows, {done_tokens} target tokens in {elapsed:.1f}s ({rate:.0f} tok/s)")
+            log(f"refcache: rank 0 computed {done_rows} rows, {done_tokens} target tokens in {elapsed:.1f}s "
+                f"({rate:.0f} tok/s)")
 
         error = None
         if rank == 0:
             try:
                 manifest = _finalize(cache_dir, plan)
-                log(f"refcache: wrote {cache_dir / MANIFEST_NAME}: {manifest['num_sequences']} sequences, {manifest['num_pairs']} pairs")
+                log(f"refcache: wrote {cache_dir / MANIFEST_NAME}: {manifest['num_sequences']} sequences, "
+                    f"{manifest['num_pairs']} pairs")
             except Exception as e:
                 error = e
         parallelize.raise_if_any_failed(error, what="reference cache build", error_type=RefCacheError)
@@ -320,7 +317,9 @@ def build_cache(
     return cache_dir
 
 
-def ensure_cache(cfg, tokenizer, prepared, *, device, rank: int = 0, world_size: int = 1, **build_kwargs) -> RefCache | None:
+def ensure_cache(
+    cfg, tokenizer, prepared, *, device, rank: int = 0, world_size: int = 1, **build_kwargs
+) -> RefCache | None:
     """The trainer's entry point: the cache to read reference log-probs from, or None to compute them on the fly.
 
     mode off (or an objective without a reference): None. require: open, or fail with the build
@@ -351,6 +350,10 @@ def ensure_cache(cfg, tokenizer, prepared, *, device, rank: int = 0, world_size:
     status = parallelize.broadcast_from_zero(status)
     if status != "ok":
         if rank == 0 and status != "missing":
-            print(f"refcache: WARNING: {cache_dir}: {status[len('repair: '):]}; recomputing those parts", file=sys.stderr, flush=True)
-        build_cache(cfg, tokenizer, prepared, cache_dir=cache_dir, device=device, rank=rank, world_size=world_size, **build_kwargs)
+            problems = status[len("repair: "):]
+            print(f"refcache: WARNING: {cache_dir}: {problems}; recomputing those parts", file=sys.stderr, flush=True)
+        build_cache(
+            cfg, tokenizer, prepared, cache_dir=cache_dir, device=device, rank=rank, world_size=world_size,
+            **build_kwargs,
+        )
     return RefCache.open(cache_dir, fingerprint)

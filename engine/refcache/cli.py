@@ -17,7 +17,8 @@ import torch
 from engine.refcache.build import ROWS_PER_PART, build_cache
 from engine.refcache.fingerprint import cache_fingerprint, check_fingerprint
 from engine.refcache.format import (
-    MANIFEST_NAME, PLAN_NAME, RefCacheError, build_command, read_json, read_manifest, verify_parts,
+    MANIFEST_NAME, PLAN_NAME, RefCacheError, build_command, part_problem, plan_digest, read_json, read_manifest,
+    verify_parts,
 )
 
 
@@ -28,16 +29,20 @@ def describe(cache_dir: Path) -> str:
     if manifest_path.is_file():
         m = read_json(manifest_path, "manifest")
         lines.append(f"  status: finished (format {m.get('format')})")
-        lines.append(f"  sequences: {m['num_sequences']}  pairs with both sides: {m['num_pairs']}  packed rows: {m['num_rows']}")
-        lines.append(f"  parts: {len(m['parts'])} ({m['rows_per_part']} rows each, micro-batches of {m['rows_per_batch']} rows)")
+        lines.append(f"  sequences: {m['num_sequences']}  pairs with both sides: {m['num_pairs']}  "
+                     f"packed rows: {m['num_rows']}")
+        lines.append(f"  parts: {len(m['parts'])} ({m['rows_per_part']} rows each, micro-batches of "
+                     f"{m['rows_per_batch']} rows)")
         size = sum(p["bytes"] for p in m["parts"])
         lines.append(f"  size: {size / 1024:.1f} KiB")
         fp = m["fingerprint"]
     elif plan_path.is_file():
         plan = read_json(plan_path, "build plan")
-        done = [p for p in plan["parts"] if (cache_dir / p["file"]).is_file()]
+        digest = plan_digest(plan)
+        done = [p for p in plan["parts"] if part_problem(cache_dir, p["file"], digest) is None]
         rows_done = sum(p["rows"][1] - p["rows"][0] for p in done)
-        lines.append(f"  status: unfinished build: {len(done)}/{len(plan['parts'])} parts, {rows_done}/{plan['num_rows']} packed rows "
+        lines.append(f"  status: unfinished build: {len(done)}/{len(plan['parts'])} parts, "
+                     f"{rows_done}/{plan['num_rows']} packed rows "
                      f"({100.0 * rows_done / max(plan['num_rows'], 1):.1f}%); rerun the build to resume")
         fp = plan["fingerprint"]
     else:
@@ -72,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.refcache", description="Build, inspect and verify the reference log-prob cache."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="compute the cache for a config (every --section.field override of training works)")
-    b.add_argument("--rows_per_part", type=int, default=ROWS_PER_PART, help="packed rows per part file (resume granularity)")
+    b = sub.add_parser(
+        "build", help="compute the cache for a config (every --section.field override of training works)"
+    )
+    b.add_argument("--rows_per_part", type=int, default=None,
+                   help="packed rows per part file (resume granularity); default: the existing cache's, "
+                   f"else {ROWS_PER_PART}")
     b.add_argument("--overwrite", action="store_true", help="replace a finished cache built for other inputs")
     i = sub.add_parser("info", help="print the manifest and coverage of a cache directory")
     i.add_argument("dir", type=Path)
@@ -98,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"reference cache {args.dir}: FAILED", file=sys.stderr)
                 for p in problems:
                     print(f"  {p}", file=sys.stderr)
-                print(f"fix: rerun the build, which recomputes only these shards: {build_command(args.dir)}", file=sys.stderr)
+                fix = build_command(args.dir)
+                print(f"fix: rerun the build, which recomputes only these shards: {fix}", file=sys.stderr)
                 return 1
-            print(f"reference cache {args.dir}: OK ({len(manifest['parts'])} shards, {manifest['num_sequences']} sequences)")
+            n_parts, n_seqs = len(manifest["parts"]), manifest["num_sequences"]
+            print(f"reference cache {args.dir}: OK ({n_parts} shards, {n_seqs} sequences)")
             return 0
         cfg = load_config(rest, prog="python -m engine.refcache build")
         rank, world_size, device = _init_distributed(cfg)

@@ -18,7 +18,10 @@ from engine.refcache.format import RefCacheError, build_command, encode_key, row
 from engine.refcache.reference import reference_model_name
 
 # How the data pipeline truncates (engine.data): part of what the cached values depend on.
-TRUNCATION_POLICY = "prompt: keep start (max_prompt_length); sequence: cut response end (max_length); drop responses > max_response_tokens"
+TRUNCATION_POLICY = (
+    "prompt: keep start (max_prompt_length); sequence: cut response end (max_length); "
+    "drop responses > max_response_tokens"
+)
 
 
 def sha256_hex(data: bytes | str) -> str:
@@ -127,7 +130,9 @@ def short_repr(v) -> str:
 def check_fingerprint(cache_dir: Path, cached: dict, current: dict) -> None:
     diff = fingerprint_diff(cached, current)
     if diff:
-        detail = ", ".join(f"{k} (cache: {short_repr(cached.get(k))}, this run: {short_repr(current.get(k))})" for k in diff)
+        detail = ", ".join(
+            f"{k} (cache: {short_repr(cached.get(k))}, this run: {short_repr(current.get(k))})" for k in diff
+        )
         raise RefCacheError(
             f"reference cache {cache_dir} was built for different inputs; differing field(s): {detail}. "
             f"Use another ref_cache.dir for this run, or delete {cache_dir} and rebuild: {build_command(cache_dir)}"

@@ -31,7 +31,9 @@ class RefCache:
         self._key_dtype = np.dtype(f"S{manifest['key_bytes']}")
 
     @classmethod
-    def open(cls, cache_dir: str | Path, expected_manifest_fingerprint: dict | None = None, *, verify: bool = True) -> "RefCache":
+    def open(
+        cls, cache_dir: str | Path, expected_manifest_fingerprint: dict | None = None, *, verify: bool = True
+    ) -> "RefCache":
         """Open a finished cache: fingerprint fields compared (when given), every shard's sha256 checked."""
         cache_dir = Path(cache_dir)
         manifest = read_manifest(cache_dir)
@@ -53,7 +55,8 @@ class RefCache:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise RefCacheError(
-                    f"shard {path} of reference cache {cache_dir} cannot be read ({e}); rebuild it: {build_command(cache_dir)}"
+                    f"shard {path} of reference cache {cache_dir} cannot be read ({e}); rebuild it: "
+                    f"{build_command(cache_dir)}"
                 ) from None
             if arr.dtype != dtype or arr.shape != (part["records"],):
                 raise RefCacheError(
@@ -93,8 +96,8 @@ class RefCache:
     def _missing_error(self, keys, found) -> RefCacheKeyError:
         missing = [keys[i] for i in np.flatnonzero(~found)]
         return RefCacheKeyError(
-            f"sequence {missing[0]} not in cache {self.dir} ({len(missing)} of {len(keys)} keys missing): the cache was built "
-            f"for another train set; rebuild with: {build_command(self.dir)}"
+            f"sequence {missing[0]} not in cache {self.dir} ({len(missing)} of {len(keys)} keys missing): the cache "
+            f"was built for another train set; rebuild with: {build_command(self.dir)}"
         )
 
     def lookup(self, sequence_keys: Sequence[tuple[str, str]], *, with_counts: bool = False):
@@ -134,6 +137,7 @@ class RefCache:
         if bad:
             i = bad[0]
             raise RefCacheError(
-                f"sequence {keys[i]} has {int(have[i])} target tokens in this batch but {int(want[i])} in cache {self.dir} "
-                f"({len(bad)} sequences differ): the cache was built from a different tokenisation; rebuild it: {build_command(self.dir)}"
+                f"sequence {keys[i]} has {int(have[i])} target tokens in this batch but {int(want[i])} in cache "
+                f"{self.dir} ({len(bad)} sequences differ): the cache was built from a different tokenisation; "
+                f"rebuild it: {build_command(self.dir)}"
             )
