@@ -12,8 +12,10 @@ LM-head/log-prob/loss kernel, so [N, V] logits never exist) -> DeepSpeed backwar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -24,10 +26,13 @@ from typing import Any, Iterator
 
 import torch
 
-from engine import checkpoint, parallelize
+from engine import checkpoint, parallelize, rundir
+from engine.checkpoint import CheckpointError
 from engine.config import Config, ConfigError, load_config
 from engine.fileio import atomic_write, publish_dir
 from engine.losses import LossOutput
+from engine.rundir import RunDirError
+from engine.signals import RunSignals, StopRequested
 
 
 class PolicyWithLoss(torch.nn.Module):
@@ -113,32 +118,32 @@ def _flops_per_token(model) -> float:
     return 6.0 * n
 
 
-class _StopFlag:
-    """SIGTERM sets it; the loop saves a checkpoint at the next step boundary and exits."""
-
-    def __init__(self):
-        self.stop = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.stop = True
+class TrainingError(RuntimeError):
+    """Training cannot go on as configured (e.g. the loss stays non-finite); the message says what to change."""
 
 
 class MetricsLog:
-    """Rank 0's outputs of the loop: metrics.jsonl, TensorBoard, Weights & Biases and the progress bar."""
+    """Rank 0's outputs of the loop: metrics.jsonl, TensorBoard, Weights & Biases and the progress bar.
 
-    def __init__(self, cfg: Config, env, *, total_steps: int, start_step: int, fresh: bool):
+    A resumed run first cuts the log back to the checkpoint's step (TensorBoard purges later events),
+    so every step has one record whatever the number of segments; a fresh run starts a new log.
+    """
+
+    def __init__(self, cfg: Config, env, *, total_steps: int, start_step: int):
         self.cfg, self.active = cfg, env.is_main
         self.path = cfg.logging.run_dir / "metrics.jsonl"
         self.writer = self.wandb = self.bar = None
         if not self.active:
             return
-        if fresh:
-            self.path.unlink(missing_ok=True)  # a fresh run starts its log anew; a resumed one appends
+        if start_step:
+            rundir.truncate_metrics(self.path, start_step)
+        else:
+            self.path.unlink(missing_ok=True)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(cfg.logging.run_dir / "tensorboard"))
+            purge = start_step + 1 if start_step else None  # drop events a killed segment logged after its checkpoint
+            self.writer = SummaryWriter(str(cfg.logging.run_dir / "tensorboard"), purge_step=purge)
         if cfg.logging.wandb:
             import wandb
 
@@ -147,7 +152,9 @@ class MetricsLog:
         if cfg.logging.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.loss.objective, dynamic_ncols=True, file=sys.stdout)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc=cfg.loss.objective, dynamic_ncols=True, file=sys.stdout
+            )
 
     def step(self, record: dict) -> None:
         if not self.active:
@@ -164,7 +171,9 @@ class MetricsLog:
                 self.wandb.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            loss = record.get("loss")
+            shown = "skipped" if loss is None else f"{loss:.4f}"
+            self.bar.set_postfix(loss=shown, tok_s=f"{record['tokens_per_s']:.0f}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -178,10 +187,11 @@ class MetricsLog:
 
 @dataclass
 class Run:
-    """What set-up hands the loop: the run's data, model engine, sampler position and outputs."""
+    """What set-up hands the loop: the run's data, model engine, sampler position, signals and outputs."""
 
     cfg: Config
     env: parallelize.DistEnv
+    signals: RunSignals
     tokenizer: Any
     prepared: Any
     module: torch.nn.Module
@@ -194,7 +204,7 @@ class Run:
     ref_cache: Any = None
     reference: Any = None
     log: MetricsLog | None = None
-    history: list = field(default_factory=list)
+    saved_step: int | None = None
     t_start: float = field(default_factory=time.time)
 
     @property
@@ -217,23 +227,81 @@ class Run:
             self.engine, self.ckpt_dir, self.state["step"], self.state, self.cfg, rank=self.env.rank,
             keep_last=self.cfg.checkpoint.keep_last,
         )
+        self.saved_step = self.state["step"]
 
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the final summary (rank 0; other ranks get {}).
 
-    Callable repeatedly in one process (the experiment does): a world of one it created is released
-    on the way out; a torchrun world belongs to the launcher and stays.
+    Raises StopRequested when SIGTERM/SIGINT stopped the run (state resumable with checkpoint.resume
+    auto). Callable repeatedly in one process (the experiment does): the signal handlers and the run
+    directory's lock are released on the way out, and so is a world of one it created; a torchrun
+    world belongs to the launcher and stays.
     """
-    try:
-        run = setup(cfg)
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(RunSignals())
+        stack.callback(parallelize.release_own_world)
+        env = parallelize.init_distributed(cfg.parallel)
+        stack.enter_context(_own_run_dir(cfg, env))
+        run = setup(cfg, env, signals)
         try:
-            stopped = train_loop(run)
+            with signals.deferred("training"):
+                train_loop(run)
         finally:
             run.log.close()
-        return finish(run, stopped=stopped)
+        return finish(run)
+
+
+@contextlib.contextmanager
+def _own_run_dir(cfg: Config, env):
+    """Rank 0 holds the run directory's lock for the run's lifetime and applies the ownership rules (engine.rundir)."""
+    lock, error, note = None, None, None
+    if env.is_main:
+        try:
+            lock = rundir.RunLock(cfg.logging.run_dir).__enter__()
+            note = rundir.claim(cfg)
+        except (RunDirError, OSError) as e:
+            error = e
+            if lock is not None:
+                lock.__exit__(None, None, None)
+    parallelize.raise_if_any_failed(error, what="claiming the run directory")
+    if note:
+        print(note, flush=True)
+    try:
+        yield
     finally:
-        parallelize.release_own_world()
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _preflight(cfg: Config, env) -> Path | None:
+    """What can fail cheaply fails before data, cache or model work: writable outputs, loadable models and
+    LoRA targets, and the checkpoint to resume (verified, config compared). Returns that checkpoint."""
+    from engine.model import check_model
+    from engine.refcache import cache_dir_for
+
+    error, resume_from = None, None
+    if env.is_main:
+        try:
+            dirs = {
+                "logging.output_dir": cfg.logging.run_dir / "checkpoints", "data.cache_dir": Path(cfg.data.cache_dir),
+            }
+            if cfg.deviation.enabled:
+                dirs["deviation.cache_dir"] = Path(cfg.deviation.cache_dir)
+            if cfg.loss.needs_reference and cfg.ref_cache.mode != "off":
+                dirs["ref_cache.dir"] = cache_dir_for(cfg)
+            rundir.check_writable(dirs)
+            check_model(cfg.model)
+            if cfg.loss.needs_reference and cfg.ref_cache.model not in (None, cfg.model.name):
+                check_model(cfg.model, name=cfg.ref_cache.model, field="ref_cache.model", lora=False)
+            resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.run_dir / "checkpoints")
+            if resume_from is not None:
+                checkpoint.check_compatible(resume_from, cfg, world_size=env.world_size)
+        except (ConfigError, RunDirError, CheckpointError) as e:
+            error = e
+    parallelize.raise_if_any_failed(error, what="pre-flight checks")
+    found = parallelize.broadcast_from_zero(None if resume_from is None else str(resume_from))
+    return None if found is None else Path(found)
 
 
 def _loss_module(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
@@ -241,23 +309,34 @@ def _loss_module(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
     return PolicyWithLoss(model, cfg.loss)
 
 
-def setup(cfg: Config) -> Run:
-    """Process group, data, reference log-probs, model, DeepSpeed engine, resumed state and loggers."""
+def _fresh_state(world_size: int) -> dict:
+    """The trainer state a checkpoint carries; counters span every segment of a resumed run."""
+    return {
+        "step": 0, "epoch": 0, "sampler": None, "nonfinite_skipped": 0, "tokens": 0, "world_size": world_size,
+        "first_loss": None, "last_loss": None, "loop_time_s": 0.0, "segments": 0,
+    }
+
+
+def setup(cfg: Config, env, signals: RunSignals) -> Run:
+    """Pre-flight checks, data, reference log-probs, model, DeepSpeed engine, resumed state and loggers."""
     from engine.data import RowSampler, prepare_data
     from engine.model import load_model, load_tokenizer
     from engine.refcache import ensure_cache, on_the_fly_reference
 
+    signals.enter("start-up")
     if cfg.logging.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise RuntimeError("logging.wandb is true but the wandb package is not installed: pip install wandb, or set logging.wandb false") from None
-    env = parallelize.init_distributed(cfg.parallel)
+            raise ConfigError(
+                "logging.wandb is true but the wandb package is not installed: pip install wandb, or set "
+                "logging.wandb false"
+            ) from None
+    t_start = time.time()
+    resume_from = _preflight(cfg, env)
     torch.manual_seed(cfg.data.seed + env.rank)
     run_dir = cfg.logging.run_dir
-    t_start = time.time()
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
         from engine.plan import PlanError, plan_from_config
 
@@ -266,22 +345,24 @@ def setup(cfg: Config) -> Run:
         except (PlanError, OSError, ValueError) as e:  # advisory only: never stops a run
             print(f"memory plan unavailable for {cfg.model.name}: {e}")
 
+    signals.enter("data preparation")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name, revision=cfg.model.revision)
     prepared = prepare_data(cfg, tokenizer, out_dir=run_dir if env.is_main else None)
     rows = prepared.train_rows
     if not rows:
-        raise RuntimeError(f"no training pairs after preparation; see {run_dir / 'data_report.json'}")
+        raise TrainingError(f"no training pairs after preparation; see {run_dir / 'data_report.json'}")
 
+    signals.enter("reference cache")
     ref_cache = None
     if cfg.loss.needs_reference:
         ref_cache = ensure_cache(cfg, tokenizer, prepared, device=env.device, rank=env.rank, world_size=env.world_size)
 
+    signals.enter("model set-up")
     model = load_model(cfg.model, device=env.device)
     reference = None
     if cfg.loss.needs_reference and ref_cache is None:
         reference = on_the_fly_reference(model, cfg)
     module = _loss_module(cfg, model)
-
     sampler = RowSampler(
         [r.num_tokens for r in rows], num_replicas=env.world_size, rank=env.rank,
         rows_per_batch=cfg.data.rows_per_batch, seed=cfg.data.seed,
@@ -290,30 +371,31 @@ def setup(cfg: Config) -> Run:
     total_steps = cfg.optim.max_steps or max(1, math.ceil(steps_per_epoch * cfg.optim.epochs))
     engine, optimizer, scheduler = parallelize.setup_deepspeed(module, cfg, total_steps=total_steps)
 
-    state = {"step": 0, "epoch": 0, "sampler": None, "nonfinite_skipped": 0, "tokens": 0}
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir / "checkpoints")
+    state = _fresh_state(env.world_size)
     if resume_from is not None:
-        state = checkpoint.load(engine, resume_from, rank=env.rank)
+        checkpoint.load(engine, resume_from, rank=env.rank)
+        state.update(json.loads((resume_from / "trainer_state.json").read_text()))
         if env.is_main:
-            print(f"resumed from {resume_from} at step {state['step']}")
+            print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+    state["segments"] += 1
     if state["sampler"] is not None:
         sampler.load_state_dict(state["sampler"])
     else:
         sampler.set_epoch(state["epoch"])
 
     run = Run(
-        cfg=cfg, env=env, tokenizer=tokenizer, prepared=prepared, module=module, engine=engine, optimizer=optimizer,
-        scheduler=scheduler, sampler=sampler, total_steps=total_steps, state=state, ref_cache=ref_cache,
-        reference=reference, t_start=t_start,
+        cfg=cfg, env=env, signals=signals, tokenizer=tokenizer, prepared=prepared, module=module, engine=engine,
+        optimizer=optimizer, scheduler=scheduler, sampler=sampler, total_steps=total_steps, state=state,
+        ref_cache=ref_cache, reference=reference, t_start=t_start,
+        saved_step=state["step"] if resume_from is not None else None,
     )
-    run.log = MetricsLog(cfg, env, total_steps=total_steps, start_step=state["step"], fresh=resume_from is None)
+    run.log = MetricsLog(cfg, env, total_steps=total_steps, start_step=state["step"])
     return run
 
 
-def train_loop(run: Run) -> bool:
-    """Optimizer steps until the last one, or until a stop signal; True when stopped early (checkpoint saved)."""
+def train_loop(run: Run) -> None:
+    """Optimizer steps until the last one; on a stop signal, a checkpoint and StopRequested."""
     cfg, env, state = run.cfg, run.env, run.state
-    stop = _StopFlag()
     peak_flops = _gpu_peak_flops(env.device)
     flops_per_token = _flops_per_token(run.module.model)
     consecutive_nonfinite = 0
@@ -322,29 +404,26 @@ def train_loop(run: Run) -> bool:
     while state["step"] < run.total_steps:
         t0 = time.time()
         # grad_accum micro-batches forward and backward; DeepSpeed applies the update at the boundary.
-        sums, grad_norm, skipped = train_step(run, stream)
-        if skipped:
-            # A non-finite micro-batch drops the whole step on every rank (grads are zeroed, nothing applied).
-            run.optimizer.zero_grad(set_to_none=True)
-            consecutive_nonfinite += 1
-            state["nonfinite_skipped"] += 1
-            if consecutive_nonfinite >= cfg.logging.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{consecutive_nonfinite} consecutive steps had a non-finite loss (step {state['step']}); "
-                    "lower optim.lr, check the data, or use parallel.precision fp32/bf16 instead of fp16"
-                )
-            continue
-        consecutive_nonfinite = 0
+        sums, nonfinite, grad_norm, tokens, pad = train_step(run, stream)
         state["step"] += 1
         dt = time.time() - t0
         # Throughput counts every rank's tokens.
-        tokens, pad = parallelize.all_reduce_sum([sums.pop("tokens"), sums.pop("pad")])
+        tokens, pad = parallelize.all_reduce_sum([tokens, pad])
         state["tokens"] += int(tokens)
+        state["loop_time_s"] += dt
         state["sampler"] = run.sampler.state_dict()
-        record = {
+        # Sync point: the step's accumulated metric tensors become numbers here, once per step.
+        metrics = {k: v.item() for k, v in sums.items()} if not nonfinite else {"loss": None}
+        if metrics["loss"] is not None:
+            state["first_loss"] = metrics["loss"] if state["first_loss"] is None else state["first_loss"]
+            state["last_loss"] = metrics["loss"]
+        # A non-finite micro-batch withheld the whole step's update on every rank; too many in a row stop the run.
+        consecutive_nonfinite = consecutive_nonfinite + 1 if nonfinite else 0
+        state["nonfinite_skipped"] += bool(nonfinite)
+        run.log.step({
             "step": state["step"],
             "epoch": state["epoch"],
-            **sums,
+            **metrics,
             "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
@@ -352,82 +431,101 @@ def train_loop(run: Run) -> bool:
             "peak_memory_mb": _peak_memory_mb(env.device),
             "padding_fraction": pad / max(1.0, tokens + pad),
             "step_time_s": dt,
-        }
-        run.history.append(record)
-        run.log.step(record)
-        # Ranks may receive SIGTERM a step apart: decide together, or the collectives would deadlock.
-        stopped = parallelize.all_ranks_agree(stop.stop)
+            "nonfinite_micro_batches": nonfinite,
+        })
+        if consecutive_nonfinite >= cfg.logging.max_nonfinite_steps:
+            raise TrainingError(
+                f"{consecutive_nonfinite} consecutive steps had a non-finite loss (up to step {state['step']}); "
+                "lower optim.lr, check the data, or use parallel.precision fp32/bf16 instead of fp16"
+            )
+        # Stop together: ranks may receive the signal a step apart, and the collectives would deadlock.
+        stopping = parallelize.all_ranks_agree(run.signals.stop)
         every = cfg.checkpoint.every_steps
-        if (every and state["step"] % every == 0) or stopped:
+        if (every and state["step"] % every == 0) or stopping:
             run.save_checkpoint()
-        if stopped:
-            return True
-    return False
+        if stopping:
+            signum = run.signals.signum or signal.SIGTERM  # another rank may have received it
+            raise StopRequested(signum, f"training (checkpoint saved at step {state['step']})")
 
 
-def train_step(run: Run, stream: Iterator[list[int]]) -> tuple[dict, float | None, bool]:
-    """One optimizer step of grad_accum micro-batches: (metrics averaged over them, grad norm, skipped)."""
+def train_step(run: Run, stream: Iterator[list[int]]):
+    """One optimizer step of grad_accum micro-batches.
+
+    Returns (metric sums as float64 tensors, averaged over the micro-batches; non-finite micro-batch
+    count; grad norm at the boundary; real tokens; padding tokens). Every micro-batch goes through
+    engine.backward and engine.step, so DeepSpeed's accumulation boundaries stay where the loop's are;
+    a non-finite one contributes the backward of a graph-less zero and withholds the step's update.
+    """
     from engine.data import collate
 
     cfg, rows = run.cfg, run.prepared.train_rows
-    acc: dict[str, float] = {}
-    tokens = pad = 0
-    skipped = False
+    accum = cfg.optim.grad_accum
+    sums: dict[str, torch.Tensor] = {}
+    tokens = pad = nonfinite = 0
     grad_norm = None
-    for _ in range(cfg.optim.grad_accum):
+    for _ in range(accum):
         batch = collate([rows[i] for i in next(stream)], device=run.env.device)
         if run.ref_cache is not None:
             run.ref_cache.fill(batch)
         elif run.reference is not None:
             batch.ref_chosen_logps, batch.ref_rejected_logps = run.reference(batch)
         out = run.engine(batch)
-        nonfinite = parallelize.all_ranks_agree(not bool(torch.isfinite(out.loss.detach())))
-        if nonfinite:
-            skipped = True
-            continue
-        run.engine.backward(out.loss)
+        # Sync point (one flag per micro-batch): every rank must take the same branch, or the
+        # collectives inside backward would deadlock.
+        if parallelize.all_ranks_agree(not bool(torch.isfinite(out.loss.detach()))):
+            nonfinite += 1
+            run.optimizer.withhold = True
+            loss = parallelize.zero_loss(run.engine, like=out.loss)
+        else:
+            loss = out.loss
+            for k, v in (("loss", out.loss), *out.metrics.items()):
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64).detach() / accum
+        run.engine.backward(loss)
         grad_norm = parallelize.step_with_grad_norm(run.engine)
-        for k, v in out.metrics.items():
-            acc[k] = acc.get(k, 0.0) + float(v) / cfg.optim.grad_accum
-        acc["loss"] = acc.get("loss", 0.0) + float(out.loss.detach()) / cfg.optim.grad_accum
         tokens += batch.num_real_tokens
         pad += batch.num_pad_tokens
-    return {**acc, "tokens": tokens, "pad": pad}, grad_norm, skipped
+    run.optimizer.withhold = False
+    return sums, nonfinite, None if nonfinite else grad_norm, tokens, pad
 
 
-def finish(run: Run, *, stopped: bool) -> dict:
+def finish(run: Run) -> dict:
     """After the loop: the last checkpoint, the export, the evaluation and the run's summary (rank 0)."""
-    cfg, env, state = run.cfg, run.env, run.state
-    if stopped:
-        if env.is_main:
-            print(f"SIGTERM: checkpoint saved at step {state['step']} in {run.ckpt_dir}; resume with --checkpoint.resume auto")
-        return {}
-    if cfg.checkpoint.every_steps:
-        run.save_checkpoint()
+    cfg, env, state, signals = run.cfg, run.env, run.state, run.signals
+    if run.saved_step != state["step"]:
+        # Saved before export and evaluation, so a stop during either resumes right here.
+        with signals.deferred("final checkpoint"):
+            run.save_checkpoint()
+    signals.enter("export")
     if cfg.checkpoint.export_final:
         export(run.module.model, run.tokenizer, run.run_dir / "final", cfg, is_main=env.is_main)
     parallelize.barrier()
 
+    signals.enter("evaluation")
     summary = {}
     if env.is_main:
-        history = run.history
+        loop_s = state["loop_time_s"]
         summary = {
             "run_dir": str(run.run_dir),
             "objective": cfg.loss.objective,
             "steps": state["step"],
+            "segments": state["segments"],
             "pairs": len(run.prepared.train_pairs),
-            "first_loss": history[0]["loss"] if history else None,
-            "final_loss": history[-1]["loss"] if history else None,
+            "first_loss": state["first_loss"],
+            "final_loss": state["last_loss"],
             "tokens": state["tokens"],
-            "tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(1, len(history)),
+            "tokens_per_s": state["tokens"] / loop_s if loop_s > 0 else None,
             "padding_fraction": run.prepared.padding_fraction,
             "nonfinite_skipped": state["nonfinite_skipped"],
             "peak_memory_mb": _peak_memory_mb(env.device),
-            "reference": "cache" if run.ref_cache is not None else ("on the fly" if run.reference is not None else "none"),
-            "train_time_s": time.time() - run.t_start,
+            "reference": "none" if run.ref_cache is None and run.reference is None else
+                         "cache" if run.ref_cache is not None else "on the fly",
+            "train_time_s": loop_s,
+            "wall_time_s": time.time() - run.t_start,
         }
         if cfg.eval.enabled and run.prepared.val_pairs:
-            summary["eval"] = evaluate_after_training(run.module.model, run.tokenizer, run.prepared, cfg, run.run_dir / "eval")
+            summary["eval"] = evaluate_after_training(
+                run.module.model, run.tokenizer, run.prepared, cfg, run.run_dir / "eval"
+            )
         atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
         print_summary(summary)
     parallelize.barrier()
@@ -485,20 +583,69 @@ def print_summary(summary: dict) -> None:
     print("-" * (width + 24))
 
 
+OOM_FIX = (
+    "reduce memory with: data.max_tokens_per_row, data.rows_per_batch (raise optim.grad_accum to keep the batch), "
+    "model.gradient_checkpointing true, parallel.zero_stage 3, parallel.offload_optimizer true, model.lora_r > 0, "
+    "ref_cache.mode auto (no reference model in memory); `python -m engine.plan` estimates each setting's effect"
+)
+
+
+def _known_error(e: BaseException) -> tuple[str, int, bool] | None:
+    """(label, exit status, whether it can happen on one rank only) of an error the user can fix, else None.
+
+    Errors of the inputs (config, data, cache, checkpoint, run directory) hit every rank alike, so only
+    rank 0 reports them; memory and file-system errors can be local to a rank, which then reports its own.
+    """
+    from engine.data.loading import DataError
+    from engine.refcache import RefCacheError, RefCacheKeyError
+
+    for kinds, label in (
+        (ConfigError, "config error"), (DataError, "data error"),
+        ((RefCacheError, RefCacheKeyError), "reference cache error"), (CheckpointError, "checkpoint error"),
+        (RunDirError, "run directory error"), (TrainingError, "training error"),
+    ):
+        if isinstance(e, kinds):
+            return label, 2, False
+    if isinstance(e, parallelize.RemoteRankError):
+        return "", 2, False  # the failing rank reports the cause itself
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of memory", 1, True
+    if isinstance(e, PermissionError):
+        return "permission error", 2, True
+    if isinstance(e, OSError):
+        return "I/O error", 2, True
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`torchrun -m engine.train`: every known error is one line on stderr (rank 0) with the fix; a stop
+    by SIGTERM/SIGINT exits 128 + the signal's number after saying how to resume."""
     try:
         cfg = load_config(argv, prog="torchrun -m engine.train")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    rank = int(os.environ.get("RANK", "0"))
     try:
         train(cfg)
-    except torch.OutOfMemoryError as e:
-        raise SystemExit(
-            f"out of memory: {e}\nReduce memory with: data.max_tokens_per_row, data.rows_per_batch (raise optim.grad_accum to keep the "
-            "batch), model.gradient_checkpointing true, parallel.zero_stage 3, parallel.offload_optimizer true, model.lora_r > 0, "
-            "ref_cache.mode auto (no reference model in memory); `python -m engine.plan` estimates each setting's effect"
-        ) from None
+    except StopRequested as e:
+        if rank == 0:
+            print(f"{e}; the run is resumable: rerun the same command with --checkpoint.resume auto", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        known = _known_error(e)
+        if known is None:
+            raise
+        label, status, rank_local = known
+        if label and (rank == 0 or rank_local):
+            where = f"[rank {rank}] " if rank_local and rank != 0 else ""
+            message = str(e) if not isinstance(e, torch.OutOfMemoryError) else f"{str(e).splitlines()[0]}; {OOM_FIX}"
+            if isinstance(e, OSError) and not isinstance(e, PermissionError | FileNotFoundError):
+                message += "; free disk space or point logging.output_dir and the cache directories elsewhere"
+            elif isinstance(e, PermissionError):
+                message += "; make it writable or point logging.output_dir and the cache directories elsewhere"
+            print(f"{where}{label}: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(status) from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
