@@ -115,7 +115,7 @@ class LoadReport:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[RowRef, Any]]:
-    """("line N", parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs one row."""
+    """("line N", parsed row or _BadRow) per non-empty line; decoded per line, so one bad line costs one row."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -422,7 +422,8 @@ def pairs_from_rows(
 
 
 def load_responses(
-    source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0, strict_off: str = STRICT_OFF
+    source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+    strict_off: str = STRICT_OFF,
 ):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
     rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed)
