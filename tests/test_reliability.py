@@ -180,12 +180,12 @@ def test_signal_handlers_are_restored_when_a_run_ends(tmp_path, caches):
 
 def test_nonfinite_micro_batches_keep_accumulation_boundaries(tmp_path, caches, monkeypatch):
     """Table row 7: at grad_accum 4, non-finite micro-batches 2 and 3 of step 2 withhold that step's update
-    while DeepSpeed's micro-step counter stays on the loop's boundaries; steps 1 and 3 update as usual."""
+    while DeepSpeed's optimizer boundaries stay where the loop's steps end; steps 1 and 3 update as usual."""
     import engine.train as T
     from engine import parallelize
 
-    calls, engines, seen = {"n": 0}, [], []
-    real_forward, real_setup, real_step = T.PolicyWithLoss.forward, parallelize.setup_deepspeed, T.train_step
+    calls, engines, boundaries = {"n": 0}, [], []
+    real_forward, real_setup = T.PolicyWithLoss.forward, parallelize.setup_deepspeed
 
     def forward(self, batch):
         out = real_forward(self, batch)
@@ -195,27 +195,30 @@ def test_nonfinite_micro_batches_keep_accumulation_boundaries(tmp_path, caches, 
         return out
 
     def setup(*a, **k):
-        engines.append(real_setup(*a, **k))
-        return engines[-1]
+        engine, optimizer, scheduler = real_setup(*a, **k)
+        engines.append((engine, optimizer))
+        real_step = engine.step
 
-    def step(run, stream):
-        params = [p for p in run.module.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in params]
-        out = real_step(run, stream)
-        changed = any(not torch.equal(a, p) for a, p in zip(before, params))
-        seen.append((run.engine.micro_steps, run.engine.global_steps, changed))
-        return out
+        def step(*sa, **sk):  # at each DeepSpeed boundary: the micro-step count and whether weights moved
+            at_boundary = engine.is_gradient_accumulation_boundary()
+            before = [p.detach().clone() for p in engine.module.parameters() if p.requires_grad]
+            out = real_step(*sa, **sk)
+            if at_boundary:
+                after = [p for p in engine.module.parameters() if p.requires_grad]
+                boundaries.append((engine.micro_steps, any(not torch.equal(a, b) for a, b in zip(before, after))))
+            return out
+
+        engine.step = step
+        return engine, optimizer, scheduler
 
     monkeypatch.setattr(T.PolicyWithLoss, "forward", forward)
     monkeypatch.setattr(parallelize, "setup_deepspeed", setup)
-    monkeypatch.setattr(T, "train_step", step)
     cfg = _cfg(tmp_path, caches, "--loss.objective", "sft", "--optim.grad_accum", 4, "--optim.max_steps", 3)
     summary = train(cfg)
-    engine, optimizer, _ = engines[0]
-    assert engine.micro_steps == 12 and engine.global_steps == 3  # boundaries where the loop's steps end
-    assert seen == [(4, 1, True), (8, 2, False), (12, 3, True)]
-    state = next(iter(optimizer.state.values()))
-    assert int(state["step"]) == 2  # Adam's moments saw two updates, not three
+    engine, optimizer = engines[0]
+    assert boundaries == [(4, True), (8, False), (12, True)]  # the boundary of step 2 changed no weight
+    assert engine.micro_steps == 12 and engine.global_steps == 3  # nothing accumulated past the last step
+    assert max(int(st["step"]) for st in optimizer.state.values()) == 2  # Adam's moments saw two updates
     records = _metrics(cfg.logging.run_dir)
     assert [(r["step"], r["nonfinite_micro_batches"]) for r in records] == [(1, 0), (2, 2), (3, 0)]
     assert records[1]["loss"] is None and records[1]["grad_norm"] is None and records[2]["loss"] > 0

@@ -236,6 +236,9 @@ def test_kill_9_then_resume_reproduces_the_losses(tmp_path):
     assert sorted(got) == list(range(1, 9))
     for step in want:
         assert abs(want[step] - got[step]) <= 1e-6, (step, want[step], got[step])
+    # The summary describes the whole run, not only the resumed segment.
+    s_want, s_got = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("straight", "killed"))
+    assert abs(s_got["first_loss"] - s_want["first_loss"]) <= 1e-6 and s_got["tokens"] == s_want["tokens"]
 
 
 @pytest.mark.slow
