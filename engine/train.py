@@ -8,6 +8,11 @@ One batch, top to bottom: packed rows from `engine.data` -> reference log-probs 
 (or a reference forward) -> `PolicyWithLoss` (model trunk -> final hidden states -> the fused
 LM-head/log-prob/loss kernel, so [N, V] logits never exist) -> DeepSpeed backward/step (owned by
 `engine.parallelize`) -> metrics, checkpoints.
+
+A run, top to bottom (`train`): signal handlers for its lifetime (engine.signals) -> the process group
+-> the run directory's lock and ownership rules (engine.rundir) -> `setup` (pre-flight checks first,
+then data, reference cache, model, DeepSpeed, the verified checkpoint to resume) -> `train_loop`
+(`train_step` per optimizer step) -> `finish` (last checkpoint, export, evaluation, summary).
 """
 
 from __future__ import annotations
