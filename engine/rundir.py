@@ -190,13 +190,16 @@ def progress_summary(run_dir: Path) -> str:
 def claim(cfg) -> str | None:
     """Rank 0, under the lock: make run_dir this run's, per the module's rules. Returns a line to print, or None."""
     run_dir = cfg.logging.run_dir
-    if not run_dir.is_dir() or not any(_holds_files(p) for p in run_dir.iterdir()):
+    contents = [p.name for p in run_dir.iterdir() if _holds_files(p)] if run_dir.is_dir() else []
+    if not contents:
         return None
     if cfg.logging.overwrite:
         dest = move_aside(run_dir)
         return f"logging.overwrite: moved the earlier contents of {run_dir} to {dest}"
     recorded = read_config(run_dir / "config.yaml")
     if recorded is None:
+        if contents == ["ref_cache"]:
+            return None  # a reference cache built first by `engine.refcache build` (fingerprint-checked on use)
         raise RunDirError(
             f"{run_dir} holds files but no config.yaml, so it is no run directory of this engine; give this run "
             "another logging.run_name, or use --logging.overwrite true (moves its contents aside, deletes nothing)"
