@@ -321,7 +321,7 @@ def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
         load_config(["--config", str(bad)])
 
 
-@pytest.mark.parametrize("case", ["data", "cache", "checkpoint", "run directory", "permission"])
+@pytest.mark.parametrize("case", ["data", "cache", "checkpoint", "run directory", "permission", "oom", "disk"])
 def test_engine_train_reports_known_errors_as_one_line(tmp_path, caches, capsys, monkeypatch, case):
     """Table row 14: `python -m engine.train` prints one line naming the file/row/field and the fix, exit 2."""
     from engine import train as T
@@ -330,7 +330,9 @@ def test_engine_train_reports_known_errors_as_one_line(tmp_path, caches, capsys,
     args = [*TINY, "--logging.output_dir", str(tmp_path / "runs"), "--data.cache_dir", str(caches / "data"),
             "--deviation.cache_dir", str(caches / "emb"), "--optim.max_steps", "1", "--loss.objective", "dpo"]
     want = {"data": "data error: ", "cache": "reference cache error: ", "checkpoint": "checkpoint error: ",
-            "run directory": "run directory error: ", "permission": "run directory error: cannot write to "}[case]
+            "run directory": "run directory error: ", "permission": "run directory error: cannot write to ",
+            "oom": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB; reduce memory with: ",
+            "disk": "I/O error: [Errno 28] No space left on device: 'ckpt'; free disk space"}[case]
     if case == "data":
         bad = tmp_path / "bad.jsonl"
         rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": 3, "chosen": "a", "rejected": "b"}]
@@ -343,13 +345,21 @@ def test_engine_train_reports_known_errors_as_one_line(tmp_path, caches, capsys,
     elif case == "run directory":
         (tmp_path / "runs" / "tiny-cpu").mkdir(parents=True)
         (tmp_path / "runs" / "tiny-cpu" / "notes.txt").write_text("not a run")
-    else:
+    elif case == "permission":
         args += ["--data.cache_dir", str(_unwritable_dir(tmp_path) / "data")]
+    else:  # failures deep inside a step or a save, raised where they would be
+        error = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail") if case == "oom"
+                 else OSError(28, "No space left on device", "ckpt"))
+
+        def fail(*a, **k):
+            raise error
+
+        monkeypatch.setattr(T, "train", fail)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         T.main(args)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "[W" not in line[:3]]
-    assert exit_.value.code == 2
+    assert exit_.value.code == (1 if case == "oom" else 2)
     assert len(err) == 1 and err[0].startswith(want), err
     if case == "data":
         assert "line 2 is bad (non_string_text)" in err[0] and "--data.strict false" in err[0]
