@@ -265,10 +265,13 @@ def _own_run_dir(cfg: Config, env):
         try:
             lock = rundir.RunLock(cfg.logging.run_dir).__enter__()
             note = rundir.claim(cfg)
-        except (RunDirError, OSError) as e:
-            error = e
+        except BaseException as e:
             if lock is not None:
                 lock.__exit__(None, None, None)
+                lock = None
+            if not isinstance(e, (RunDirError, OSError)):
+                raise
+            error = e
     parallelize.raise_if_any_failed(error, what="claiming the run directory")
     if note:
         print(note, flush=True)

@@ -156,6 +156,7 @@ def test_sigkill_at_ten_random_points_then_resume_gives_the_uninterrupted_run(tm
     chosen = [e for cat, n in (("data prep", 2), ("cache build", 2), ("training", 3), ("checkpoint", 3))
               for e in rng.sample(by_category[cat], n)]
     points = sorted(chosen, key=events.index)
+    print("SIGKILL points:", *points, sep="\n  ")  # shown with -s
 
     for point in points:
         r = _run(faulty, _args(faulty, *args), kill=point, rows_per_part=4)
