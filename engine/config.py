@@ -10,7 +10,6 @@ help text is the docstring-style string in its `metadata["help"]`; `--help` prin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import types

@@ -35,13 +35,15 @@ import yaml
 from engine.fileio import atomic_write
 
 # Sections and fields that may differ between a run's recorded config and a later segment of it:
-# they change where outputs go, how often things are logged or saved, or how fast a step runs,
-# never which model is trained on what with which objective.
+# they change where outputs go, how often things are logged or saved, or how fast a step runs (and
+# its last bits: the attention and loss kernels, recomputation), never which model is trained on what
+# with which objective. ZeRO stage and offload stay fixed: DeepSpeed's checkpoint layout depends on them.
 RESUMABLE_FIELDS = (
     "logging.*", "eval.*",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export_final",
     "checkpoint.merge_lora",
     "optim.max_steps",
+    "model.attn_implementation", "model.gradient_checkpointing", "loss.backend",
     "data.cache_dir", "data.num_workers",
     "deviation.cache_dir", "deviation.batch_size", "deviation.device",
     "ref_cache.dir", "ref_cache.mode",
