@@ -484,6 +484,11 @@ class LoggingConfig(_Section):
     tensorboard: bool = _f(True, "Write TensorBoard event files.")
     wandb: bool = _f(False, "Log to Weights & Biases (needs wandb installed and configured).")
     progress: bool = _f(True, "Show a progress bar on rank 0.")
+    overwrite: bool = _f(
+        False,
+        "Start afresh in a run directory that holds another run: its contents are moved aside to "
+        "<run_dir>.old-<time>/ (never deleted). Without it such a directory is refused.",
+    )
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive steps with a non-finite loss.", ge=1)
 
     @property
@@ -600,6 +605,11 @@ class Config:
                 "adapters merged: set checkpoint.merge_lora true",
             )
         _check(
+            not (self.logging.overwrite and self.checkpoint.resume != "none"),
+            f"logging.overwrite true starts the run afresh, checkpoint.resume {self.checkpoint.resume} continues it: "
+            "choose one (set logging.overwrite false or checkpoint.resume none)",
+        )
+        _check(
             not (self.parallel.precision == "bf16" and self.model.dtype == "float16"),
             "parallel.precision bf16 with model.dtype float16 mixes half formats: use model.dtype bfloat16 or float32",
         )
@@ -608,12 +618,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        """Write the resolved config atomically (tmp + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        """Write the resolved config atomically."""
+        from engine.fileio import atomic_write
+
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------ construction
@@ -741,7 +749,19 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (presets live in configs/)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(
+            f"{where}: YAML syntax error: {what}; fix the file (YAML: `section:` then indented `field: value`)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections")
     return data

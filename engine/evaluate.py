@@ -33,6 +33,7 @@ import numpy as np
 
 from engine import metrics as M
 from engine.config import CLEANINGS, METRICS_COMPATS, MODEL_DTYPES
+from engine.fileio import atomic_write
 
 # Columns of the comparison table, in order; those a run lacks are shown as "-".
 REPORT_KEYS = (
@@ -387,13 +388,9 @@ def _jsonable(x):
 def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     """Write generations.jsonl and metrics.json under out_dir (created if needed)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     gen_path, met_path = out / "generations.jsonl", out / "metrics.json"
-    with open(gen_path, "w", encoding="utf-8") as f:
-        for g in result.generations:
-            f.write(json.dumps(_jsonable(g), ensure_ascii=False) + "\n")
-    with open(met_path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(result.to_dict()), f, indent=2, ensure_ascii=False)
+    atomic_write(gen_path, "".join(json.dumps(_jsonable(g), ensure_ascii=False) + "\n" for g in result.generations))
+    atomic_write(met_path, json.dumps(_jsonable(result.to_dict()), indent=2, ensure_ascii=False))
     result.out_dir = out
     result.files = {"generations": gen_path, "metrics": met_path}
     return result.files
@@ -676,8 +673,7 @@ def plot_quality_vs_diversity(runs: Sequence[dict], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    atomic_write(out, lambda f: fig.savefig(f, format=out.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return out
 
@@ -690,9 +686,8 @@ def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Seque
         raise ValueError(f"got {len(labels)} labels for {len(paths)} runs; give one label per run or none")
     runs = [summarize_run(p, labels[i] if labels else None) for i, p in enumerate(paths)]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"
-    md.write_text(comparison_markdown(runs), encoding="utf-8")
+    atomic_write(md, comparison_markdown(runs))
     png = plot_quality_vs_diversity(runs, out / "quality_vs_diversity.png")
     return {"markdown": md, "plot": png}
 
@@ -804,6 +799,14 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
     args = parser.parse_args(_config_spelling(argv))
     if not args.human and not args.model:
         parser.error("--model is required unless --human is given")
+    if not args.human:
+        from engine.config import ConfigError, ModelConfig
+        from engine.model import check_model
+
+        try:  # before any prompt loading or sampling: a path that is not there is named as such, not as a hub id
+            check_model(ModelConfig(name=args.model), field="--model")
+        except ConfigError as e:
+            parser.error(str(e))
     from engine.config import DataConfig, EvalConfig
 
     data_defaults = DataConfig()

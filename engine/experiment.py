@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.fileio import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "configs" / "experiment.yaml"
 
@@ -423,8 +425,7 @@ def plot(agg: dict, order: list[str], path: Path) -> Path:
     bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     bx.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -650,10 +651,7 @@ def write_report(result: dict, doc: Path, plot_path: Path, command: str) -> Path
         )
     L += ["", f"Raw outputs: `{result.get('out', 'runs/experiment')}/<method>/seed<k>/` (config, metrics.jsonl, "
           "final/, eval/generations.jsonl, eval/metrics.json) and `results.json` there.", ""]
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(doc.suffix + ".tmp")
-    tmp.write_text("\n".join(L), encoding="utf-8")
-    tmp.replace(doc)
+    atomic_write(doc, "\n".join(L))
     return doc
 
 
@@ -680,7 +678,7 @@ def save_results(result: dict, path: Path) -> None:
     ]
     doc["aggregate"] = aggregate(result["records"])
     doc["verdicts"] = verdicts(doc["aggregate"])
-    path.write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
+    atomic_write(path, json.dumps(doc, indent=1, default=str))
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -158,20 +158,71 @@ def load_model(
     return model
 
 
+def lora_target_names(model) -> list[str]:
+    """Leaf names of the modules LoRA can adapt (Linear, Embedding, Conv1d and GPT-2's Conv1D), sorted."""
+    kinds = ("Linear", "Embedding", "Conv1d", "Conv1D")
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and type(m).__name__ in kinds})
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every name in `targets` must match a module (its leaf name, or a dotted suffix as peft accepts)."""
+    names = [n for n, _ in model.named_modules() if n]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        from engine.config import ConfigError
+
+        raise ConfigError(
+            f"model.lora_target_modules: {unknown} match no module of {type(model).__name__}; "
+            f"its adaptable module names are {lora_target_names(model)}"
+        )
+
+
 def apply_lora(model, cfg, task_type: str = "CAUSAL_LM"):
     """LoRA on cfg.lora_target_modules. task_type SEQ_CLS makes peft train the classifier head
     (`score`) in full through modules_to_save, as a freshly initialised head must be."""
     from peft import LoraConfig, get_peft_model
 
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in cfg.lora_target_modules if t in present]
-    if not targets:
-        raise ValueError(
-            f"model.lora_target_modules {cfg.lora_target_modules} match no module of {type(model).__name__}; "
-            f"candidates include {sorted(n for n in present if 'proj' in n or n.startswith('c_'))}"
-        )
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type=task_type)
+    check_lora_targets(model, cfg.lora_target_modules)
+    lcfg = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules), task_type=task_type,
+    )
     return get_peft_model(model, lcfg)
+
+
+def check_model(cfg, *, name: str | None = None, field: str = "model.name", lora: bool = True) -> None:
+    """Cheap pre-flight check that a model loads and its LoRA targets exist, before any data or cache work.
+
+    Builds the architecture on the meta device (no memory, no weights read): a named architecture from
+    its config, anything else from its config.json (local directory or the hub cache). Raises
+    ConfigError naming `field` and the fix.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.config import ConfigError
+
+    name = name or cfg.name
+    if is_named_architecture(name):
+        model = build_model(name, dtype=cfg.dtype, device="meta")
+    else:
+        path = Path(name)
+        looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+        if looks_local and not path.is_dir():
+            raise ConfigError(f"{field} {name!r}: no such directory; give a save_pretrained directory, a hub name "
+                              "or one of the named architectures")
+        if path.is_dir() and not any(path.glob(p) for p in ("*.safetensors", "*.bin", "*.pt")):
+            raise ConfigError(f"{field} {name!r} holds no weight files (*.safetensors, *.bin); point it at a "
+                              "save_pretrained directory")
+        try:
+            config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{field} {name!r} cannot be loaded ({first}); check the name, the local path, or hub "
+                              "access (HF_HUB_OFFLINE needs the model in the local cache)") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if lora and cfg.lora_r > 0:
+        check_lora_targets(model, cfg.lora_target_modules)
 
 
 def trunk_and_head(model):

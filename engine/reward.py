@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from engine import parallelize
+from engine.fileio import atomic_write, publish_dir
 from engine.losses import reward_loss
 
 
@@ -251,9 +252,7 @@ class RewardValidation:
 
         export(module.model, tokenizer, self.best_dir, self.cfg, is_main=self.is_main)
         if self.is_main:
-            tmp = self.best_file.with_name(self.best_file.name + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
-            tmp.replace(self.best_file)
+            atomic_write(self.best_file, json.dumps({"step": step, "metrics": metrics}, indent=1))
         parallelize.barrier()
 
     def finish(self, final_dir: Path) -> None:
@@ -267,8 +266,7 @@ class RewardValidation:
                 f"{saved and saved['step']}); it was changed or removed: rerun, or train again with "
                 "checkpoint.resume none"
             )
-        tmp = final_dir.with_name(final_dir.name + ".tmp")
+        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(self.best_dir, tmp)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
+        publish_dir(tmp, final_dir)

@@ -85,4 +85,4 @@ def test_cli_prepare_with_bad_rows(tmp_path, capsys):
     assert report["response_counts"] == {"deleted_response": 6}
     # strict: the first bad row stops the run with its index and reason
     assert main(["prepare", "--data", str(src), "--out", str(out), "--data.strict", "true", *common]) == 2
-    assert "row 6 is bad (length_mismatch)" in capsys.readouterr().err
+    assert "line 7 is bad (length_mismatch)" in capsys.readouterr().err

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.data.loading import DataError
     from engine.data.prepare import prepare_data, write_pairs_jsonl
+    from engine.fileio import atomic_write
     from engine.model import load_tokenizer
 
     out = Path(args.out)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = write_pairs_jsonl(out / "pairs.jsonl", prepared)
     report = {**prepared.load_report.to_dict(), "dropped_after_loading": prepared.counts}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out / "report.json", json.dumps(report, indent=2))
     print(f"wrote {n} pairs to {out / 'pairs.jsonl'}, reports to {out / 'report.json'} and {out / 'data_report.json'}")
     return 0
 

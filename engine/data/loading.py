@@ -6,7 +6,7 @@ row is validated, cleaned (`data.cleaning`), and turned into records with conten
 
 Bad input never crashes a run and is never dropped silently: each skipped row is counted under a
 reason in a `LoadReport` (printed and saved); with `strict=True` the first bad row raises a
-`DataError` naming its row index and reason instead.
+`DataError` naming its line (jsonl) or 1-based row and the reason instead.
 
 Cleaning, `cleaning="authors"` (scripts_dataset_cleaner/0_data_prep_scoring.py:21-30,
 1_data_prep_filtering.py:57-79, 2_data_prep_to_preference.py:51):
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.data.records import Pair, Response, make_pair_id, make_prompt_id, make_response_id
+from engine.fileio import atomic_write
 
 WP_REQUIRED = ("post_title", "post_text", "comment_texts", "comment_scores")
 PAIR_REQUIRED = ("chosen", "rejected")
@@ -51,6 +52,15 @@ BAD_ROW_REASONS = (
     "invalid_json", "invalid_utf8", "not_a_mapping", "missing_field", "non_string_text",
     "not_a_list", "length_mismatch", "non_numeric_score", "nan_score", "identical_pair", "empty_prompt",
 )
+
+
+# Where a row came from, as users count: "line 3" (physical 1-based line of a jsonl file, blank lines
+# included, so an editor's go-to-line finds it), or a 1-based record number for other sources.
+RowRef = int | str
+
+
+def row_label(where: RowRef) -> str:
+    return f"row {where}" if isinstance(where, int) else where
 
 
 class DataError(ValueError):
@@ -76,9 +86,9 @@ class LoadReport:
     response_counts: dict[str, int] = field(default_factory=dict)  # dropped responses per reason
     examples: dict[str, str] = field(default_factory=dict)  # first occurrence of each reason, for the report
 
-    def bad(self, reason: str, row_index: int, detail: str) -> None:
+    def bad(self, reason: str, where: RowRef, detail: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.examples.setdefault(reason, f"row {row_index}: {detail}")
+        self.examples.setdefault(reason, f"{row_label(where)}: {detail}")
 
     def drop_response(self, reason: str, n: int = 1) -> None:
         if n:
@@ -108,34 +118,29 @@ class LoadReport:
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2))
 
 
 # ------------------------------------------------------------------------------------ raw rows
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row index, parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs
-    one row."""
+def _iter_jsonl(path: Path) -> Iterator[tuple[RowRef, Any]]:
+    """("line N", parsed row or _BadRow) per non-empty line; decoded per line, so one bad line costs one row."""
     with path.open("rb") as f:
-        index = 0
-        for raw in f:
+        for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
+            where = f"line {lineno}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield index, _BadRow("invalid_utf8", f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield where, _BadRow("invalid_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line)")
             else:
                 try:
-                    yield index, json.loads(text)
+                    yield where, json.loads(text)
                 except json.JSONDecodeError as e:
-                    yield index, _BadRow("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
-            index += 1
+                    # colno counts characters from 1, as editors show columns.
+                    yield where, _BadRow("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
 
 
 def _columns_to_rows(data: dict) -> list[dict]:
@@ -144,7 +149,7 @@ def _columns_to_rows(data: dict) -> list[dict]:
     return [{k: data[k][i] for k in keys} for i in range(n)]
 
 
-def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_json(path: Path) -> Iterator[tuple[RowRef, Any]]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -158,34 +163,31 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
             data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: a JSON data file must hold a list of rows, got {type(data).__name__}")
-    yield from enumerate(data)
+    yield from enumerate(data, start=1)
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_parquet(path: Path) -> Iterator[tuple[RowRef, Any]]:
     import pyarrow.parquet as pq
 
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
+    rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=4096) for row in batch.to_pylist())
+    yield from enumerate(rows, start=1)
 
 
-def _iter_dataset(ds) -> Iterator[tuple[int, Any]]:
+def _iter_dataset(ds) -> Iterator[tuple[RowRef, Any]]:
     from datasets import DatasetDict
 
     if isinstance(ds, DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
-    yield from enumerate(ds)
+    yield from enumerate(ds, start=1)
 
 
-def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0) -> Iterator[tuple[int, Any]]:
-    """(row index, row) from any supported source; unreadable lines come as `_BadRow` values."""
+def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0) -> Iterator[tuple[RowRef, Any]]:
+    """(where, row) from any supported source (see RowRef); unreadable lines come as `_BadRow` values."""
     if source == "synthetic":
         from engine.data.synthetic import generate_rows
 
-        yield from enumerate(generate_rows(synthetic_prompts, synthetic_seed))
+        yield from enumerate(generate_rows(synthetic_prompts, synthetic_seed), start=1)
         return
     path = Path(source)
     if path.is_dir():
@@ -197,13 +199,9 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
             return
         if not files:
             raise DataError(f"{path} is a directory without a datasets.save_to_disk layout or jsonl/json/parquet files")
-        offset = 0
         for f in files:
-            last = -1
-            for i, row in iter_rows(str(f)):
-                last = i
-                yield offset + i, row
-            offset += last + 1
+            for where, row in iter_rows(str(f)):
+                yield f"{f.name} {row_label(where)}", row
         return
     if path.is_file():
         suffix = "".join(path.suffixes[-1:]).lower()
@@ -370,31 +368,36 @@ def _pair_row(row: Any) -> Pair:
     )
 
 
-def _fail_or_count(report: LoadReport, strict: bool, index: int, bad: _BadRow) -> None:
+def _fail_or_count(report: LoadReport, strict: bool, where: RowRef, bad: _BadRow, strict_off: str) -> None:
     if strict:
         raise DataError(
-            f"{report.source}: row {index} is bad ({bad.reason}): {bad.detail}; fix the row or run with "
-            "--data.strict false to skip and count bad rows"
+            f"{report.source}: {row_label(where)} is bad ({bad.reason}): {bad.detail}; fix the row, or {strict_off} "
+            f"to skip and count bad rows"
         )
-    report.bad(bad.reason, index, bad.detail)
+    report.bad(bad.reason, where, bad.detail)
 
 
-def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>",
-                        cleaning: str = "engine") -> tuple[list[Response], LoadReport]:
-    """Validate and clean (index, row) pairs of the WritingPrompts schema into responses."""
+# How a training run turns strict mode off; CLIs with their own switch pass theirs.
+STRICT_OFF = "run with --data.strict false"
+
+
+def responses_from_rows(
+    rows, *, strict: bool = False, source: str = "<rows>", cleaning: str = "engine", strict_off: str = STRICT_OFF
+) -> tuple[list[Response], LoadReport]:
+    """Validate and clean (where, row) pairs of the WritingPrompts schema into responses."""
     if cleaning not in ("authors", "engine"):
         raise ValueError(f"cleaning must be 'authors' or 'engine', got {cleaning!r}")
     report = LoadReport(source=source)
     out: list[Response] = []
     seen: set[str] = set()
-    for index, row in rows:
+    for where, row in rows:
         report.rows_seen += 1
         try:
             if isinstance(row, _BadRow):
                 raise row
             prompt, texts, scores, metas = _wp_row(row, cleaning)
         except _BadRow as bad:
-            _fail_or_count(report, strict, index, bad)
+            _fail_or_count(report, strict, where, bad, strict_off)
             continue
         report.rows_kept += 1
         pid = make_prompt_id(prompt)
@@ -409,24 +412,26 @@ def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>",
                 continue
             seen.add(rid)
             out.append(Response(prompt_id=pid, response_id=rid, prompt=prompt, text=text, score=score,
-                                meta={"row": index, "index": j, **meta}))
+                                meta={"row": where, "index": j, **meta}))
     report.responses_kept = len(out)
     return out, report
 
 
-def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tuple[list[Pair], LoadReport]:
-    """Validate (index, row) pairs of ready-made pair data into Pairs (duplicates kept once)."""
+def pairs_from_rows(
+    rows, *, strict: bool = False, source: str = "<rows>", strict_off: str = STRICT_OFF
+) -> tuple[list[Pair], LoadReport]:
+    """Validate (where, row) pairs of ready-made pair data into Pairs (duplicates kept once)."""
     report = LoadReport(source=source)
     out: list[Pair] = []
     seen: set[str] = set()
-    for index, row in rows:
+    for where, row in rows:
         report.rows_seen += 1
         try:
             if isinstance(row, _BadRow):
                 raise row
             pair = _pair_row(row)
         except _BadRow as bad:
-            _fail_or_count(report, strict, index, bad)
+            _fail_or_count(report, strict, where, bad, strict_off)
             continue
         report.rows_kept += 1
         if pair.pair_id in seen:
@@ -438,11 +443,13 @@ def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tu
     return out, report
 
 
-def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-                   cleaning: str = "engine"):
+def load_responses(
+    source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+    cleaning: str = "engine", strict_off: str = STRICT_OFF,
+):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
     rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed)
-    return responses_from_rows(rows, strict=strict, source=source, cleaning=cleaning)
+    return responses_from_rows(rows, strict=strict, source=source, cleaning=cleaning, strict_off=strict_off)
 
 
 def load_pairs(source: str, *, strict: bool = False):

@@ -21,7 +21,6 @@ the per-response rewards.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -39,6 +38,7 @@ from engine.data.prepare import write_data_report
 from engine.data.records import Pair, Response, content_id
 from engine.data.sampler import RowSampler
 from engine.data.tokenize import filter_long_responses, tokenizer_fingerprint
+from engine.fileio import load_npz_verified, save_npz_verified
 
 # Bump when the reward tokenisation changes: invalidates every cached reward tokenisation.
 REWARD_TOKENIZATION_VERSION = "1"
@@ -217,24 +217,19 @@ def _cache_path(cache_dir, fingerprint: str, ids: list[str]) -> Path:
 
 
 def _load_token_cache(path: Path, ids: list[str]) -> list[np.ndarray] | None:
-    try:
-        z = np.load(path, allow_pickle=False)
-        saved_ids, lens, flat = list(z["response_ids"]), z["lens"], z["ids"]
-    except (OSError, ValueError, KeyError):
-        return None
-    if saved_ids != ids or int(lens.sum()) != len(flat):
-        return None  # a hash collision, a foreign or truncated file: recompute rather than trust it
+    z = load_npz_verified(path)
+    if z is None or list(z["response_ids"]) != ids:
+        return None  # corrupted, a hash collision or a foreign file: recompute rather than trust it
+    lens, flat = z["lens"], z["ids"]
     offsets = np.concatenate([[0], np.cumsum(lens)])
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(ids))]
 
 
 def _save_token_cache(path: Path, ids: list[str], seqs: list[np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, response_ids=np.array(ids, dtype="U"), lens=np.array([len(s) for s in seqs], dtype=np.int64),
-                 ids=np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int32))
-    tmp.replace(path)  # atomic: never half a cache
+    save_npz_verified(path, dict(
+        response_ids=np.array(ids, dtype="U"), lens=np.array([len(s) for s in seqs], dtype=np.int64),
+        ids=np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int32),
+    ))
 
 
 def tokenize_responses(

@@ -48,6 +48,7 @@ from engine.data.tokenize import (
     tokenization_fingerprint,
     tokenize_pairs_with_counts,
 )
+from engine.fileio import atomic_write
 
 
 @dataclass
@@ -200,29 +201,20 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
 
 
 def write_data_report(out_dir: str | Path, report: dict) -> None:
-    """<out_dir>/data_report.json, written atomically (tmp + rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "data_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "data_report.json")
+    """<out_dir>/data_report.json, written atomically."""
+    atomic_write(Path(out_dir) / "data_report.json", json.dumps(report, indent=2))
 
 
 def write_pairs_jsonl(path: str | Path, prepared: PreparedData) -> int:
     """pairs.jsonl: one pair a line (prompt, chosen, rejected, upvotes, ids, split; weights when computed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
-            for p in pairs:
-                row = p.to_dict()
-                if not prepared.weights_attached:
-                    row.pop("chosen_weight")
-                    row.pop("rejected_weight")
-                row["split"] = split
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    tmp.replace(path)
-    return n
+    lines = []
+    for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
+        for p in pairs:
+            row = p.to_dict()
+            if not prepared.weights_attached:
+                row.pop("chosen_weight")
+                row.pop("rejected_weight")
+            row["split"] = split
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))
+    return len(lines)

@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.data.records import Pair, Response, content_id
+from engine.fileio import load_npz_verified, save_npz_verified
 
 # Bump when the tokenisation or truncation logic changes: invalidates every cached tokenisation and
 # every reference-logprob cache keyed by `tokenization_fingerprint`.
@@ -253,33 +254,25 @@ def _worker_chunk(chunk):
 
 
 def _save_cache(path: Path, pair_ids: list[str], results) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    c_len = np.array([len(r[1]) for r in results], dtype=np.int64)
-    r_len = np.array([len(r[3]) for r in results], dtype=np.int64)
     empty = np.zeros(0, dtype=np.int32)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            pair_ids=np.array(pair_ids, dtype="U"),
-            drop=np.array([r[0] for r in results], dtype=np.int8),
-            c_ids=np.concatenate([r[1] for r in results]) if results else empty,
-            c_len=c_len,
-            c_plen=np.array([r[2] for r in results], dtype=np.int64),
-            r_ids=np.concatenate([r[3] for r in results]) if results else empty,
-            r_len=r_len,
-            r_plen=np.array([r[4] for r in results], dtype=np.int64),
-        )
-    tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache behind
+    arrays = dict(
+        pair_ids=np.array(pair_ids, dtype="U"),
+        drop=np.array([r[0] for r in results], dtype=np.int8),
+        c_ids=np.concatenate([r[1] for r in results]) if results else empty,
+        c_len=np.array([len(r[1]) for r in results], dtype=np.int64),
+        c_plen=np.array([r[2] for r in results], dtype=np.int64),
+        r_ids=np.concatenate([r[3] for r in results]) if results else empty,
+        r_len=np.array([len(r[3]) for r in results], dtype=np.int64),
+        r_plen=np.array([r[4] for r in results], dtype=np.int64),
+    )
+    # The digest travels inside the file, so a flipped token id is caught on load (then recomputed).
+    save_npz_verified(path, arrays)
 
 
 def _load_cache(path: Path, pair_ids: list[str]):
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if list(z["pair_ids"]) != pair_ids:
-        return None  # a hash collision or a foreign file: recompute rather than trust it
+    z = load_npz_verified(path)
+    if z is None or list(z["pair_ids"]) != pair_ids:
+        return None  # corrupted, a hash collision or a foreign file: recompute rather than trust it
     c_off = np.concatenate([[0], np.cumsum(z["c_len"])])
     r_off = np.concatenate([[0], np.cumsum(z["r_len"])])
     c_ids, r_ids = z["c_ids"], z["r_ids"]

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from engine.config import DEVIATION_MODES, DISTANCE_METRICS, KNN_SCOPES, ConfigError, DeviationConfig
+from engine.fileio import atomic_write
 
 
 def _is_pairs_file(path: Path) -> bool:
@@ -70,17 +71,12 @@ def load_pairs(path: Path):
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     if path.suffix == ".parquet":
         import pandas as pd
 
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        atomic_write(path, lambda f: pd.DataFrame(rows).to_parquet(f, index=False))
     else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     if _is_pairs_file(data):
         responses, pairs, usage = load_pairs(data)
     else:
-        from engine.data.loading import load_responses
+        from engine.data.loading import DataError, load_responses
 
-        responses, report = load_responses(a.data, strict=a.strict)
+        try:
+            responses, report = load_responses(a.data, strict=a.strict, strict_off="run without --strict")
+        except DataError as exc:
+            p.error(str(exc))
     if not responses:
         p.error(f"--data {a.data!r} gave no responses")
 
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                    pairs=len(pairs) if pairs is not None else None,
                    data_report=dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report)
     spath = out.with_name(f"{out.stem}.summary.json")
-    spath.write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write(spath, json.dumps(summary, indent=2, default=str))
     written.append(str(spath))
     print(json.dumps(summary, indent=2, default=str))
     print("wrote " + ", ".join(written), file=sys.stderr)

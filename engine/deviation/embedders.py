@@ -17,7 +17,7 @@ its own code, as jina-embeddings-v3, needs `trust_remote_code`).
 
 The cache keys every vector by (embedder id, sha256 of the text), so a rerun, a resumed run or a
 re-split dataset embeds only texts it has not seen. It is a directory of shard files per embedder
-id, each written atomically (tmp + os.replace) and carrying a checksum that is verified on load: a
+id, each written atomically (engine.fileio.atomic_write) and carrying a checksum that is verified on load: a
 corrupt shard is renamed aside and its texts are embedded again, never used.
 """
 
@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from engine.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -399,12 +401,7 @@ class EmbeddingCache:
         mdir = self.model_dir(embedder_id)
         mdir.mkdir(parents=True, exist_ok=True)
         final = mdir / f"shard-{uuid.uuid4().hex}.npz"
-        tmp = mdir / f".tmp-{final.name}"
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=karr, emb=emb, meta=np.asarray(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        atomic_write(final, lambda f: np.savez(f, keys=karr, emb=emb, meta=np.asarray(meta)))
         if embedder_id in self._loaded:
             index, blocks = self._loaded[embedder_id]
             offset = sum(len(b) for b in blocks)
