@@ -222,7 +222,7 @@ def test_bad_rows_are_counted_and_reported(tmp_path, tok):
     assert report["load"]["counts"] == {"missing_field": 1, "nan_score": 1, "non_numeric_score": 1}
     assert report["load"]["rows_kept"] == 9
     assert len(p.train_responses) + len(p.val_responses) == sum(len(r["comment_texts"]) for r in rows[3:])
-    with pytest.raises(DataError, match="row 0 is bad"):
+    with pytest.raises(DataError, match="line 1 is bad"):  # 1-based jsonl line numbers
         prepare_reward_data(_cfg(tmp_path, "--data.source", str(path), "--data.strict", "true"), tok, verbose=False)
 
 
