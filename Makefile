@@ -45,7 +45,7 @@ bench-full: venv
 	$(PY) -m bench.run
 
 experiment: venv
-	$(PY) -m engine.experiment
+	$(PY) -m experiments.method
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,8 +13,8 @@ their numbers from here, so a mean, a spread, an interval or a plot means the sa
   of a difference into "a win", "a loss" or "cannot tell at this power".
 - `VarianceComponents` / `detectable_difference`: the power of that test for a design of P prompts x
   S seeds, from a pilot's paired per-prompt differences.
-- `crossing` / `matched_level`: diversity at a matched quality, by linear interpolation along a
-  training trajectory of (quality, diversity) checkpoints.
+- `crossing` / `matched_level`: diversity at a matched quality (the highest quality two trajectories
+  both reach), by linear interpolation along a training trajectory of (quality, diversity) checkpoints.
 - `plot_frontier`: diversity against quality, one curve per run (a single evaluated point for a
   plain run, a trajectory for a run evaluated at several checkpoints), with seed bands.
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+
+from engine.metrics import NONE_LABEL
 
 WIN, LOSS, UNDECIDED = "a win", "a loss", "cannot tell at this power"
 
@@ -74,9 +76,10 @@ class MetricLayout:
     """Which per-prompt values a comparison resamples, and how their prompt means give the metrics.
 
     `scalars` are averaged over prompts, as `engine.evaluate` summarises a run. Each entry of `shares`
-    (e.g. "theme" -> the generator's THEMES) reads the per-prompt `<name>_share` dicts; the prompt
-    mean of those is the share over all samples of the run (every prompt has the same number of
-    samples), from which come `<name>_entropy_overall` and `<name>_share/<label>`.
+    (e.g. "theme" -> the generator's THEMES) reads the per-prompt `<name>_share` dicts, its labels plus
+    the unlabelled share `none`; the prompt mean of those is the share over all samples of the run
+    (every prompt has the same number of samples), from which come `<name>_entropy_overall` (over the
+    labels, as `engine.metrics.normalized_entropy`) and `<name>_share/<label>` (and `/none`).
     """
 
     scalars: tuple[str, ...]
@@ -86,14 +89,14 @@ class MetricLayout:
     def columns(self) -> list[str]:
         cols = list(self.scalars)
         for name, labels in self.shares:
-            cols += [f"{name}_share/{lab}" for lab in labels]
+            cols += [f"{name}_share/{lab}" for lab in (*labels, NONE_LABEL)]
         return cols
 
     @property
     def metric_names(self) -> list[str]:
         names = list(self.scalars)
         for name, labels in self.shares:
-            names += [f"{name}_entropy_overall"] + [f"{name}_share/{lab}" for lab in labels]
+            names += [f"{name}_entropy_overall"] + [f"{name}_share/{lab}" for lab in (*labels, NONE_LABEL)]
         return names
 
     def features(self, rows: Sequence[Mapping]) -> np.ndarray:
@@ -107,7 +110,7 @@ class MetricLayout:
             j = len(self.scalars)
             for name, labels in self.shares:
                 shares = row.get(f"{name}_share")
-                for lab in labels:
+                for lab in (*labels, NONE_LABEL):
                     if isinstance(shares, Mapping) and lab in shares:
                         out[i, j] = float(shares[lab])
                     j += 1
@@ -119,11 +122,11 @@ class MetricLayout:
         out = {k: means[..., j] for j, k in enumerate(self.scalars)}
         j = len(self.scalars)
         for name, labels in self.shares:
-            block = means[..., j : j + len(labels)]
-            out[f"{name}_entropy_overall"] = normalized_entropy_of_shares(block)
-            for i, lab in enumerate(labels):
+            block = means[..., j : j + len(labels) + 1]
+            out[f"{name}_entropy_overall"] = normalized_entropy_of_shares(block[..., :-1])
+            for i, lab in enumerate((*labels, NONE_LABEL)):
                 out[f"{name}_share/{lab}"] = block[..., i]
-            j += len(labels)
+            j += len(labels) + 1
         return out
 
 
@@ -270,18 +273,20 @@ class VarianceComponents:
 # ------------------------------------------------------------------------------------- frontier
 
 
-def crossing(quality: np.ndarray, values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def crossing(quality: np.ndarray, values: np.ndarray, level) -> tuple[np.ndarray, np.ndarray]:
     """Value at the first point along a trajectory where quality reaches `level`, by linear interpolation.
 
-    quality, values: [..., T] (T checkpoints in training order). Returns (value [...], reached [...]).
-    The first segment [t-1, t] whose end points lie on both sides of the level (or on it) is used;
-    where no segment does, the value at the checkpoint with the nearest quality, and reached False.
+    quality, values: [..., T] (T checkpoints in training order); level: a scalar or an array of the
+    leading shape [...]. Returns (value [...], reached [...]). The first segment [t-1, t] whose end
+    points lie on both sides of the level (or on it) is used; where no segment does, the value at the
+    checkpoint with the nearest quality, and reached False.
     """
     q = np.asarray(quality, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
-    if q.shape != v.shape or q.shape[-1] < 1:
+    if q.shape != v.shape or q.ndim < 1 or q.shape[-1] < 1:
         raise ValueError(f"quality and values must have one shape [..., T >= 1]; got {q.shape} and {v.shape}")
-    d = q - level
+    level = np.broadcast_to(np.asarray(level, dtype=np.float64), q.shape[:-1])
+    d = q - level[..., None]
     nearest = np.take_along_axis(v, np.abs(d).argmin(axis=-1)[..., None], axis=-1)[..., 0]
     if q.shape[-1] == 1:
         return np.where(d[..., 0] == 0, v[..., 0], nearest), d[..., 0] == 0
@@ -295,12 +300,13 @@ def crossing(quality: np.ndarray, values: np.ndarray, level: float) -> tuple[np.
     return np.where(reached, v0 + frac * (v1 - v0), nearest), reached
 
 
-def matched_level(*trajectories: np.ndarray) -> float | None:
-    """The highest quality every trajectory reaches: min over trajectories of their max; None when the
-    quality ranges do not overlap (then no matched comparison exists)."""
+def matched_level(*trajectories: np.ndarray) -> np.ndarray:
+    """The highest quality every trajectory [..., T] reaches: the min over trajectories of their max;
+    NaN where their quality ranges do not overlap (then no matched comparison exists)."""
     qs = [np.asarray(t, dtype=np.float64) for t in trajectories]
-    lo, hi = max(float(q.min()) for q in qs), min(float(q.max()) for q in qs)
-    return hi if hi >= lo else None
+    lo = np.max(np.stack([q.min(axis=-1) for q in qs]), axis=0)
+    hi = np.min(np.stack([q.max(axis=-1) for q in qs]), axis=0)
+    return np.where(hi >= lo, hi, np.nan)
 
 
 # ------------------------------------------------------------------------------------------- plots

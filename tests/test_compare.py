@@ -26,11 +26,12 @@ def test_pooled_entropy_from_share_means_equals_entropy_of_pooled_labels():
     rows = [{"q": float(i), "theme_share": M.label_shares(g, cats)} for i, g in enumerate(groups)]
     layout = C.MetricLayout(("q",), (("theme", cats),))
     feats = layout.features(rows)
-    assert feats.shape == (9, 4)
+    assert feats.shape == (9, 5)  # q, three themes, none
     got = layout.metrics(feats.mean(axis=0))
     pooled = [x for g in groups for x in g]
     assert got["theme_entropy_overall"] == pytest.approx(M.normalized_entropy(pooled, len(cats)))
     assert got["theme_share/ghosts"] == pytest.approx(M.label_shares(pooled, cats)["ghosts"])
+    assert got["theme_share/none"] == pytest.approx(M.label_shares(pooled, cats)["none"])
     assert got["q"] == pytest.approx(4.0)
     assert C.normalized_entropy_of_shares(np.zeros(3)) == 0.0  # no labelled sample
     assert np.isnan(layout.features([{"q": None}])).all()
@@ -138,8 +139,13 @@ def test_crossing_interpolates_the_first_segment_that_reaches_the_level():
     vs = np.stack([v, v[::-1]])
     val, ok = C.crossing(qs, vs, 0.75)
     assert ok.all() and val == pytest.approx([0.31 - 0.11 * 2 / 3] * 2)  # the segment 0.65 -> 0.8 both ways
+    # One level per trajectory of a batch.
+    val, ok = C.crossing(qs, vs, np.array([0.65, 0.75]))
+    assert ok.all() and val == pytest.approx([0.33, 0.31 - 0.11 * 2 / 3])
     assert C.matched_level(np.array([0.5, 0.7]), np.array([0.5, 0.62, 0.6])) == pytest.approx(0.62)
-    assert C.matched_level(np.array([0.1, 0.2]), np.array([0.3, 0.4])) is None
+    assert np.isnan(C.matched_level(np.array([0.1, 0.2]), np.array([0.3, 0.4])))
+    levels = C.matched_level(np.array([[0.5, 0.7], [0.5, 0.55]]), np.array([[0.5, 0.6], [0.5, 0.8]]))
+    assert levels == pytest.approx([0.6, 0.55])
 
 
 def test_plot_frontier_draws_trajectories_and_single_points(tmp_path):
