@@ -239,7 +239,8 @@ class VarianceComponents:
         ds = [np.asarray(d, dtype=np.float64)[np.isfinite(d)] for d in diffs]
         if len(ds) < 2 or any(len(d) < 2 for d in ds):
             raise ValueError(
-                f"variance components need >= 2 seeds with >= 2 prompts each; got {[len(d) for d in ds]} prompts per seed"
+                "variance components need >= 2 seeds with >= 2 prompts each; "
+                f"got {[len(d) for d in ds]} prompts per seed"
             )
         within = sum(((d - d.mean()) ** 2).sum() for d in ds) / sum(len(d) - 1 for d in ds)
         seed_means = np.array([d.mean() for d in ds])

@@ -709,7 +709,8 @@ def comparison_markdown(runs: Sequence[dict], differences: dict[str, dict] | Non
             "|" + "---|" * (2 + len(dkeys)),
         ]
         for label, d in differences.items():
-            cells = [label, "+".join(map(str, d["prompts"])) + (f" ({d['unpaired']} unpaired)" if d["unpaired"] else "")]
+            unpaired = f" ({d['unpaired']} unpaired)" if d["unpaired"] else ""
+            cells = [label, "+".join(map(str, d["prompts"])) + unpaired]
             for k in dkeys:
                 iv = d["intervals"].get(k)
                 cells.append("-" if iv is None else iv.fmt() + (" *" if iv.lo > 0 or iv.hi < 0 else ""))

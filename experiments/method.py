@@ -97,7 +97,7 @@ class Design:
 _TOP_KEYS = {"recipe", "seeds", "pairings", "sft", "methods", "checkpoints", "comparisons", "best_vs_worst",
              "statistics", "workers", "quick", "recipe_overrides"}
 _STAT_DEFAULTS = {"n_boot": 2000, "level": 0.95, "power": 0.8, "target_detectable": 0.015,
-                  "primary_metric": "semantic_diversity", "pilot": "DPO"}
+                  "primary_metric": "semantic_diversity", "pilot": "DPO", "matched_quality_fraction": 0.75}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -118,7 +118,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         raise DesignError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
     if quick:
         if not isinstance(raw.get("quick"), dict):
-            raise DesignError(f"{path} has no quick: section; add one (see configs/experiment-design.yaml) or drop --quick")
+            raise DesignError(f"{path} has no quick: section; add one (as in configs/experiment-design.yaml) "
+                              "or drop --quick")
         q = dict(raw["quick"])
         bvw_quick = q.pop("best_vs_worst", {})
         raw = _merge(raw, q)
@@ -127,7 +128,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         if key not in raw:
             raise DesignError(f"{path}: missing key {key!r}")
     seeds = raw["seeds"]
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)):
+    distinct_ints = isinstance(seeds, list) and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)
+    if not (seeds and distinct_ints):
         raise DesignError(f"{path}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
     pairings = raw["pairings"]
     if not isinstance(pairings, dict) or not all(isinstance(v, dict) for v in pairings.values()):
@@ -138,8 +140,10 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         if extra:
             raise DesignError(f"{path}: method {name} has unknown key(s) {sorted(extra)}")
         if spec.get("pairing") not in pairings:
-            raise DesignError(f"{path}: method {name} has pairing {spec.get('pairing')!r}; choose one of {sorted(pairings)}")
-        methods[name] = Method(name, spec["pairing"], dict(spec.get("overrides") or {}), spec.get("lr_times_mean_weight_of"))
+            raise DesignError(
+                f"{path}: method {name} has pairing {spec.get('pairing')!r}; choose one of {sorted(pairings)}")
+        methods[name] = Method(name, spec["pairing"], dict(spec.get("overrides") or {}),
+                               spec.get("lr_times_mean_weight_of"))
     for m in methods.values():
         src = m.lr_times_mean_weight_of
         if src is None:
@@ -150,7 +154,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
                 f"{' or '.join(WEIGHTED_OBJECTIVES)} (only those log deviation weights)"
             )
         if methods[src].lr_times_mean_weight_of:
-            raise DesignError(f"{path}: {m.name} -> {src} -> {methods[src].lr_times_mean_weight_of}: lr chains of more than one step are not supported")
+            raise DesignError(f"{path}: {m.name} -> {src} -> {methods[src].lr_times_mean_weight_of}: lr chains of "
+                              "more than one step are not supported; take the lr from a weighted method directly")
     stats = {**_STAT_DEFAULTS, **(raw.get("statistics") or {})}
     if set(stats) - set(_STAT_DEFAULTS):
         raise DesignError(f"{path}: unknown statistics key(s) {sorted(set(stats) - set(_STAT_DEFAULTS))}")
@@ -158,8 +163,12 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         raise DesignError(f"{path}: statistics.pilot must be a method without an lr dependency, got {stats['pilot']!r}")
     if not (isinstance(stats["n_boot"], int) and stats["n_boot"] >= 100):
         raise DesignError(f"{path}: statistics.n_boot must be an integer >= 100, got {stats['n_boot']!r}")
+    if not 0 < stats["matched_quality_fraction"] <= 1:
+        raise DesignError(f"{path}: statistics.matched_quality_fraction must be in (0, 1], "
+                          f"got {stats['matched_quality_fraction']!r}")
     if not (0.5 < stats["level"] < 1 and 0.5 <= stats["power"] < 1):
-        raise DesignError(f"{path}: statistics.level and .power must be in (0.5, 1), got {stats['level']}, {stats['power']}")
+        raise DesignError(
+            f"{path}: statistics.level and .power must be in (0.5, 1), got {stats['level']}, {stats['power']}")
 
     def pairs_of(key, items):
         bad = [c for c in items if not (isinstance(c, list) and len(c) == 2 and all(x in methods for x in c))]
@@ -172,7 +181,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
     if any(m not in methods for m in bvw_methods):
         raise DesignError(f"{path}: best_vs_worst.methods must be names from methods:, got {bvw_methods}")
     if bvw_methods and bvw.get("pairing") not in pairings:
-        raise DesignError(f"{path}: best_vs_worst.pairing must be one of {sorted(pairings)}, got {bvw.get('pairing')!r}")
+        raise DesignError(
+            f"{path}: best_vs_worst.pairing must be one of {sorted(pairings)}, got {bvw.get('pairing')!r}")
     bvw_seeds = list(bvw.get("seeds") or [])
     if any(s not in seeds for s in bvw_seeds):
         raise DesignError(f"{path}: best_vs_worst.seeds {bvw_seeds} must be among seeds {seeds}")
@@ -180,7 +190,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
     if any(m not in bvw_methods for c in bvw_comparisons for m in c):
         raise DesignError(f"{path}: best_vs_worst.comparisons may only name best_vs_worst.methods {bvw_methods}")
     if any(methods[m].lr_times_mean_weight_of for m in bvw_methods):
-        raise DesignError(f"{path}: best_vs_worst.methods cannot include lr controls (their weight source runs elsewhere)")
+        raise DesignError(
+            f"{path}: best_vs_worst.methods cannot include lr controls (their weight source runs elsewhere)")
     checkpoints, workers = raw["checkpoints"], raw.get("workers", 1)
     if not (isinstance(checkpoints, int) and checkpoints >= 1):
         raise DesignError(f"{path}: checkpoints must be an integer >= 1, got {checkpoints!r}")
@@ -412,8 +423,19 @@ def job_warmup(ctx: Context) -> dict:
     return {"warmup": warm, "evals": records}
 
 
-def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | None = None, final_only: bool = False,
-              with_sft_eval: bool = False) -> dict:
+def job_sft_eval(ctx: Context, seed: int) -> dict:
+    """Evaluate the SFT start on one seed's held-out prompts: step 0 of every trajectory of that seed."""
+    from engine.model import load_pretrained
+
+    cfg = ctx.base_config(seed)
+    model, tok = load_pretrained(ctx.sft_dir)
+    record = evaluate(model, tok, heldout_prompts(cfg), cfg.eval, Path(ctx.out) / "sft" / "eval" / f"seed{seed}", SFT,
+                      seed, 0)
+    return {"evals": [record], "runs": []}
+
+
+def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | None = None,
+              final_only: bool = False) -> dict:
     """Train and evaluate `methods` of one seed in order (an lr control after the run it reads its weight from).
 
     Each run is evaluated at its checkpoints (every max_steps / checkpoints steps; final_only: the final
@@ -424,10 +446,6 @@ def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | Non
 
     held = heldout_prompts(ctx.base_config(seed))
     evals, runs, weights = [], [], {}
-    if with_sft_eval:
-        cfg = ctx.base_config(seed)
-        model, tok = load_pretrained(ctx.sft_dir)
-        evals.append(evaluate(model, tok, held, cfg.eval, Path(ctx.out) / "sft" / "eval" / f"seed{seed}", SFT, seed, 0))
     for method in methods:
         m = ctx.design.methods[method]
         lr = None
@@ -463,9 +481,11 @@ def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | Non
             evals.append(evaluate(model, tok, held, cfg.eval, run_dir / "eval" / f"step-{step}", label, seed, step))
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         last = evals[-1]["summary"]
-        print(f"   {label} seed {seed}: quality {last.get('quality', float('nan')):.4f}, semantic div. "
-              f"{last.get('semantic_diversity', float('nan')):.4f}, style div. {last.get('style_diversity', float('nan')):.4f} "
-              f"({info['train_s']:.0f} s train, {sum(e['eval_s'] for e in evals[-len(steps):]):.0f} s eval)", flush=True)
+        nan = float("nan")
+        print(f"   {label} seed {seed}: quality {last.get('quality', nan):.4f}, semantic div. "
+              f"{last.get('semantic_diversity', nan):.4f}, style div. {last.get('style_diversity', nan):.4f} "
+              f"({info['train_s']:.0f} s train, {sum(e['eval_s'] for e in evals[-len(steps):]):.0f} s eval)",
+              flush=True)
     return {"evals": evals, "runs": runs}
 
 
@@ -485,6 +505,20 @@ class _InProcess:
 
     def __exit__(self, *exc):
         return False
+
+
+def _collect(futures: list[Future], evals: list[dict], runs: list[dict]) -> None:
+    """Gather the jobs' records in submission order; on the first failure cancel the jobs not yet started
+    (the pool would otherwise run them all before the error surfaces)."""
+    try:
+        for f in futures:
+            r = f.result()
+            evals += r["evals"]
+            runs += r["runs"]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
 
 
 def chains(design: Design) -> list[list[str]]:
@@ -520,7 +554,8 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
             sft = ex.submit(job_sft, ctx).result()
         else:
             if not (Path(sft_dir) / "config.json").is_file():
-                raise FileNotFoundError(f"--sft {sft_dir} is not a save_pretrained directory (no config.json); pass <run>/final")
+                raise FileNotFoundError(
+                    f"--sft {sft_dir} is not a save_pretrained directory (no config.json); pass <run>/final")
             sft = {"sft_dir": str(sft_dir), "summary": {"note": f"given with --sft {sft_dir}"}, "train_s": 0.0,
                    "train_cpu_s": 0.0}
         warm = warm_f.result()
@@ -532,11 +567,10 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
 
         log(f"== phase 1 (pilot): SFT and {design.pilot} on seeds {design.seeds}")
         t0 = time.time()
-        futures = [ex.submit(job_chain, ctx, s, [design.pilot], with_sft_eval=True) for s in design.seeds]
-        for f in futures:
-            r = f.result()
-            evals += r["evals"]
-            runs += r["runs"]
+        # Separate jobs for the SFT evaluations and the pilot runs keep both workers busy to the end.
+        futures = [ex.submit(job_chain, ctx, s, [design.pilot]) for s in design.seeds]
+        futures += [ex.submit(job_sft_eval, ctx, s) for s in design.seeds]
+        _collect(futures, evals, runs)
         phases["phase1_s"] = time.time() - t0
         power = power_estimate(evals, design)
         power["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -550,11 +584,9 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
         jobs = [(s, c, {}) for c in chains(design) for s in design.seeds]
         jobs += [(s, design.bvw_methods, {"pairing": design.bvw_pairing, "final_only": True})
                  for s in design.bvw_seeds if design.bvw_methods]
-        futures = [ex.submit(job_chain, ctx, s, c, **kw) for s, c, kw in jobs]
-        for f in futures:
-            r = f.result()
-            evals += r["evals"]
-            runs += r["runs"]
+        # Longest first (an evaluation costs about three trainings): the last jobs then end close together.
+        jobs.sort(key=lambda j: -len(j[1]) * ((1 if j[2].get("final_only") else design.checkpoints) + 0.35))
+        _collect([ex.submit(job_chain, ctx, s, c, **kw) for s, c, kw in jobs], evals, runs)
         phases["phase2_s"] = time.time() - t0
     phases["total_s"] = time.time() - t_start
     cpu["runs_train"] = sum(r["train_cpu_s"] for r in runs)
@@ -564,11 +596,22 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
         "warmup": warm["warmup"], "phases": phases, "cpu_s": cpu, "workers": workers,
         "load_start": load_start, "load_end": os.getloadavg(), "quick": design.quick,
         "recipe": make_config(design.recipe, ctx.common).to_dict(), "sft_given": sft_dir is not None,
+        "model": {**model_facts(sft["sft_dir"]), "name": make_config(design.recipe, ctx.common).model.name},
         "n_held_out": {str(s): len(heldout_prompts(ctx.base_config(s)).prompts) for s in design.seeds},
     }
 
 
 # ----------------------------------------------------------------------------------------------- I/O
+
+
+def model_facts(model_dir: str) -> dict:
+    """Shape and size of the shared start, read from the SFT checkpoint itself."""
+    from engine.model import load_pretrained
+
+    model, _ = load_pretrained(model_dir)
+    c = model.config
+    return {"architecture": type(model).__name__, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+            "vocab": c.vocab_size, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _atomic_json(path: Path, doc: dict) -> None:

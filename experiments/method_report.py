@@ -14,6 +14,7 @@ Only fixed prose is written by hand; sentences that state a result are assembled
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -32,7 +33,16 @@ from engine.compare import (
     plot_frontier,
     seed_stats,
 )
-from engine.data.synthetic import POPULAR_STYLE, POPULAR_THEME, STYLES, THEMES
+from engine.data.synthetic import (
+    POPULAR_STYLE,
+    POPULAR_THEME,
+    STYLE_FREQ,
+    STYLES,
+    THEME_FREQ,
+    THEMES,
+    generate_rows,
+    upvotes,
+)
 
 SFT, HUMAN = "SFT", "human"
 SCALARS = ("quality", "semantic_diversity", "style_diversity")
@@ -43,6 +53,34 @@ DIVERSITY = (("semantic_diversity", "semantic diversity"), ("style_diversity", "
 EXTRA = (("style_entropy_overall", "style entropy"), (f"theme_share/{POPULAR_THEME}", f"share '{POPULAR_THEME}'"),
          (f"style_share/{POPULAR_STYLE}", f"share '{POPULAR_STYLE}'"), ("style_share/none", "style-less share"))
 DEGENERATE_SHARE = 0.2  # above this share of style-less samples the report flags over-optimisation
+COLLAPSED_SHARE = 0.95  # at or above this share of the popular theme, theme entropy cannot separate methods
+
+
+class _MeanSource:
+    """A random source whose gauss() returns the mean (and remembers the sd): reads the upvote formula."""
+
+    sd = float("nan")
+
+    def gauss(self, mu: float, sigma: float) -> float:
+        self.sd = sigma
+        return mu
+
+
+def generator_facts() -> dict:
+    """The synthetic generator's popularity bias and sizes, read from its code, for the report's setup."""
+    src = _MeanSource()
+    other_theme = next(t for t in THEMES if t != POPULAR_THEME)
+    other_style = next(s for s in STYLES if s != POPULAR_STYLE)
+    base = upvotes(0.0, other_theme, other_style, src)
+    params = inspect.signature(generate_rows).parameters
+    return {
+        "quality_slope": upvotes(1.0, other_theme, other_style, src) - base,
+        "theme_bonus": upvotes(0.0, POPULAR_THEME, other_style, src) - base,
+        "style_bonus": upvotes(0.0, other_theme, POPULAR_STYLE, src) - base,
+        "noise_sd": src.sd, "min_responses": params["min_responses"].default,
+        "max_responses": params["max_responses"].default,
+        "theme_freq": dict(zip(THEMES, THEME_FREQ)), "style_freq": dict(zip(STYLES, STYLE_FREQ)),
+    }
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -163,8 +201,11 @@ def analyze(result: dict) -> dict:
                    "std": {k: [seed_stats(per_seed[k][:, i])[1] for i in idx] for k in metric_names}}
     human = _reference_stats(evals, HUMAN, seeds, metric_names, layout)
 
-    # Matched quality: in the data and in every bootstrap replicate, the highest quality both seed-mean
-    # trajectories reach (both start at the SFT point, so their quality ranges always overlap).
+    # Matched quality, in the data and in every bootstrap replicate: `matched_quality_fraction` of the way
+    # from the shared SFT start to the highest quality both seed-mean trajectories reach (both start at
+    # the SFT point, so their ranges always overlap). At the very top one trajectory is at its end or on
+    # a plateau, where the first crossing jumps between checkpoints; below it both are still rising.
+    frac = stats["matched_quality_fraction"]
     comps = [{"new": new, "base": base} for new, base in design["comparisons"]]
     pilot = stats["pilot"]
     columns: list[tuple] = []
@@ -191,7 +232,8 @@ def analyze(result: dict) -> dict:
                 outs.append(avg[k][..., ia[-1]] - avg[k][..., ib[-1]])
                 continue
             qa, qb = avg["quality"][..., ia], avg["quality"][..., ib]
-            lvl = matched_level(qa, qb)
+            start = qa[..., 0]  # the SFT point, first on both trajectories
+            lvl = start + frac * (matched_level(qa, qb) - start)
             if kind == "level":
                 outs.append(lvl)
                 continue
@@ -205,7 +247,7 @@ def analyze(result: dict) -> dict:
     for c in comps:
         c["q_star"] = c["level"]["quality"]["estimate"]
         # One trajectory never trains above the SFT start: the matched point is the shared start itself.
-        c["q_star_is_start"] = math.isclose(c["q_star"], traj[SFT]["mean"]["quality"][0])
+        c["q_star_is_start"] = math.isclose(c["q_star"], traj[SFT]["mean"]["quality"][0], abs_tol=1e-9)
     pilot_vs_sft = {k: _iv(boot.interval(i, level)) for i, (kind, _, k) in enumerate(columns) if kind == "pilot_vs_sft"}
 
     return {
@@ -236,7 +278,8 @@ def _reference_stats(evals, method, seeds, metric_names, layout: MetricLayout) -
         m = layout.metrics(f.mean(axis=0))
         for k in metric_names:
             vals[k].append(float(m[k]))
-    return {"mean": {k: seed_stats(v)[0] for k, v in vals.items()}, "std": {k: seed_stats(v)[1] for k, v in vals.items()}}
+    stats = {k: seed_stats(v) for k, v in vals.items()}
+    return {"mean": {k: st[0] for k, st in stats.items()}, "std": {k: st[1] for k, st in stats.items()}}
 
 
 def _post_hoc_power(evals, design, comps) -> dict | None:
@@ -296,7 +339,8 @@ def _weights(result: dict) -> list[dict]:
     out = []
     for r in result["runs"]:
         if "mean_chosen_weight" in r or "lr_scale" in r:
-            out.append({k: r.get(k) for k in ("method", "seed", "lr", "mean_chosen_weight", "lr_scale", "lr_scale_from")})
+            keys = ("method", "seed", "lr", "mean_chosen_weight", "lr_scale", "lr_scale_from")
+            out.append({k: r.get(k) for k in keys})
     return out
 
 
@@ -389,6 +433,8 @@ def _setup_lines(result: dict) -> list[str]:
     pairing = ", ".join(f"`{k}={val}`" for k, val in pub.items())
     methods = design["methods"]
     ev = rec["eval"]
+    g = generator_facts()
+    model = result["model"]
     lines = [
         f"- Command: `{result['command']}`",
         f"- Design: `{os.path.relpath(design['path'], Path(design['recipe']).parent.parent)}`, recipe "
@@ -400,7 +446,8 @@ def _setup_lines(result: dict) -> list[str]:
         f"{v['transformers']}, numpy {v['numpy']}, Python {v['python']}",
         f"- Machine: {v['cpu_model']}, {v['cpu_count']} CPU cores visible, {v['platform']}; {result['workers']} worker "
         f"process(es) with one torch thread each; load average {result['load_start'][0]:.1f} at start, "
-        f"{result['load_end'][0]:.1f} at the end (above the core count: other jobs shared the CPU, times are pessimistic)",
+        f"{result['load_end'][0]:.1f} at the end (above the core count: other jobs shared the CPU, times are "
+        "pessimistic)",
         f"- Wall time: **{ph['total_s'] / 60:.1f} min** (phase 0: SFT and embedding warm-up {ph['phase0_s']:.0f} s; "
         f"phase 1, pilot {ph['phase1_s']:.0f} s; phase 2 {ph['phase2_s']:.0f} s). CPU time: SFT {cpu['sft']:.0f} s, "
         f"warm-up and human references {cpu['warmup']:.0f} s, preference training {cpu['runs_train']:.0f} s, "
@@ -409,12 +456,17 @@ def _setup_lines(result: dict) -> list[str]:
         "## Setup",
         "",
         f"- Data: the bundled generator (`engine/data/synthetic.py`), {rec['data']['synthetic_prompts']} prompts "
-        f"(synthetic_seed {rec['data']['synthetic_seed']}), 4-10 responses each, {100 * rec['data']['val_fraction']:.0f}% "
-        "of the prompts held out per seed. Each response has a theme (space, dragons, detective, ghosts, robots), a "
-        "style (plain, dialogue, terse, ornate) and a true quality (vivid vs filler words, length, coherence). Upvotes "
-        "= 30 x quality + 8 if the theme is 'space' + 6 if the style is 'plain' + noise, and 'space'/'plain' are also "
-        "the most frequent, so upvote-ranked pairs prefer the popular theme/style beyond what quality explains.",
-        "- Model: `llama-tiny` (random-init Llama, 2 layers, hidden 128, vocab 960, ~0.6M parameters).",
+        f"(synthetic_seed {rec['data']['synthetic_seed']}), 4-10 responses each, "
+        f"{100 * rec['data']['val_fraction']:.0f}% of the prompts held out per seed, "
+        f"{g['min_responses']}-{g['max_responses']} responses per prompt. Each response has a theme "
+        f"({', '.join(THEMES)}), a style ({', '.join(STYLES)}) and a true quality (vivid vs filler words, length, "
+        f"coherence). Upvotes = {g['quality_slope']:g} x quality + {g['theme_bonus']:g} if the theme is "
+        f"'{POPULAR_THEME}' + {g['style_bonus']:g} if the style is '{POPULAR_STYLE}' + noise (sd {g['noise_sd']:g}), "
+        f"and '{POPULAR_THEME}'/'{POPULAR_STYLE}' are also the most frequent (written with probability "
+        f"{g['theme_freq'][POPULAR_THEME]:g} / {g['style_freq'][POPULAR_STYLE]:g}), so upvote-ranked pairs prefer "
+        "the popular theme/style beyond what quality explains.",
+        f"- Model: `{model['name']}` ({model['architecture']}, {model['layers']} layers, hidden {model['hidden']}, "
+        f"vocab {model['vocab']}, {model['parameters'] / 1e6:.2f}M parameters), the SFT start of every run.",
         "- SFT (the shared start, step 0 of every trajectory): "
         + ", ".join(f"`{k}={val}`" for k, val in design["sft"].items()) + ".",
         f"- Pairs: the published pairing ran as {pairing} (the engine's `gap` pairs: random disjoint pairs per prompt "
@@ -422,8 +474,9 @@ def _setup_lines(result: dict) -> list[str]:
         f"pairs ({', '.join(f'`{k}={val}`' for k, val in design['pairings']['divpo'].items())}, rho "
         f"{rec['data']['divpo_rho']}); the second table on "
         + ", ".join(f"`{k}={val}`" for k, val in design["pairings"].get(design["bvw_pairing"], {}).items()) + ".",
-        f"- Preference runs (`{Path(design['recipe']).name}`): {rec['optim']['max_steps']} optimizer steps, one packed "
-        f"row of <= {rec['data']['max_tokens_per_row']} tokens per step (about 3 pairs), lr {rec['optim']['lr']} "
+        f"- Preference runs (`{Path(design['recipe']).name}`): {rec['optim']['max_steps']} optimizer steps, "
+        f"{rec['data']['rows_per_batch']} packed row(s) of <= {rec['data']['max_tokens_per_row']} tokens per step "
+        f"(both sequences of a pair in one row), lr {rec['optim']['lr']} "
         f"with {rec['optim']['schedule']} schedule and {rec['optim']['warmup_ratio']} warmup, DPO-family beta "
         f"{rec['loss']['beta']}; deviation embedders {rec['deviation']['semantic_model'] or '-'} + "
         f"{rec['deviation']['style_model']}. Methods: "
@@ -443,14 +496,18 @@ def _setup_lines(result: dict) -> list[str]:
         "draw seeds with replacement, then each drawn seed's prompts with replacement; every condition evaluated on "
         "a prompt moves with it, so differences are paired by prompt and seed. "
         f"{100 * design['statistics']['level']:.0f}% percentile intervals. Matched quality: each method's trajectory "
-        "(seed means per checkpoint, SFT first) is interpolated linearly at the highest quality both trajectories "
-        "reach (the first crossing in training order), inside every bootstrap replicate. Verdict: 'a win' when the "
-        "whole interval of (new - baseline) diversity is above 0, 'a loss' when below, else 'cannot tell at this power'.",
+        "(seed means per checkpoint, SFT first) is interpolated linearly, at its first crossing in training order, "
+        f"at the quality {100 * design['statistics']['matched_quality_fraction']:.0f}% of the way from the SFT "
+        "start to the highest quality both trajectories reach; the level and the interpolation are redone inside "
+        "every bootstrap replicate. Verdict: 'a win' when the "
+        "whole interval of (new - baseline) diversity is above 0, 'a loss' when below, else 'cannot tell at this "
+        "power'.",
         "",
         "### Fixed before the comparison",
         "",
-        "- The synthetic generator, its popularity bias (+8 upvotes for 'space', +6 for 'plain') and the evaluation "
-        "metrics are those of the first version of this experiment, unchanged.",
+        f"- The synthetic generator, its popularity bias (+{g['theme_bonus']:g} upvotes for '{POPULAR_THEME}', "
+        f"+{g['style_bonus']:g} for '{POPULAR_STYLE}') and the evaluation metrics are those of the first version of "
+        "this experiment, unchanged.",
         "- Changes of design from the first version, each for a reason that does not come from a comparison's "
         "result: the published pairing instead of best-vs-worst (the paper's pairing, where several pairs per "
         "prompt let the weight choose between them); more prompts with a larger held-out share, so every seed has "
@@ -506,7 +563,8 @@ def _trajectory_table(analysis: dict) -> list[str]:
             lines.append(f"| {m} | {step} | " + " | ".join(fmt_mean_std(t["mean"][k][i], t["std"][k][i], 3)
                                                            for k in keys) + " |")
     h = analysis["human"]
-    lines.append("| human (random) | - | " + " | ".join(fmt_mean_std(h["mean"][k], h["std"][k], 3) for k in keys) + " |")
+    lines.append("| human (random) | - | " + " | ".join(fmt_mean_std(h["mean"][k], h["std"][k], 3) for k in keys)
+                 + " |")
     return lines
 
 
@@ -575,10 +633,11 @@ def _discussion_lines(analysis: dict, result: dict) -> list[str]:
         "- DORPO's weight also scales the NLL term on the chosen responses (the mean weight multiplies it), which "
         "by itself moves the model towards the chosen, popular distribution less strongly.",
     ]
-    collapsed = [m for m, v in t.items() if m != SFT and theme in v["mean"] and v["mean"][theme][-1] >= 0.95]
+    collapsed = [m for m, v in t.items() if m != SFT and theme in v["mean"] and v["mean"][theme][-1] >= COLLAPSED_SHARE]
     if collapsed:
         lines.append(
-            f"- Theme collapse: {', '.join(collapsed)} put at least 95% of their final samples on '{POPULAR_THEME}'; "
+            f"- Theme collapse: {', '.join(collapsed)} put at least {100 * COLLAPSED_SHARE:.0f}% of their final "
+            f"samples on '{POPULAR_THEME}'; "
             "there theme entropy can no longer separate methods and the differences show in style diversity and "
             "style entropy."
         )
@@ -591,7 +650,8 @@ def _discussion_lines(analysis: dict, result: dict) -> list[str]:
             "vivid, on-theme word density and length, so such text can still score high quality."
         )
     lines.append(
-        "- Scale: a 0.6M-parameter model and a few dozen steps on synthetic data. What transfers is the mechanism "
+        f"- Scale: a {result['model']['parameters'] / 1e6:.2f}M-parameter model and "
+        f"{result['recipe']['optim']['max_steps']} steps on synthetic data. What transfers is the mechanism "
         "(popularity-biased pairs concentrate a DPO-tuned model; weighting can push back), not the effect sizes."
     )
     return lines
@@ -619,8 +679,10 @@ def _bvw_lines(analysis: dict) -> list[str]:
     lines += ["", "| comparison | " + " | ".join(n for _, n in analysis["diversity"]) + " | quality |",
               "|" + "---|" * (2 + len(analysis["diversity"]))]
     for c in b["comparisons"]:
-        cells = [f"{interval(c['final'][k]).fmt()}: {interval(c['final'][k]).verdict()}" for k, _ in analysis["diversity"]]
-        lines.append(f"| {c['new']} - {c['base']} | " + " | ".join(cells) + f" | {interval(c['final']['quality']).fmt()} |")
+        cells = [f"{interval(c['final'][k]).fmt()}: {interval(c['final'][k]).verdict()}"
+                 for k, _ in analysis["diversity"]]
+        cells.append(interval(c["final"]["quality"]).fmt())
+        lines.append(f"| {c['new']} - {c['base']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -632,7 +694,8 @@ def _runs_lines(result: dict) -> list[str]:
         s = r["summary"]
         ev = sum(e["eval_s"] for e in evals if e["method"] == r["method"] and e["seed"] == r["seed"])
         lines.append(
-            f"| {r['method']} | {r['seed']} | {r['lr']:.3g} | {_f(r.get('mean_chosen_weight'), 3)} | {s.get('pairs', '-')} "
+            f"| {r['method']} | {r['seed']} | {r['lr']:.3g} | {_f(r.get('mean_chosen_weight'), 3)} | "
+            f"{s.get('pairs', '-')} "
             f"| {_f(s.get('first_loss'))} | {_f(s.get('final_loss'))} | {s.get('reference', '-')} | {r['train_s']:.0f} "
             f"| {ev:.0f} |"
         )
@@ -666,8 +729,8 @@ def write_report(result: dict, doc: Path) -> Path:
         "",
         f"Difference new - baseline with its {100 * design['statistics']['level']:.0f}% paired bootstrap interval "
         "and the verdict it supports (higher = more diverse for all three metrics). 'Matched quality' is the "
-        "ground-truth quality level the differences are read at, the highest both trajectories reach (with its "
-        f"interval: the level is re-chosen in every bootstrap replicate). Prompts per seed: "
+        "ground-truth quality level the differences are read at (with its interval: the level is re-chosen in "
+        f"every bootstrap replicate). Prompts per seed: "
         f"{', '.join(map(str, analysis['prompts_per_seed']))}.",
         "",
         *_comparison_lines(analysis),
