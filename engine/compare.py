@@ -185,7 +185,6 @@ def hierarchical_bootstrap(
     *,
     n_boot: int = 2000,
     seed: int = 0,
-    resample_seeds: bool = True,
 ) -> BootstrapResult:
     """Two-stage bootstrap: draw seeds with replacement, then each drawn seed's prompts with replacement.
 
@@ -193,7 +192,6 @@ def hierarchical_bootstrap(
     its columns, so one prompt draw moves all conditions together (the pairing). `statistic` maps
     per-seed prompt means [..., S, F] (leading axes: replicates) to [..., K]; it is called once on
     the observed data (each seed once, prompt weights 1/P) and once on all B replicates.
-    `resample_seeds=False` keeps every seed once and resamples prompts only (seeds as fixed strata).
 
     Variance of the result for a mean of paired differences with within-seed per-prompt variance w
     and between-seed variance b (see `VarianceComponents`): ((S-1)/S * b + w/P * ((S-1)/S + (P-1)/P)) / S,
@@ -208,8 +206,7 @@ def hierarchical_bootstrap(
     n_seeds = len(feats)
     point = statistic(np.stack([f.mean(axis=0) for f in feats])[None])[0]
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds)) if resample_seeds else np.tile(np.arange(n_seeds),
-                                                                                             (n_boot, 1))
+    picks = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
     means = np.empty((n_boot, n_seeds, feats[0].shape[1]))
     for s, f in enumerate(feats):
         slots = np.nonzero(picks == s)
@@ -328,7 +325,6 @@ class Curve:
     y_std: Mapping[str, Sequence[float]] = field(default_factory=dict)
     reference: bool = False
     row: int = 0
-    point_labels: Sequence[str] | None = None
 
 
 def plot_frontier(

@@ -164,6 +164,7 @@ def power_estimate(evals: list[dict], design) -> dict:
         "between": vc.between, "n_prompts": n_prompts, "n_seeds": n_seeds, "alpha": alpha, "power": power,
         "detectable": vc.detectable_difference(n_prompts, n_seeds, alpha, power),
         "target": stats["target_detectable"],
+        "power_at_target": vc.power(stats["target_detectable"], n_prompts, n_seeds, alpha),
         "grid": {"prompts": grid_p, "seeds": grid_s,
                  "detectable": [[vc.detectable_difference(p, s, alpha, power) for s in grid_s] for p in grid_p]},
     }
@@ -435,6 +436,7 @@ def _setup_lines(result: dict) -> list[str]:
     ev = rec["eval"]
     g = generator_facts()
     model = result["model"]
+    prompt_term, seed_term = result["power"]["within"] / result["power"]["n_prompts"], result["power"]["between"]
     lines = [
         f"- Command: `{result['command']}`",
         f"- Design: `{os.path.relpath(design['path'], Path(design['recipe']).parent.parent)}`, recipe "
@@ -499,7 +501,12 @@ def _setup_lines(result: dict) -> list[str]:
         "(seed means per checkpoint, SFT first) is interpolated linearly, at its first crossing in training order, "
         f"at the quality {100 * design['statistics']['matched_quality_fraction']:.0f}% of the way from the SFT "
         "start to the highest quality both trajectories reach; the level and the interpolation are redone inside "
-        "every bootstrap replicate. Verdict: 'a win' when the "
+        "every bootstrap replicate. Where prompt noise dominates the seed-to-seed spread, the two-stage bootstrap "
+        "counts the prompt noise about twice and its intervals are conservative; with few seeds and a large seed "
+        "spread they run somewhat narrow (tests/test_compare.py measures both). In this run's pilot the prompt "
+        f"term of a seed mean (within / prompts = {prompt_term:.3g}) is "
+        f"{'larger' if prompt_term > seed_term else 'not larger'} than the seed term ({seed_term:.3g}). "
+        "Verdict: 'a win' when the "
         "whole interval of (new - baseline) diversity is above 0, 'a loss' when below, else 'cannot tell at this "
         "power'.",
         "",
@@ -536,7 +543,8 @@ def _power_lines(result: dict, analysis: dict) -> list[str]:
         "trained methods. With the bootstrap test above (two-sided "
         f"{100 * p['alpha']:.0f}%, power {100 * p['power']:.0f}%), this design of {p['n_prompts']} prompts x "
         f"{result['recipe']['eval']['n_samples']} samples x {p['n_seeds']} seeds detects a {met} difference of "
-        f"**{p['detectable']:.4f}** (target: at most {p['target']}: {'met' if ok else 'NOT met'}).",
+        f"**{p['detectable']:.4f}** (target: at most {p['target']}: {'met' if ok else 'NOT met'}); a true difference "
+        f"of {p['target']} would be detected with probability {p['power_at_target']:.2f}.",
         "",
         "| prompts per seed \\ seeds | " + " | ".join(map(str, grid["seeds"])) + " |",
         "|" + "---|" * (1 + len(grid["seeds"])),
