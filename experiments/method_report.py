@@ -132,6 +132,17 @@ def primary_metric(evals: list[dict], wanted: str) -> str:
 # ------------------------------------------------------------------------------------------- power
 
 
+def paired_differences(evals: list[dict], seeds: list[int], a: tuple[str, int], b: tuple[str, int],
+                       metric: str) -> list[np.ndarray]:
+    """Per seed, the per-prompt differences a - b of `metric` between two (method, step) evaluations."""
+    out = []
+    for s in seeds:
+        ra, rb = _rows(evals, a[0], s, a[1]), _rows(evals, b[0], s, b[1])
+        d = np.array([ra[k][metric] - rb[k][metric] for k in sorted(set(ra) & set(rb))], dtype=np.float64)
+        out.append(d[np.isfinite(d)])
+    return out
+
+
 def power_estimate(evals: list[dict], design) -> dict:
     """Smallest difference of the primary metric the design detects, from the pilot (SFT vs DPO).
 
@@ -146,17 +157,11 @@ def power_estimate(evals: list[dict], design) -> dict:
     pilot = stats["pilot"]
     metric = primary_metric(evals, stats["primary_metric"])
     final = max(steps_of(evals, pilot))
-    diffs, prompts = [], []
-    for s in seeds:
-        a, b = _rows(evals, pilot, s, final), _rows(evals, SFT, s, 0)
-        common = sorted(set(a) & set(b))
-        d = np.array([a[k][metric] - b[k][metric] for k in common], dtype=np.float64)
-        diffs.append(d[np.isfinite(d)])
-        prompts.append(len(common))
+    diffs = paired_differences(evals, seeds, (pilot, final), (SFT, 0), metric)
     pilot_vc = VarianceComponents.from_differences(diffs)
     vc = VarianceComponents(pilot_vc.within, 2 * pilot_vc.between, pilot_vc.n_seeds, pilot_vc.n_prompts)
     alpha, power = 1 - stats["level"], stats["power"]
-    n_prompts, n_seeds = min(prompts), len(seeds)
+    n_prompts, n_seeds = min(len(d) for d in diffs), len(seeds)
     grid_p = sorted({25, 50, 100, 150, 200, n_prompts})
     grid_s = sorted({3, 5, 8, n_seeds})
     return {
@@ -289,13 +294,8 @@ def _post_hoc_power(evals, design, comps) -> dict | None:
         return None
     metric = primary_metric(evals, design["statistics"]["primary_metric"])
     new, base = comps[0]["new"], comps[0]["base"]
-    fa, fb = max(steps_of(evals, new)), max(steps_of(evals, base))
-    diffs = []
-    for s in design["seeds"]:
-        a, b = _rows(evals, new, s, fa), _rows(evals, base, s, fb)
-        common = sorted(set(a) & set(b))
-        d = np.array([a[k][metric] - b[k][metric] for k in common], dtype=np.float64)
-        diffs.append(d[np.isfinite(d)])
+    diffs = paired_differences(evals, design["seeds"], (new, max(steps_of(evals, new))),
+                               (base, max(steps_of(evals, base))), metric)
     vc = VarianceComponents.from_differences(diffs)
     p, s = min(len(d) for d in diffs), len(diffs)
     st = design["statistics"]
@@ -641,6 +641,12 @@ def _discussion_lines(analysis: dict, result: dict) -> list[str]:
         "- DORPO's weight also scales the NLL term on the chosen responses (the mean weight multiplies it), which "
         "by itself moves the model towards the chosen, popular distribution less strongly.",
     ]
+    lines.append(
+        "- How far each method moved quality from the SFT start by its final checkpoint (seed means): "
+        + ", ".join(f"{m} {v['mean']['quality'][-1] - t[SFT]['mean']['quality'][0]:+.3f}" for m, v in t.items()
+                    if m != SFT)
+        + ". A method that barely moves leaves its comparison little quality range to match along."
+    )
     collapsed = [m for m, v in t.items() if m != SFT and theme in v["mean"] and v["mean"][theme][-1] >= COLLAPSED_SHARE]
     if collapsed:
         lines.append(
