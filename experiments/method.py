@@ -7,7 +7,7 @@ differently" from "weighted less": DPO and ORPO with the learning rate multiplie
 weight the DDPO/DORPO runs measured. Every run is evaluated at several checkpoints on the same held-out
 prompts, and DDPO vs DPO, DORPO vs ORPO (and the controls) are compared at matched quality along that
 quality-diversity frontier, with paired bootstrap intervals (`engine.compare`) and a power estimate
-made before the comparison runs. What runs is configs/experiment-design.yaml; the training recipe
+made before the comparison runs. What runs is experiments/method.yaml; the training recipe
 every run shares is configs/experiment.yaml.
 
 Flow: one driver process and a pool of `workers` single-thread processes.
@@ -41,7 +41,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DESIGN = ROOT / "configs" / "experiment-design.yaml"
+DESIGN = Path(__file__).resolve().parent / "method.yaml"
 SFT, HUMAN = "SFT", "human"
 # Objectives whose loss logs the deviation weights (weights/mean), which the lr controls read.
 WEIGHTED_OBJECTIVES = ("ddpo", "dorpo")
@@ -51,7 +51,7 @@ PER_PROMPT_KEYS = ("prompt_id", "quality", "semantic_diversity", "style_diversit
 
 
 class DesignError(ValueError):
-    """configs/experiment-design.yaml is wrong; the message names the key, its value and the fix."""
+    """experiments/method.yaml is wrong; the message names the key, its value and the fix."""
 
 
 # ------------------------------------------------------------------------------------------- design
@@ -67,7 +67,7 @@ class Method:
 
 @dataclass(frozen=True)
 class Design:
-    """configs/experiment-design.yaml, validated (with its `quick:` section applied under --quick)."""
+    """experiments/method.yaml, validated (with its `quick:` section applied under --quick)."""
 
     path: str
     recipe: str
@@ -111,14 +111,14 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
     path = Path(path)
     if not path.is_file():
-        raise DesignError(f"design file {path} does not exist; pass --design configs/experiment-design.yaml")
+        raise DesignError(f"design file {path} does not exist; pass --design experiments/method.yaml")
     raw = yaml.safe_load(path.read_text()) or {}
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise DesignError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
     if quick:
         if not isinstance(raw.get("quick"), dict):
-            raise DesignError(f"{path} has no quick: section; add one (as in configs/experiment-design.yaml) "
+            raise DesignError(f"{path} has no quick: section; add one (as in experiments/method.yaml) "
                               "or drop --quick")
         q = dict(raw["quick"])
         bvw_quick = q.pop("best_vs_worst", {})
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m experiments.method", description=__doc__.split("\n\n")[0])
-    p.add_argument("--design", type=Path, default=DESIGN, help="design file (default configs/experiment-design.yaml)")
+    p.add_argument("--design", type=Path, default=DESIGN, help="design file (default experiments/method.yaml)")
     p.add_argument("--quick", action="store_true", help="smoke version: the design's quick: section")
     p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output directory of all runs")
     p.add_argument("--doc", type=Path, default=None,

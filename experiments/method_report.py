@@ -481,7 +481,7 @@ def _setup_lines(result: dict) -> list[str]:
         f"(both sequences of a pair in one row), lr {rec['optim']['lr']} "
         f"with {rec['optim']['schedule']} schedule and {rec['optim']['warmup_ratio']} warmup, DPO-family beta "
         f"{rec['loss']['beta']}; deviation embedders {rec['deviation']['semantic_model'] or '-'} + "
-        f"{rec['deviation']['style_model']}. Methods: "
+        f"{rec['deviation']['style_model']} (offline stand-ins for the published ones). Methods: "
         + "; ".join(f"{name}: " + ", ".join(f"`{k}={val}`" for k, val in m["overrides"].items())
                     + (f", lr x the measured mean chosen weight of {m['lr_times_mean_weight_of']}"
                        if m["lr_times_mean_weight_of"] else "") for name, m in methods.items()) + ".",
