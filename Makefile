@@ -45,7 +45,7 @@ bench-full: venv
 	$(PY) -m bench.run
 
 experiment: venv
-	$(PY) -m engine.experiment
+	$(PY) -m experiments.method
 
 # Every GPU figure in one command on a bare CUDA machine (README "Measuring on a GPU"): no `venv`
 # prerequisite, since a GPU image brings its own torch (its python3 runs it when there is no .venv).

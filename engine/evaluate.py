@@ -12,11 +12,13 @@ responses of the same prompts instead of samples, the reference diversity of hum
 
     python -m engine.evaluate --model runs/ddpo/final --prompts synthetic [--n 4] [--out dir]
     python -m engine.evaluate --human --prompts data.jsonl --out runs/human/eval
-    python -m engine.evaluate compare runs/dpo runs/ddpo runs/human --out reports/
+    python -m engine.evaluate compare runs/dpo runs/ddpo runs/human --out reports/ [--baseline dpo]
 
 Outputs of one evaluation: `generations.jsonl` (one line per sample, with its per-sample scores) and
 `metrics.json` ({"summary": averages over prompts, "per_prompt": [...], "settings": {...}}; NaN is
-written as null). `compare` writes `comparison.md` and `quality_vs_diversity.png`.
+written as null). `compare` writes `comparison.md` and `quality_vs_diversity.png`; its statistics
+(mean +- sample std over seeds, paired bootstrap intervals against `--baseline`) and its plot come from
+`engine.compare`, the implementation the method experiment reports with too.
 """
 
 from __future__ import annotations
@@ -588,7 +590,11 @@ def run_label(path: str | Path) -> str:
 
 
 def summarize_run(path: str | Path, label: str | None = None) -> dict:
-    """Mean and std over a run's seeds of every report metric: {"label", "source", "seeds", "mean", "std"}."""
+    """A run's evaluations over its seeds: {"label", "source", "seeds", "mean", "std", "files", "seed_names",
+    "per_prompt"}. mean/std: `engine.compare.seed_stats` (sample std, ddof 1) of every report metric;
+    per_prompt: each seed's per-prompt rows, which paired differences resample."""
+    from engine.compare import seed_stats
+
     files = find_metrics_files(path)
     docs = []
     for f in files:
@@ -598,96 +604,168 @@ def summarize_run(path: str | Path, label: str | None = None) -> dict:
             raise ValueError(f"{f} has no 'summary' section; is it a metrics.json written by engine.evaluate?")
         docs.append(doc)
     mean, std = {}, {}
-    keys = list(REPORT_KEYS) + ["n_prompts"]
-    for k in keys:
-        vals = [d["summary"].get(k) for d in docs]
-        vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-        if vals:
-            mean[k] = float(np.mean(vals))
-            std[k] = float(np.std(vals)) if len(vals) > 1 else 0.0
+    for k in list(REPORT_KEYS) + ["n_prompts"]:
+        m, s, n = seed_stats([d["summary"].get(k) for d in docs if isinstance(d["summary"].get(k), (int, float))])
+        if n:
+            mean[k], std[k] = m, s
     sources = sorted({d.get("settings", {}).get("source", "model") for d in docs})
     return {"label": label or run_label(path), "source": "/".join(sources), "seeds": len(docs), "mean": mean,
-            "std": std, "files": [str(f) for f in files]}
+            "std": std, "files": [str(f) for f in files], "seed_names": [_seed_name(f, path) for f in files],
+            "per_prompt": [d.get("per_prompt") or [] for d in docs]}
 
 
-def _fmt(run: dict, key: str) -> str:
-    if key not in run["mean"]:
-        return "-"
-    m, s = run["mean"][key], run["std"][key]
-    return f"{m:.4f} +- {s:.4f}" if run["seeds"] > 1 else f"{m:.4f}"
+def _seed_name(metrics_file: Path, run_path: str | Path) -> str:
+    """The seed directory of a per-seed metrics.json (runs/x/eval/seed1/metrics.json -> seed1); "" for a single run."""
+    parent = Path(metrics_file).parent
+    return "" if parent.name == "eval" or parent == Path(run_path) else parent.name
 
 
-def comparison_markdown(runs: Sequence[dict]) -> str:
-    """A markdown table of every report metric per run (columns no run has are left out)."""
+def metric_layout(per_prompt_sets: Sequence[Sequence[dict]]):
+    """The `engine.compare.MetricLayout` of the report metrics every given per-prompt row has."""
+    from engine.compare import MetricLayout
+
+    rows = [r for rows in per_prompt_sets for r in rows]
+    pooled = ("theme_entropy_overall", "style_entropy_overall")
+    scalars = tuple(k for k in REPORT_KEYS if k not in pooled and rows and all(
+        isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows))
+    shares = []
+    for name in ("theme", "style"):
+        dicts = [r.get(f"{name}_share") for r in rows]
+        if rows and all(isinstance(d, dict) for d in dicts):
+            shares.append((name, tuple(k for k in dicts[0] if k != M.NONE_LABEL)))
+    return MetricLayout(scalars, tuple(shares))
+
+
+def paired_differences(run: dict, baseline: dict, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """run - baseline for every report metric both have, with a paired hierarchical bootstrap interval.
+
+    Seeds pair by seed directory name when both runs have the same names, else by position; prompts
+    pair by prompt_id within a seed (prompts only one run has are left out and counted). Returns
+    {"intervals": {metric: engine.compare.Interval}, "prompts": paired prompts per seed, "unpaired": n}.
+    """
+    from engine.compare import hierarchical_bootstrap
+
+    a_sets, b_sets = run["per_prompt"], baseline["per_prompt"]
+    if sorted(run["seed_names"]) == sorted(baseline["seed_names"]) and len(set(run["seed_names"])) == len(a_sets):
+        order = [baseline["seed_names"].index(n) for n in run["seed_names"]]
+        b_sets = [b_sets[i] for i in order]
+    elif len(a_sets) != len(b_sets):
+        raise ValueError(
+            f"cannot pair the seeds of {run['label']} ({len(a_sets)}) with those of {baseline['label']} "
+            f"({len(b_sets)}); compare runs evaluated on the same seeds (same seed directory names)"
+        )
+    pairs, unpaired = [], 0
+    for a_rows, b_rows in zip(a_sets, b_sets):
+        a_by, b_by = {r["prompt_id"]: r for r in a_rows}, {r["prompt_id"]: r for r in b_rows}
+        common = sorted(set(a_by) & set(b_by))
+        unpaired += len(a_by) + len(b_by) - 2 * len(common)
+        if common:
+            pairs.append(([a_by[k] for k in common], [b_by[k] for k in common]))
+    if not pairs:
+        raise ValueError(
+            f"{run['label']} and {baseline['label']} share no evaluated prompt (per-prompt rows with one prompt_id); "
+            "evaluate both on the same prompts"
+        )
+    layout = metric_layout([rows for pair in pairs for rows in pair])
+    names = [k for k in layout.metric_names if k in REPORT_KEYS]
+    width = len(layout.columns)
+    feats = [np.concatenate([layout.features(a), layout.features(b)], axis=1) for a, b in pairs]
+    feats = [f[np.isfinite(f).all(axis=1)] for f in feats]
+
+    def statistic(means):
+        new, base = layout.metrics(means[..., :width]), layout.metrics(means[..., width:])
+        return np.stack([(new[k] - base[k]).mean(axis=-1) for k in names], axis=-1)
+
+    boot = hierarchical_bootstrap([f for f in feats if len(f)], statistic, n_boot=n_boot, seed=seed)
+    return {"intervals": {k: boot.interval(i, level) for i, k in enumerate(names)},
+            "prompts": [len(f) for f in feats], "unpaired": unpaired}
+
+
+def comparison_markdown(runs: Sequence[dict], differences: dict[str, dict] | None = None,
+                        baseline: str | None = None) -> str:
+    """A markdown table of every report metric per run (columns no run has are left out) and, with a
+    baseline, a table of each run's paired difference from it with its bootstrap interval."""
+    from engine.compare import fmt_mean_std
+
     keys = [k for k in REPORT_KEYS if any(k in r["mean"] for r in runs)]
     lines = [
         "# Quality and diversity per run",
         "",
         "Averages over prompts of each prompt's samples. Higher is more diverse for every diversity column except "
         + " and ".join(LOWER_IS_MORE_DIVERSE)
-        + " (higher = more repetitive). With several seeds: mean +- std over seeds.",
+        + " (higher = more repetitive). With several seeds: mean +- sample std (ddof 1) over seeds.",
         "",
         "| run | source | seeds | prompts | " + " | ".join(keys) + " |",
         "|" + "---|" * (4 + len(keys)),
     ]
     for r in runs:
         prompts = f"{r['mean']['n_prompts']:.0f}" if "n_prompts" in r["mean"] else "-"
-        cells = [r["label"], r["source"], str(r["seeds"]), prompts] + [_fmt(r, k) for k in keys]
+        cells = [r["label"], r["source"], str(r["seeds"]), prompts]
+        cells += [fmt_mean_std(r["mean"][k], r["std"][k]) if k in r["mean"] else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     missing = [r["label"] for r in runs if not {"quality", "semantic_diversity"} <= set(r["mean"])]
     if missing:
         lines += ["", "Not in the plot (no quality or no semantic diversity): " + ", ".join(missing) + "."]
+    if differences:
+        dkeys = [k for k in keys if any(k in d["intervals"] for d in differences.values())]
+        level = next(iter(next(iter(differences.values()))["intervals"].values())).level
+        lines += [
+            "",
+            f"## Paired differences from {baseline}",
+            "",
+            f"run - {baseline}, with a {100 * level:.0f}% paired hierarchical bootstrap interval (seeds, then prompts "
+            "within a seed, resampled together for both runs; `engine.compare`). * = the interval excludes 0.",
+            "",
+            "| run | paired prompts | " + " | ".join(dkeys) + " |",
+            "|" + "---|" * (2 + len(dkeys)),
+        ]
+        for label, d in differences.items():
+            unpaired = f" ({d['unpaired']} unpaired)" if d["unpaired"] else ""
+            cells = [label, "+".join(map(str, d["prompts"])) + unpaired]
+            for k in dkeys:
+                iv = d["intervals"].get(k)
+                cells.append("-" if iv is None else iv.fmt() + (" *" if iv.lo > 0 or iv.hi < 0 else ""))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_quality_vs_diversity(runs: Sequence[dict], path: str | Path) -> Path:
-    """Scatter of quality (y) against semantic diversity (x), one labelled point per run, std error bars."""
-    import matplotlib
+    """Semantic (and style, when measured) diversity against quality, one point per run with seed-std bars
+    (`engine.compare.plot_frontier`, the plot the method experiment draws for its trajectories)."""
+    from engine.compare import Curve, plot_frontier
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    plotted = 0
-    for r in runs:
-        m, s = r["mean"], r["std"]
-        if "quality" not in m or "semantic_diversity" not in m:
-            continue
-        human = "human" in r["source"]
-        ax.errorbar(
-            m["semantic_diversity"], m["quality"],
-            xerr=s["semantic_diversity"] if r["seeds"] > 1 else None,
-            yerr=s["quality"] if r["seeds"] > 1 else None,
-            fmt="*" if human else "o", markersize=12 if human else 8, capsize=3,
-            color="black" if human else None,
-        )
-        ax.annotate(r["label"], (m["semantic_diversity"], m["quality"]), textcoords="offset points", xytext=(6, 6))
-        plotted += 1
-    if not plotted:
-        ax.text(0.5, 0.5, "no run has both quality and semantic diversity", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.margins(0.15)  # room for the labels of the outermost points
-    ax.set_xlabel("semantic diversity (mean pairwise cosine distance)")
-    ax.set_ylabel("quality")
-    ax.set_title("Quality vs diversity")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    atomic_write(out, lambda f: fig.savefig(f, format=out.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return out
+    panels = [(k, k.replace("_", " ")) for k in ("semantic_diversity", "style_diversity")
+              if any(k in r["mean"] for r in runs)] or [("semantic_diversity", "semantic diversity")]
+    curves = [
+        Curve(r["label"], [r["mean"].get("quality", float("nan"))],
+              {k: [r["mean"][k]] for k, _ in panels if k in r["mean"]},
+              x_std=[r["std"].get("quality", float("nan"))],
+              y_std={k: [r["std"][k]] for k, _ in panels if k in r["std"]},
+              reference="human" in r["source"])
+        for r in runs
+    ]
+    return plot_frontier(curves, panels, path, title="Diversity vs quality (mean +- std over seeds)")
 
 
-def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None) -> dict[str, Path]:
-    """Write comparison.md and quality_vs_diversity.png for the given runs into out_dir."""
+def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None, *,
+                 baseline: str | None = None, n_boot: int = 2000) -> dict[str, Path]:
+    """Write comparison.md and quality_vs_diversity.png for the given runs into out_dir; with `baseline`
+    (a run's label), also each other run's paired difference from it."""
     if not paths:
         raise ValueError("compare needs at least one run directory or metrics.json path")
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"got {len(labels)} labels for {len(paths)} runs; give one label per run or none")
     runs = [summarize_run(p, labels[i] if labels else None) for i, p in enumerate(paths)]
+    differences = None
+    if baseline is not None:
+        by_label = {r["label"]: r for r in runs}
+        if baseline not in by_label:
+            raise ValueError(f"--baseline {baseline!r} is not one of the runs' labels {sorted(by_label)}")
+        differences = {r["label"]: paired_differences(r, by_label[baseline], n_boot=n_boot)
+                       for r in runs if r["label"] != baseline}
     out = Path(out_dir)
     md = out / "comparison.md"
-    atomic_write(md, comparison_markdown(runs))
+    atomic_write(md, comparison_markdown(runs, differences, baseline))
     png = plot_quality_vs_diversity(runs, out / "quality_vs_diversity.png")
     return {"markdown": md, "plot": png}
 
@@ -762,6 +840,8 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (with eval/metrics.json) or metrics.json files")
     p.add_argument("--out", default=".", help="where comparison.md and quality_vs_diversity.png go")
     p.add_argument("--labels", nargs="+", help="names of the runs in the table and plot (default: directory names)")
+    p.add_argument("--baseline", help="label of the run every other run is compared with (paired bootstrap intervals)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates for --baseline (default 2000)")
     return p
 
 
@@ -790,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         args = _compare_parser().parse_args(argv[1:])
-        files = compare_runs(args.runs, args.out, labels=args.labels)
+        files = compare_runs(args.runs, args.out, labels=args.labels, baseline=args.baseline, n_boot=args.n_boot)
         for name, path in files.items():
             print(f"{name}: {path}")
         return files

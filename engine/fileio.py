@@ -145,3 +145,10 @@ def load_npz_verified(path: str | Path) -> dict | None:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
 
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """A matplotlib figure written atomically, in the format of the path's suffix (png when none)."""
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", **savefig_kwargs))
+    return path
+
