@@ -30,6 +30,14 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreted() -> bool:
+    """True when the Triton kernels run through the interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from ddpo_kernels.linear_logprob import _linear_logprob_fwd_kernel
+
+    return isinstance(_linear_logprob_fwd_kernel, InterpretedFunction)
+
+
 def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
     """Return the concrete backend ("triton", "torch" or "eager") to run on `device`.
 
@@ -50,7 +58,7 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
                 f"kernel backend 'triton' was requested ({source}) but triton is not installed; "
                 "install triton or use backend='torch'"
             )
-        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if dev.type != "cuda" and not triton_interpreted():
             raise RuntimeError(
                 f"kernel backend 'triton' was requested ({source}) for device {dev}, but Triton runs on CPU only "
                 "through its interpreter: set TRITON_INTERPRET=1 before triton is imported, or use backend='torch'"
