@@ -27,7 +27,7 @@ gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
   (w * hidden per token) is kept, plus one layer's full activations while it is recomputed.
 - logits: eager (HF-style full logits) N * V * (w + 4 + 4): the logits in the compute dtype, the fp32
   log-softmax kept for backward and its fp32 gradient. Fused (kernels.fused_preference_loss): one
-  fp32 [chunk, V] logits block, chunk = kernels.linear_logprob.default_chunk_tokens(V) (the "torch"
+  fp32 [chunk, V] logits block, chunk = ddpo_kernels.default_block_rows(V) (the "torch"
   backend's default, a 128 MiB block; the "triton" backend keeps tiles in SRAM, so this is an upper
   bound), plus the fp32 [V, D] dW accumulator the kernel fills when the LM head is trained (full
   fine-tuning; LoRA leaves the head frozen). The [N, D] hidden gradient and the head's own gradient
@@ -535,9 +535,9 @@ def _final_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
 
 
 def _fused_chunk_tokens(vocab_size: int) -> int:
-    from ddpo_kernels.linear_logprob import default_chunk_tokens
+    from ddpo_kernels import default_block_rows
 
-    return default_chunk_tokens(vocab_size)
+    return default_block_rows(vocab_size)
 
 
 def plan_memory(shape: ModelShape | None = None, **settings) -> MemoryPlan:

@@ -116,7 +116,7 @@ def kernel_record() -> dict:
             res = fused_preference_loss(
                 hidden, weight, targets, segment_ids, chosen, rejected, objective=objective, beta=0.1,
                 chosen_weights=weights, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, backend=backend,
-                chunk_tokens=64, return_output=True,
+                chunk_rows=16, block_rows=64, return_output=True,
             )  # fmt: skip
             res.loss.backward()
             out[f"{backend}/{objective}"] = {

@@ -89,10 +89,10 @@ class Compiled:
         return any(v in HALF_POINTERS for v in self.signature.values())
 
     def describe(self) -> str:
-        consts = {k: v for k, v in self.constants.items() if k.isupper()}
-        ptrs = ",".join(v for v in self.signature.values() if v.startswith("*"))
-        return (f"{self.name}[sm_{self.capability}, warps={self.num_warps}, stages={self.num_stages}, {consts}]"
-                f"({ptrs})")
+        # Arguments as the JIT specialised them: pointer dtypes, int widths, constants (constexprs and
+        # ints equal to 1 or strides of 1 folded in).
+        args = ",".join(str(self.constants.get(k, v)) if v == "constexpr" else v for k, v in self.signature.items())
+        return f"{self.name}[sm_{self.capability}, warps={self.num_warps}, stages={self.num_stages}]({args})"
 
 
 def _names(fn: JITFunction, keys) -> dict:
