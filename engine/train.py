@@ -12,6 +12,7 @@ LM-head/log-prob/loss kernel, so [N, V] logits never exist) -> DeepSpeed backwar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -24,7 +25,6 @@ import torch
 
 from engine import checkpoint, parallelize
 from engine.config import Config, ConfigError, load_config
-from engine.losses import LossOutput
 
 
 class PolicyWithLoss(torch.nn.Module):
@@ -51,7 +51,7 @@ class PolicyWithLoss(torch.nn.Module):
         ).last_hidden_state
         mask = batch.segment_ids.reshape(-1) >= 0  # drop row padding before the head
         hidden = hidden.reshape(-1, hidden.shape[-1])[mask]
-        loss, metrics = self.head(
+        loss, out = self.head(
             hidden,
             targets=batch.targets.reshape(-1)[mask],
             segment_ids=batch.segment_ids.reshape(-1)[mask],
@@ -65,7 +65,9 @@ class PolicyWithLoss(torch.nn.Module):
             ignore_index=self.ignore_index,
             backend=self.loss_cfg.backend,
         )
-        return LossOutput(loss=loss, metrics=metrics)
+        # The loss the head returned (ZeRO-3 hooks it for the backward) with the full output's metrics
+        # and per-pair values.
+        return dataclasses.replace(out, loss=loss)
 
 
 class _FusedHead(torch.nn.Linear):
@@ -84,9 +86,9 @@ class _FusedHead(torch.nn.Linear):
         from ddpo_kernels import fused_preference_loss
 
         out = fused_preference_loss(hidden, self.weight, targets, return_output=True, **loss_kwargs)
-        # A plain tuple, not the LossOutput dataclass: ZeRO-3 attaches its pre-backward hook (which
-        # re-gathers this module's weight for backward) only to tensors inside tuples, lists and dicts.
-        return out.loss, out.metrics
+        # The loss apart, in a plain tuple: ZeRO-3 attaches its pre-backward hook (which re-gathers this
+        # module's weight for backward) only to tensors inside tuples, lists and dicts.
+        return out.loss, out
 
 
 def _peak_memory_mb(device: torch.device) -> float:

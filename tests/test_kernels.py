@@ -436,6 +436,95 @@ def test_dw_accumulator_rounds_once():
 
 
 # ---------------------------------------------------------------------------------------------
+# Reference and policy: the same arithmetic, so the DPO margin is exactly 0 at step 0
+# ---------------------------------------------------------------------------------------------
+
+
+def _relayout(b: Batch, seed: int) -> tuple[Batch, torch.Tensor]:
+    """The same sequences in another batch: reversed order, junk rows between them, an extra sequence
+    first. Returns the new batch and new_id [S] (new segment id of each old one)."""
+    g = torch.Generator().manual_seed(seed)
+    d = b.hidden.shape[1]
+    pieces_h, pieces_t, pieces_s = [torch.randn(7, d, generator=g, dtype=torch.float64)], [], []
+    pieces_t.append(torch.randint(0, b.weight.shape[0], (7,), generator=g))
+    pieces_s.append(torch.zeros(7, dtype=torch.long))  # an unrelated sequence 0 with targets
+    new_id = torch.empty(b.num_segments, dtype=torch.long)
+    for k, old in enumerate(reversed(range(b.num_segments))):
+        rows = (b.segment_ids == old).nonzero().squeeze(1)
+        junk = int(torch.randint(0, 5, (1,), generator=g))
+        pieces_h += [torch.randn(junk, d, generator=g, dtype=torch.float64), b.hidden[rows]]
+        pieces_t += [torch.full((junk,), IGNORE), b.targets[rows]]
+        pieces_s += [torch.full((junk,), -1), torch.full((rows.numel(),), k + 1)]
+        new_id[old] = k + 1
+    moved = dataclasses.replace(
+        b, hidden=torch.cat(pieces_h), targets=torch.cat(pieces_t), segment_ids=torch.cat(pieces_s),
+        chosen=new_id[b.chosen], rejected=new_id[b.rejected], num_segments=b.num_segments + 1,
+    )  # fmt: skip
+    return moved, new_id
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_and_policy_log_probs_are_the_same_bits(backend, dtype, device):
+    """A sequence's log-prob does not depend on the batch it sits in (order, neighbours, padding, chunk
+    and window boundaries), and linear_logprob (the reference cache's op) gives the fused loss's bits:
+    a DPO step with reference = policy has chosen and rejected rewards exactly 0."""
+    b = make_batch(6, 31, 64, 1000, seed=53, max_resp=14)
+    moved, new_id = _relayout(b, seed=54)
+    b, moved = b.to(device), moved.to(device)
+    sizes = dict(chunk_rows=8, block_rows=24)
+    h, w = b.cast(dtype, device=device, requires_grad=False)
+    seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend=backend, **sizes)
+    hm, wm = moved.cast(dtype, device=device, requires_grad=False)
+    seq_moved, _ = linear_logprob(hm, wm, moved.targets, moved.segment_ids, moved.num_segments, backend=backend, **sizes)
+    assert torch.equal(seq_moved[new_id.to(device)], seq)
+    # The policy: the fused loss in the first layout, the reference from the second.
+    hp, wp = b.cast(dtype, device=device)
+    out = fused_preference_loss(
+        hp, wp, b.targets, b.segment_ids, b.chosen, b.rejected, objective="dpo", beta=0.1, backend=backend,
+        ref_chosen_logps=seq_moved[new_id[b.chosen.cpu()].to(device)],
+        ref_rejected_logps=seq_moved[new_id[b.rejected.cpu()].to(device)], return_output=True, **sizes,
+    )  # fmt: skip
+    assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards))
+    assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype):
+    """The real path: the reference cache built by engine.refcache (micro-batches of its own), then the
+    trainer's first micro-batch through PolicyWithLoss: every chosen and rejected margin is exactly 0."""
+    from engine.config import load_config
+    from engine.data import RowSampler, collate, prepare_data
+    from engine.model import load_model, load_tokenizer
+    from engine.refcache import ensure_cache
+    from engine.train import PolicyWithLoss
+
+    cfg = load_config([
+        "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
+        "--data.max_tokens_per_row", "512", "--deviation.enabled", "false", "--loss.objective", "dpo",
+        "--model.dtype", dtype, "--ref_cache.dtype", dtype, "--logging.output_dir", str(tmp_path),
+        "--data.cache_dir", str(tmp_path / "cache"), "--ref_cache.dir", str(tmp_path / "ref"),
+    ])  # fmt: skip
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    prepared = prepare_data(cfg, tokenizer)
+    cache = ensure_cache(cfg, tokenizer, prepared, device="cpu")
+    rows = prepared.train_rows
+    sampler = RowSampler(
+        [r.num_tokens for r in rows], num_replicas=1, rank=0, rows_per_batch=cfg.data.rows_per_batch, seed=cfg.data.seed
+    )
+    batch = collate([rows[i] for i in next(iter(sampler))])
+    cache.fill(batch)
+    module = PolicyWithLoss(load_model(cfg.model), cfg.loss)
+    with torch.no_grad():
+        out = module(batch)
+    assert out.chosen_rewards.numel() == batch.num_pairs > 1
+    assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards)), out.chosen_rewards
+    assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards)), out.rejected_rewards
+
+
+# ---------------------------------------------------------------------------------------------
 # Backend selection and errors
 # ---------------------------------------------------------------------------------------------
 
