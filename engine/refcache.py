@@ -133,6 +133,7 @@ def sequence_logps(model, batch, *, backend: str = "auto") -> tuple[torch.Tensor
             int(batch.num_segments),
             ignore_index=IGNORE_INDEX,
             backend=backend,
+            schedule=batch.schedule,
         )
     COUNTERS["reference_forwards"] += 1
     return logps.float(), counts

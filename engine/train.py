@@ -45,16 +45,24 @@ class PolicyWithLoss(torch.nn.Module):
         self.loss_cfg = loss_cfg
         self.ignore_index = ignore_index
 
+    @property
+    def batch_options(self) -> dict:
+        """collate's arguments for this module's loss schedule: the head's V (targets are checked
+        against it on the CPU) and whether the objective reads the rejected side at all."""
+        return dict(vocab_size=self.head.out_features, with_rejected=self.loss_cfg.objective != "sft")
+
     def forward(self, batch):
         hidden = self.trunk(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
         ).last_hidden_state
-        mask = batch.segment_ids.reshape(-1) >= 0  # drop row padding before the head
-        hidden = hidden.reshape(-1, hidden.shape[-1])[mask]
+        # All R * L rows: the batch's schedule indexes them (padding is never multiplied), and a boolean
+        # mask here would be a host sync.
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         loss, out = self.head(
             hidden,
-            targets=batch.targets.reshape(-1)[mask],
-            segment_ids=batch.segment_ids.reshape(-1)[mask],
+            schedule=batch.schedule,
+            targets=batch.targets.reshape(-1),
+            segment_ids=batch.segment_ids.reshape(-1),
             chosen_segments=batch.chosen_segments,
             rejected_segments=batch.rejected_segments,
             objective=self.loss_cfg.objective,
@@ -243,7 +251,7 @@ def _train(cfg: Config) -> dict:
         skipped = False
         grad_norm = None
         for _ in range(cfg.optim.grad_accum):
-            batch = collate([rows[i] for i in next(stream)], device=env.device)
+            batch = collate([rows[i] for i in next(stream)], device=env.device, **module.batch_options)
             if ref_cache is not None:
                 ref_cache.fill(batch)
             elif reference is not None:

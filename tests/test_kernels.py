@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.losses import OBJECTIVES, preference_loss
 from ddpo_kernels import (
@@ -525,6 +526,94 @@ def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# No host synchronisation inside the loss: the schedule is built on the CPU beforehand
+# ---------------------------------------------------------------------------------------------
+
+_ATEN = torch.ops.aten
+# What makes a GPU stream wait for the host: reading a value back, or an output whose size depends
+# on values (nonzero, boolean-mask indexing, unique, bincount...).
+_SYNCING_OPS = {
+    _ATEN._local_scalar_dense, _ATEN.nonzero, _ATEN.nonzero_static, _ATEN.masked_select, _ATEN.is_nonzero,
+    _ATEN.equal, _ATEN._unique2, _ATEN.unique_dim, _ATEN.unique_consecutive, _ATEN.bincount, _ATEN.argwhere,
+}  # fmt: skip
+
+
+class _HostSyncSpy(TorchDispatchMode):
+    """Records every op that would synchronise a GPU with the host, and Python-level reads of tensor values."""
+
+    PY_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in _SYNCING_OPS:
+            self.syncs.append(str(func))
+        if func.overloadpacket in (_ATEN.index, _ATEN.index_put, _ATEN.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        ):
+            self.syncs.append(f"{func} with a boolean mask")
+        if func.overloadpacket is _ATEN.repeat_interleave and kwargs.get("output_size") is None and len(args) < 3:
+            self.syncs.append(f"{func} without output_size")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.PY_READS}
+        for name in self.PY_READS:
+            setattr(torch.Tensor, name, self._spy(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
+        return super().__exit__(*exc)
+
+    def _spy(self, name):
+        real = self._saved[name]
+
+        def spy(t, *a, **k):
+            self.syncs.append(f"Tensor.{name}")
+            return real(t, *a, **k)
+
+        return spy
+
+
+@pytest.mark.parametrize("objective", ["ddpo", "dorpo", "sft"])
+def test_loss_with_a_schedule_never_reads_device_values(objective):
+    """With the batch's schedule built beforehand (as collate does), forward and backward of the fused
+    loss and of linear_logprob make no .item()/.tolist()/nonzero/bool(tensor)-style call: on a GPU
+    the whole step is queued without waiting for the device. (The CUDA test runs it under
+    torch.cuda.set_sync_debug_mode("error").)"""
+    from ddpo_kernels import LossSchedule
+
+    b = make_batch(5, 29, 64, 1000, seed=59, max_resp=14)
+    chosen = b.chosen.clone()
+    chosen[1] = chosen[0]  # a shared sequence: groups and slot sums too
+    b = dataclasses.replace(b, chosen=chosen)
+    kw = fused_kwargs(b, objective)
+    sched = LossSchedule.for_pairs(
+        b.targets, b.segment_ids, b.chosen, b.rejected, vocab_size=1000, with_rejected=objective != "sft"
+    )
+    seq_sched = LossSchedule.for_sequences(b.targets, b.segment_ids, b.num_segments, vocab_size=1000)
+    h, w = b.cast(torch.float32)
+    with _HostSyncSpy() as spy:
+        out = fused_preference_loss(
+            h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend="torch", schedule=sched,
+            chunk_rows=8, block_rows=16, return_output=True, **kw,
+        )  # fmt: skip
+        out.loss.backward()
+        seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend="torch", schedule=seq_sched)
+        seq.sum().backward()
+    assert spy.syncs == [], spy.syncs
+    # The spy sees them: the schedule's own construction reads values (it runs on the CPU, in collate).
+    with _HostSyncSpy() as spy:
+        LossSchedule.for_pairs(b.targets, b.segment_ids, b.chosen, b.rejected)
+    assert spy.syncs
+
+
+# ---------------------------------------------------------------------------------------------
 # Backend selection and errors
 # ---------------------------------------------------------------------------------------------
 
@@ -624,6 +713,39 @@ def test_cuda_gradients_bitwise_deterministic(backend, dtype):
         close(o1.loss, ref.loss, what="loss")
         close(dh1, dh_ref, rtol=2e-5, what="d hidden")
         close(dw1, dw_ref, rtol=2e-5, what="d weight")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("objective", ["ddpo", "dorpo"])
+def test_cuda_step_runs_under_sync_debug_mode_error(backend, objective):
+    """A whole training step of a small model (a linear trunk, the fused loss with the batch's schedule,
+    backward, an optimizer step) with torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    from ddpo_kernels import LossSchedule
+
+    b = make_batch(8, 129, 256, 32003, seed=61, max_resp=100)
+    sched = LossSchedule.for_pairs(b.targets, b.segment_ids, b.chosen, b.rejected, vocab_size=32003).to("cuda")
+    b = b.to("cuda")
+    trunk = torch.nn.Linear(256, 256, device="cuda", dtype=torch.bfloat16)
+    head = torch.nn.Parameter(b.weight.to(torch.bfloat16))
+    opt = torch.optim.SGD([*trunk.parameters(), head], lr=1e-3, foreach=True)
+    x = b.hidden.to(torch.bfloat16)
+    kw = dict(backend=backend, schedule=sched, chunk_rows=64, block_rows=128, **fused_kwargs(b, objective))
+
+    def step():
+        loss = fused_preference_loss(trunk(x), head, b.targets, b.segment_ids, b.chosen, b.rejected, **kw)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # compiles the Triton kernels, creates cuBLAS handles: first-call work, not part of a step
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------

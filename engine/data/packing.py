@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from ddpo_kernels.schedule import LossSchedule
 
 from engine.data.tokenize import TokenizedPair
 
@@ -74,12 +75,16 @@ class PackedBatch:
     # Only with nll_on_prompt (then `targets` also covers prompt tokens, for the NLL term): the
     # response-only targets, for the preference log-probs (the published ORPO code masks them so).
     response_targets: torch.Tensor | None = None  # [R, L] or None
+    # The fused loss's walk over this batch (ddpo_kernels.schedule), built from the CPU tensors by
+    # collate and moved with the batch, so the loss never reads a device value back to the host.
+    schedule: LossSchedule | None = None
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            movable = isinstance(v, (torch.Tensor, LossSchedule))
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if movable else v
         return PackedBatch(**moved)
 
     @property
@@ -258,12 +263,22 @@ def padded_pairs_padding_fraction(tokenized: Sequence[TokenizedPair], pairs_per_
     return pad / (real + pad) if real + pad else 0.0
 
 
-def collate(rows: Sequence[PackedRow], *, device: str | torch.device = "cpu") -> PackedBatch:
+def collate(
+    rows: Sequence[PackedRow],
+    *,
+    device: str | torch.device = "cpu",
+    vocab_size: int | None = None,
+    with_rejected: bool = True,
+) -> PackedBatch:
     """One micro-batch: rows padded on the right to the longest row; segments numbered across the batch.
 
     cu_seqlens index the flattened [R * L] stream; a row's tail padding is absorbed into the span of
     that row's last sequence (causal attention keeps the real tokens from seeing it, and its targets
     are ignored), so the spans tile the stream and FlashAttention varlen can run on it directly.
+
+    The batch's loss schedule is built here, on the CPU, before the move to `device`: `vocab_size`
+    (the LM head's V) checks every target against the vocabulary (a clear error here rather than a
+    NaN loss later); `with_rejected=False` leaves the rejected sequences out of the walk (SFT).
     """
     if not rows:
         raise ValueError("collate needs at least one packed row")
@@ -305,6 +320,15 @@ def collate(rows: Sequence[PackedRow], *, device: str | torch.device = "cpu") ->
         seg0 += len(row.seq_lens)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     real = sum(r.num_tokens for r in rows)
+    schedule = LossSchedule.for_pairs(
+        torch.from_numpy(targets.reshape(-1)),
+        torch.from_numpy(segment_ids.reshape(-1)),
+        torch.tensor(chosen, dtype=torch.long),
+        torch.tensor(rejected, dtype=torch.long),
+        vocab_size=vocab_size,
+        ignore_index=ignore,
+        with_rejected=with_rejected,
+    )
     batch = PackedBatch(
         input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
         targets=torch.from_numpy(targets), segment_ids=torch.from_numpy(segment_ids),
@@ -313,6 +337,7 @@ def collate(rows: Sequence[PackedRow], *, device: str | torch.device = "cpu") ->
         pair_ids=pair_ids, chosen_weights=torch.tensor(cw, dtype=torch.float32), rejected_weights=torch.tensor(rw, dtype=torch.float32),
         ref_chosen_logps=None, ref_rejected_logps=None, num_real_tokens=real, num_pad_tokens=R * L - real, sequence_keys=keys,
         response_targets=torch.from_numpy(response_targets) if response_targets is not None else None,
+        schedule=schedule,
     )
     return batch if torch.device(device).type == "cpu" else batch.to(device)
 

@@ -86,8 +86,9 @@ def linear_logprob(
     with a target (runs need not be sorted). Returns (seq_logps [S] float32, seq_token_counts [S]
     int64); seq_logps is differentiable w.r.t. hidden and weight.
 
-    `schedule`: a `LossSchedule.for_sequences` of these tensors built beforehand on the CPU (then
-    targets and segment_ids are not read, and nothing syncs with the device); built here otherwise.
+    `schedule`: a `LossSchedule` of these tensors built beforehand on the CPU (then targets and
+    segment_ids are not read, and nothing syncs with the device): `for_sequences`, or a batch's
+    `for_pairs` schedule (segments no pair reads get 0); built here otherwise.
     `chunk_rows` (rows per logits GEMM) and `block_rows` (logits rows kept at once) default to the
     device's sizes (_common.py); a reference and a policy compared bit for bit must use the same.
     """
