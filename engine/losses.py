@@ -1,11 +1,12 @@
 """The training objectives in plain PyTorch: the single source of truth for their formulas.
 
-Where this sits in the flow: the trunk produces hidden states, `kernels.fused_preference_loss`
+Where this sits in the flow: the trunk produces hidden states, `ddpo_kernels.fused_preference_loss`
 turns them into per-sequence sums of response-token log-probs, and `preference_loss` (the
-epilogue) turns those sums, the token counts, the reference log-probs and the deviation
-weights into one scalar loss plus TRL-named metrics. The fused kernels, the trainer and the
-benchmarks all call (or are tested against) the functions here; nothing else re-derives a
-formula.
+epilogue, handed to the kernel as `loss_epilogue(objective, ...)`) turns those sums, the token
+counts, the reference log-probs and the deviation weights into one scalar loss plus TRL-named
+metrics. The fused kernels, the trainer and the benchmarks all call (or are tested against) the
+functions here; nothing else re-derives a formula. The kernels know no formula: they rely on the
+separability every objective here has (see `loss_epilogue`).
 
 Objectives (`OBJECTIVES`):
 - "dpo"   Rafailov et al. 2023, sigmoid loss; = "ddpo" with every weight 1.
@@ -26,8 +27,10 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -394,3 +397,34 @@ def preference_loss(
     rejected_avg = rejected_sums / rejected_n.clamp(min=1)
     chosen_nll = -chosen_sums.sum() / chosen_n.sum().clamp(min=1)
     return dorpo_loss(chosen_avg, rejected_avg, chosen_nll, chosen_weights=weights, beta=beta)
+
+
+def loss_epilogue(
+    objective: str,
+    *,
+    beta: float,
+    chosen_weights: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+) -> Callable[..., LossOutput]:
+    """`preference_loss` bound to an objective and a batch's weights and reference log-probs: the
+    epilogue `ddpo_kernels.fused_preference_loss` calls as epilogue(chosen_logps, rejected_logps,
+    chosen_counts, rejected_counts) on [P] sums and counts.
+
+    The fused kernel forms gradients group by group of pairs, calling the epilogue with placeholder
+    sums for pairs it has not reduced yet; that is exact because every objective here is separable:
+    a mean over pairs of a function of that pair's own sums, plus terms linear in the sums whose
+    coefficients depend only on counts, weights and P (DPO/DDPO: w_i * -logsigmoid(beta * margin_i) / P;
+    ORPO/DORPO: mean(w) / sum(chosen counts) times the chosen sums, plus the per-pair odds-ratio term;
+    SFT: the chosen sums over the total chosen count). A new objective must keep that property.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(OBJECTIVES)}")
+    return functools.partial(
+        preference_loss,
+        objective,
+        beta=beta,
+        chosen_weights=chosen_weights,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )

@@ -25,6 +25,7 @@ import torch
 
 from engine import checkpoint, parallelize
 from engine.config import Config, ConfigError, load_config
+from engine.losses import loss_epilogue
 
 
 class PolicyWithLoss(torch.nn.Module):
@@ -65,11 +66,13 @@ class PolicyWithLoss(torch.nn.Module):
             segment_ids=batch.segment_ids.reshape(-1),
             chosen_segments=batch.chosen_segments,
             rejected_segments=batch.rejected_segments,
-            objective=self.loss_cfg.objective,
-            beta=self.loss_cfg.beta,
-            chosen_weights=batch.chosen_weights if self.loss_cfg.needs_weights else None,
-            ref_chosen_logps=batch.ref_chosen_logps,
-            ref_rejected_logps=batch.ref_rejected_logps,
+            epilogue=loss_epilogue(
+                self.loss_cfg.objective,
+                beta=self.loss_cfg.beta,
+                chosen_weights=batch.chosen_weights if self.loss_cfg.needs_weights else None,
+                ref_chosen_logps=batch.ref_chosen_logps,
+                ref_rejected_logps=batch.ref_rejected_logps,
+            ),
             ignore_index=self.ignore_index,
             backend=self.loss_cfg.backend,
         )

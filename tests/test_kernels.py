@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.losses import OBJECTIVES, preference_loss
+from engine.losses import OBJECTIVES, loss_epilogue
 from ddpo_kernels import (
     BACKEND_ENV_VAR,
     fused_preference_loss,
@@ -120,13 +120,15 @@ def make_batch(num_pairs: int, row_len: int, d: int, v: int, seed: int = 0, max_
 
 
 def fused_kwargs(b: Batch, objective: str) -> dict:
-    return dict(
-        objective=objective,
+    """The engine's epilogue for `objective` on this batch's weights and reference log-probs."""
+    epilogue = loss_epilogue(
+        objective,
         beta=0.25 if objective in ("orpo", "dorpo") else 0.1,
         chosen_weights=b.chosen_weights.float(),
         ref_chosen_logps=b.ref_chosen.float(),
         ref_rejected_logps=b.ref_rejected.float(),
     )
+    return dict(epilogue=epilogue)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
@@ -286,11 +288,7 @@ def test_fused_loss_is_preference_loss_of_eager_sums(objective, backend):
     h, w = b.cast(torch.float32)
     seq, cnt = linear_logprob_ref(h.detach(), w.detach(), b.targets, b.segment_ids, b.num_segments)
     kw = fused_kwargs(b, objective)
-    expected = preference_loss(
-        objective, seq[b.chosen], seq[b.rejected], cnt[b.chosen], cnt[b.rejected], beta=kw["beta"],
-        chosen_weights=kw["chosen_weights"], ref_chosen_logps=kw["ref_chosen_logps"],
-        ref_rejected_logps=kw["ref_rejected_logps"],
-    )  # fmt: skip
+    expected = kw["epilogue"](seq[b.chosen], seq[b.rejected], cnt[b.chosen], cnt[b.rejected])
     loss = fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)
     close(loss, expected.loss, what=f"{backend} loss vs preference_loss")
 
@@ -482,11 +480,14 @@ def test_reference_and_policy_log_probs_are_the_same_bits(backend, dtype, device
     assert torch.equal(seq_moved[new_id.to(device)], seq)
     # The policy: the fused loss in the first layout, the reference from the second.
     hp, wp = b.cast(dtype, device=device)
-    out = fused_preference_loss(
-        hp, wp, b.targets, b.segment_ids, b.chosen, b.rejected, objective="dpo", beta=0.1, backend=backend,
+    epilogue = loss_epilogue(
+        "dpo",
+        beta=0.1,
         ref_chosen_logps=seq_moved[new_id[b.chosen.cpu()].to(device)],
-        ref_rejected_logps=seq_moved[new_id[b.rejected.cpu()].to(device)], return_output=True, **sizes,
-    )  # fmt: skip
+        ref_rejected_logps=seq_moved[new_id[b.rejected.cpu()].to(device)],
+    )
+    kw = dict(backend=backend, return_output=True, **sizes)
+    out = fused_preference_loss(hp, wp, b.targets, b.segment_ids, b.chosen, b.rejected, epilogue, **kw)
     assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards))
     assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards))
 
@@ -618,6 +619,16 @@ def test_loss_with_a_schedule_never_reads_device_values(objective):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_kernels_do_not_import_the_engine():
+    """The dependency runs one way: engine -> ddpo_kernels (the formulas come in as the epilogue)."""
+    repo = Path(__file__).resolve().parent.parent
+    code = "import sys, ddpo_kernels; print(sorted(m for m in sys.modules if m.split('.')[0] == 'engine'))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "kernels")]))
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo / "kernels", env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]", res.stdout
+
+
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     assert resolve_backend("auto", "cpu") == "torch"
@@ -659,12 +670,11 @@ def test_errors_name_the_problem(backend):
             linear_logprob(h, w, b.targets, b.segment_ids, 2, backend=backend)
     with pytest.raises(ValueError, match="weight must be"):
         linear_logprob(h, w[:, :10], b.targets, b.segment_ids, b.num_segments, backend=backend)
+    sft, dpo = loss_epilogue("sft", beta=0.1), loss_epilogue("dpo", beta=0.1)
     with pytest.raises(ValueError, match="must both be"):
-        fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected[:1], objective="sft", beta=0.1,
-                              backend=backend)  # fmt: skip
+        fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected[:1], sft, backend=backend)
     with pytest.raises(ValueError, match="ref_"):
-        fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, objective="dpo", beta=0.1,
-                              backend=backend)  # fmt: skip
+        fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, dpo, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

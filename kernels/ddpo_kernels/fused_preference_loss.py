@@ -1,22 +1,20 @@
 """Preference loss fused with the LM head: hidden states in, scalar loss out, no [N, V] logits.
 
 Where this sits in the flow: the trainer calls `fused_preference_loss(hidden [N, D], lm_head.weight
-[V, D], targets, segment_ids, chosen_segments, rejected_segments, objective=..., beta=...)` on a
-flattened packed batch; the reference log-probs come from engine.refcache. The loss is exactly
-`engine.losses.preference_loss` (the single source of truth for every formula) applied to the
-per-sequence log-prob sums and token counts; this module only decides how those sums and their
-gradients are computed.
+[V, D], targets, segment_ids, chosen_segments, rejected_segments, epilogue, schedule=batch.schedule)`
+on a flattened packed batch, with `epilogue = engine.losses.loss_epilogue(objective, beta=..., ...)`
+(the single source of truth for every formula; the reference log-probs in it come from
+engine.refcache). This module knows no formula: it computes the per-sequence log-prob sums and
+their gradients, and asks the epilogue for the loss and for d loss / d sums.
 
 Why the gradients can be formed in the forward pass: the loss depends on the tokens only through
 the per-sequence sums, so once a sequence's sum is final, g_s = d loss / d seq_logp_s is known, and
     dlogits_t = g_{segment_t} * (onehot(target_t) - softmax(logits_t)),  dH = dlogits @ W,  dW = dlogits.T @ H.
 The forward therefore returns the loss and keeps dH [N, D] and dW [V, D]; backward only scales them
-by grad_output (Liger-Kernel's trick). Every objective of engine.losses is separable: a sum over
-pairs of a function of that pair's sums, plus terms linear in the sums whose coefficients depend
-only on counts and weights (1/P, mean weight / total chosen tokens). So g for the sequences of a
-group of pairs (pairs that share a sequence form one group, schedule.py) is exact as soon as the
-group's sums are reduced: `preference_loss` is asked for it on the [P] vectors, the other pairs
-holding placeholder values that by separability do not change the group's gradients.
+by grad_output (Liger-Kernel's trick; Liger's chunked preference losses likewise take the loss as a
+function). The epilogue must be separable (see fused_preference_loss): then g for the sequences of
+a group of pairs (pairs that share a sequence form one group, schedule.py) is exact as soon as the
+group's sums are reduced, whatever placeholder values the other pairs hold.
 
 The walk (_common.py, the same one `linear_logprob` takes, hence the same bits): groups are packed
 into blocks of at most `block_rows` tokens. A block's logits are made once by fixed-shape GEMMs in
@@ -33,13 +31,14 @@ of logits, the fp32 dW accumulator, O(N) vectors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ddpo_kernels._common import (
+    Backend,
     DwAccumulator,
     Launch,
     backward_window,
@@ -55,7 +54,9 @@ from ddpo_kernels._common import (
 from ddpo_kernels.linear_logprob import linear_logprob_ref
 from ddpo_kernels.schedule import LossSchedule
 from ddpo_kernels.segment_sum import segment_sums
-from engine.losses import LossOutput, preference_loss
+
+# epilogue(chosen_logps, rejected_logps, chosen_counts, rejected_counts) -> object with a scalar .loss
+Epilogue = Callable[..., Any]
 
 
 def _pair_inputs(seq: torch.Tensor, sched: LossSchedule) -> tuple:
@@ -70,7 +71,7 @@ def _pair_inputs(seq: torch.Tensor, sched: LossSchedule) -> tuple:
     )
 
 
-def _segment_grads(epilogue: Callable, seq: torch.Tensor, sched: LossSchedule, launch: Launch) -> torch.Tensor:
+def _segment_grads(epilogue: Epilogue, seq: torch.Tensor, sched: LossSchedule, launch: Launch) -> torch.Tensor:
     """g = d loss / d seq [K] (fp32, walk order) for the sums `seq`, through the epilogue's autograd.
 
     A sequence read by several pair slots gets the sum of their gradients, added in a fixed order.
@@ -93,7 +94,7 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
     backward: those gradients scaled by grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, sched: LossSchedule, launch: Launch, epilogue: Callable, need: tuple):
+    def forward(ctx, hidden, weight, sched: LossSchedule, launch: Launch, epilogue: Epilogue, need: tuple):
         need_dh, need_dw = need
         if not (need_dh or need_dw):
             seq, _ = walk_forward(hidden, weight, sched, launch)
@@ -160,51 +161,53 @@ def fused_preference_loss(
     segment_ids: torch.Tensor,
     chosen_segments: torch.Tensor,
     rejected_segments: torch.Tensor,
+    epilogue: Epilogue,
     *,
-    objective: str,
-    beta: float,
-    chosen_weights: torch.Tensor | None = None,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-    return_output: bool = False,
     schedule: LossSchedule | None = None,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+    return_output: bool = False,
     chunk_rows: int | None = None,
     block_rows: int | None = None,
-) -> torch.Tensor | LossOutput:
-    """The preference loss of engine.losses computed from hidden states and the LM head.
+):
+    """A preference loss computed from hidden states and the LM head, without the [N, V] logits.
 
     hidden [N, D], weight [V, D], targets [N] (shifted, ignore_index where there is no target),
     segment_ids [N] (sequence of each token; unsorted runs allowed; -1 allowed on ignored tokens),
     chosen_segments / rejected_segments [P] (segment of each pair's chosen / rejected response).
-    Returns the scalar loss (differentiable w.r.t. hidden and weight), or with return_output=True
-    the full LossOutput whose .loss is that differentiable scalar and whose .metrics are TRL-style.
 
+    `epilogue(chosen_logps, rejected_logps, chosen_counts, rejected_counts)` maps the [P] per-sequence
+    sums of token log-probs and token counts to an object with a scalar `.loss` (engine.losses's
+    `loss_epilogue(objective, beta=..., ...)` is the engine's). The rejected arguments are None when
+    the schedule leaves the rejected side out. Contract (what lets the kernel form gradients in the
+    forward, group by group): the epilogue is deterministic, differentiable in the sums, and separable
+    -- loss = sum over pairs of f_p(that pair's sums) + sum over sequences of a_s * sum_s, with every
+    a_s fixed by counts and constants, never by other sums -- so that a group's gradient does not
+    depend on the placeholder values the other pairs hold while the group is reduced. It is called
+    on fp32 [P] tensors, once per block under autograd, once for the value.
+
+    Returns the scalar loss (differentiable w.r.t. hidden and weight), or with return_output=True the
+    epilogue's object for the final sums with its .loss replaced by that differentiable scalar.
     `schedule`: a `LossSchedule.for_pairs` of these tensors built on the CPU beforehand (engine.data's
     collate does), so that nothing in the loss reads a device value back to the host; built here
-    otherwise. `chunk_rows` / `block_rows`: see linear_logprob.
+    otherwise (a host copy of targets and segment ids). `chunk_rows` / `block_rows`: see linear_logprob.
     """
     check_inputs(hidden, weight)
     backend = resolve_backend(backend, hidden.device)
-    loss_kwargs = dict(
-        beta=beta, chosen_weights=chosen_weights, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps
-    )
     if backend == "eager":
         out = fused_preference_loss_ref(
-            hidden, weight, targets, segment_ids, chosen_segments, rejected_segments,
-            objective=objective, ignore_index=ignore_index, return_output=True, **loss_kwargs,
+            hidden, weight, targets, segment_ids, chosen_segments, rejected_segments, epilogue,
+            ignore_index=ignore_index, return_output=True,
         )  # fmt: skip
         return out if return_output else out.loss
     if schedule is None:
         schedule = LossSchedule.for_pairs(
             targets, segment_ids, chosen_segments, rejected_segments, vocab_size=weight.shape[0],
-            ignore_index=ignore_index, with_rejected=objective != "sft",
+            ignore_index=ignore_index,
         ).to(hidden.device)  # fmt: skip
     check_schedule(schedule, hidden, weight)
-    epilogue = functools.partial(preference_loss, objective, **loss_kwargs)
-    # Let engine.losses validate objective, reference log-probs and weights on placeholder sums
-    # now, so a bad argument fails before any [chunk, V] matmul rather than after the first one.
+    # Let the epilogue validate its own arguments (objective, reference log-probs, weights) on
+    # placeholder sums now, so a bad one fails before any [chunk, V] matmul rather than after it.
     with torch.no_grad():
         epilogue(*_pair_inputs(torch.zeros(schedule.num_walk_segments, device=hidden.device), schedule))
     launch = Launch.make(backend, hidden, weight, chunk_rows, block_rows)
@@ -215,7 +218,7 @@ def fused_preference_loss(
         return loss
     with torch.no_grad():
         out = epilogue(*_pair_inputs(seq, schedule))
-    return dataclasses.replace(out, loss=loss)
+    return _with_loss(out, loss)
 
 
 def fused_preference_loss_ref(
@@ -225,16 +228,12 @@ def fused_preference_loss_ref(
     segment_ids: torch.Tensor,
     chosen_segments: torch.Tensor,
     rejected_segments: torch.Tensor,
+    epilogue: Epilogue,
     *,
-    objective: str,
-    beta: float,
-    chosen_weights: torch.Tensor | None = None,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
     ignore_index: int = -100,
     return_output: bool = False,
-) -> torch.Tensor | LossOutput:
-    """Eager reference: full logits via linear_logprob_ref, then engine.losses.preference_loss."""
+):
+    """Eager reference: full logits via linear_logprob_ref, then the epilogue under ordinary autograd."""
     check_inputs(hidden, weight)
     if chosen_segments.shape != rejected_segments.shape or chosen_segments.dim() != 1:
         raise ValueError(
@@ -246,8 +245,14 @@ def fused_preference_loss_ref(
     seen = torch.cat([chosen, rejected, segment_ids[targets != ignore_index].long()])
     s = int(seen.max()) + 1
     seq, counts = linear_logprob_ref(hidden, weight, targets, segment_ids, s, ignore_index=ignore_index)
-    out = preference_loss(
-        objective, seq[chosen], seq[rejected], counts[chosen], counts[rejected], beta=beta,
-        chosen_weights=chosen_weights, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-    )  # fmt: skip
+    out = epilogue(seq[chosen], seq[rejected], counts[chosen], counts[rejected])
     return out if return_output else out.loss
+
+
+def _with_loss(out, loss: torch.Tensor):
+    """The epilogue's output with .loss replaced (a copy: the epilogue's object is left as it was)."""
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, loss=loss)
+    out = copy.copy(out)
+    out.loss = loss
+    return out
