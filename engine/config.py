@@ -147,7 +147,11 @@ class LossConfig:
     objective: str = _f("ddpo", "Training objective: " + ", ".join(OBJECTIVES) + ".")
     beta: float = _f(0.1, "DPO/DDPO: KL strength beta. ORPO/DORPO: the odds-ratio weight lambda (published DORPO: 0.25).")
     backend: str = _f("auto", "Fused loss backend: auto (triton on CUDA, torch chunks on CPU), triton, torch, or eager (full logits, for debugging).")
-    nll_on_prompt: bool = _f(False, "Also put loss targets on prompt tokens (the published ORPO code does).")
+    nll_on_prompt: bool = _f(
+        False,
+        "ORPO/DORPO/SFT: the NLL term also covers the chosen sequence's prompt tokens, as the authors' DORPO "
+        "and TRL's ORPO do; the odds ratio stays on response tokens. Not for dpo/ddpo (no NLL term).",
+    )
 
     def __post_init__(self):
         _choice("loss", "objective", self.objective, OBJECTIVES)
@@ -300,10 +304,9 @@ class Config:
             "data.pairs divpo ranks responses by deviation: set deviation.enabled true",
         )
         _check(
-            not (self.loss.nll_on_prompt and self.loss.objective != "sft"),
-            f"loss.nll_on_prompt puts targets on prompt tokens, which the fused loss would also count in the "
-            f"preference log-probs of {self.loss.objective}; it is supported with loss.objective sft only, "
-            "set loss.nll_on_prompt false",
+            not (self.loss.nll_on_prompt and self.loss.objective in ("dpo", "ddpo")),
+            f"loss.nll_on_prompt adds the chosen prompt tokens to the NLL term, and {self.loss.objective} has "
+            "none (it applies to orpo, dorpo and sft); set loss.nll_on_prompt false",
         )
         _check(
             not (self.parallel.precision == "bf16" and self.model.dtype == "float16"),

@@ -59,10 +59,16 @@ class PolicyWithLoss(torch.nn.Module):
         # All R * L rows: the batch's schedule indexes them (padding is never multiplied), and a boolean
         # mask here would be a host sync.
         hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets, prompt_targets = batch.targets.reshape(-1), None
+        if batch.response_targets is not None:  # nll_on_prompt: targets cover prompt + response
+            response = batch.response_targets.reshape(-1)
+            prompt_targets = torch.where(response == self.ignore_index, targets, self.ignore_index)
+            targets = response
         loss, out = self.head(
             hidden,
             schedule=batch.schedule,
-            targets=batch.targets.reshape(-1),
+            targets=targets,
+            prompt_targets=prompt_targets,
             segment_ids=batch.segment_ids.reshape(-1),
             chosen_segments=batch.chosen_segments,
             rejected_segments=batch.rejected_segments,

@@ -71,7 +71,7 @@ def test_numbers_without_a_dot_and_bare_off_in_yaml(tmp_path):
         (["--parallel.zero_stage", "4"], "parallel.zero_stage must be 0, 1, 2 or 3, got 4"),
         (["--parallel.offload_params", "true"], "needs parallel.zero_stage 3"),
         (["--loss.objective", "dorpo", "--deviation.enabled", "false"], "needs deviation weights"),
-        (["--loss.objective", "orpo", "--loss.nll_on_prompt", "true"], "supported with loss.objective sft only"),
+        (["--loss.objective", "dpo", "--loss.nll_on_prompt", "true"], "dpo has none"),
     ],
 )
 def test_bad_values_get_fix_it_messages(argv, message):

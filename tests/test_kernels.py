@@ -56,6 +56,7 @@ class Batch:
     chosen_weights: torch.Tensor
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    prompt_targets: torch.Tensor  # targets on prompt tokens (ignored elsewhere), for the prompt NLL
 
     def cast(self, dtype, device="cpu", requires_grad=True):
         h = self.hidden.to(device=device, dtype=dtype).requires_grad_(requires_grad)
@@ -79,10 +80,12 @@ def make_batch(num_pairs: int, row_len: int, d: int, v: int, seed: int = 0, max_
     Sequences are placed in a random order of their segment ids (unsorted runs); each has a prompt
     (ignored targets), a response and an ignored boundary token; rows end in padding (segment -1).
     Sequence 0 has a single response token, sequence 1 an empty response (all targets ignored).
+    `prompt_targets` puts targets on the prompt tokens instead (drawn from a generator of their own,
+    so the rest of the batch does not depend on them).
     """
     g = torch.Generator().manual_seed(seed)
     s = 2 * num_pairs
-    rows_t, rows_s, cur_t, cur_s = [], [], [], []
+    rows_t, rows_s, rows_p, cur_t, cur_s, cur_p = [], [], [], [], [], []
     for sid in torch.randperm(s, generator=g).tolist():
         p = int(torch.randint(1, 5, (1,), generator=g))
         r = {0: 1, 1: 0}.get(sid, int(torch.randint(1, max_resp + 1, (1,), generator=g)))
@@ -92,15 +95,21 @@ def make_batch(num_pairs: int, row_len: int, d: int, v: int, seed: int = 0, max_
             pad = row_len - len(cur_t)
             rows_t.append(cur_t + [IGNORE] * pad)
             rows_s.append(cur_s + [-1] * pad)
-            cur_t, cur_s = [], []
+            rows_p.append(cur_p + [False] * pad)
+            cur_t, cur_s, cur_p = [], [], []
         tg = [IGNORE] * (p - 1) + torch.randint(0, v, (r,), generator=g).tolist() + [IGNORE]
         cur_t += tg
         cur_s += [sid] * (p + r)
+        cur_p += [True] * (p - 1) + [False] * (r + 1)
     pad = row_len - len(cur_t)
     rows_t.append(cur_t + [IGNORE] * pad)
     rows_s.append(cur_s + [-1] * pad)
+    rows_p.append(cur_p + [False] * pad)
     targets = torch.tensor(rows_t).reshape(-1)
     segment_ids = torch.tensor(rows_s).reshape(-1)
+    is_prompt = torch.tensor(rows_p).reshape(-1)
+    prompt_draw = torch.randint(0, v, targets.shape, generator=torch.Generator().manual_seed(seed + 10_000))
+    prompt_targets = torch.where(is_prompt, prompt_draw, IGNORE)
     n = targets.numel()
     order = torch.randperm(s, generator=g)
     hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -116,6 +125,7 @@ def make_batch(num_pairs: int, row_len: int, d: int, v: int, seed: int = 0, max_
         chosen_weights=torch.rand(num_pairs, generator=g, dtype=torch.float64) * 1.5 + 0.25,
         ref_chosen=-torch.rand(num_pairs, generator=g, dtype=torch.float64) * 40,
         ref_rejected=-torch.rand(num_pairs, generator=g, dtype=torch.float64) * 40,
+        prompt_targets=prompt_targets,
     )
 
 
@@ -447,6 +457,7 @@ def _relayout(b: Batch, seed: int) -> tuple[Batch, torch.Tensor]:
     pieces_h, pieces_t, pieces_s = [torch.randn(7, d, generator=g, dtype=torch.float64)], [], []
     pieces_t.append(torch.randint(0, b.weight.shape[0], (7,), generator=g))
     pieces_s.append(torch.zeros(7, dtype=torch.long))  # an unrelated sequence 0 with targets
+    pieces_p = [torch.full((7,), IGNORE)]
     new_id = torch.empty(b.num_segments, dtype=torch.long)
     for k, old in enumerate(reversed(range(b.num_segments))):
         rows = (b.segment_ids == old).nonzero().squeeze(1)
@@ -454,11 +465,18 @@ def _relayout(b: Batch, seed: int) -> tuple[Batch, torch.Tensor]:
         pieces_h += [torch.randn(junk, d, generator=g, dtype=torch.float64), b.hidden[rows]]
         pieces_t += [torch.full((junk,), IGNORE), b.targets[rows]]
         pieces_s += [torch.full((junk,), -1), torch.full((rows.numel(),), k + 1)]
+        pieces_p += [torch.full((junk,), IGNORE), b.prompt_targets[rows]]
         new_id[old] = k + 1
     moved = dataclasses.replace(
-        b, hidden=torch.cat(pieces_h), targets=torch.cat(pieces_t), segment_ids=torch.cat(pieces_s),
-        chosen=new_id[b.chosen], rejected=new_id[b.rejected], num_segments=b.num_segments + 1,
-    )  # fmt: skip
+        b,
+        hidden=torch.cat(pieces_h),
+        targets=torch.cat(pieces_t),
+        segment_ids=torch.cat(pieces_s),
+        prompt_targets=torch.cat(pieces_p),
+        chosen=new_id[b.chosen],
+        rejected=new_id[b.rejected],
+        num_segments=b.num_segments + 1,
+    )
     return moved, new_id
 
 
@@ -524,6 +542,112 @@ def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype):
     assert out.chosen_rewards.numel() == batch.num_pairs > 1
     assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards)), out.chosen_rewards
     assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards)), out.rejected_rewards
+
+
+# ---------------------------------------------------------------------------------------------
+# NLL on prompt tokens (the authors' ORPO/DORPO): a second target stream through every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _authors_orpo_loss(b: Batch, objective: str, beta: float) -> torch.Tensor:
+    """The authors' DORPO / TRL's ORPO loss written from their code (models/dorpo_trainer.py,
+    concatenated_forward and odds_ratio_loss), not from engine.losses: in fp64, per pair the chosen and
+    rejected sequences with full logits; NLL = token mean of the chosen sequences' prompt + response
+    log-probs (labels masked only by the attention mask), log-odds from response-token means
+    (get_batch_logps with average_log_prob=True), (score_chosen + 1) = the deviation weight w."""
+    logp = torch.log_softmax(b.hidden @ b.weight.T, dim=-1)
+    all_targets = torch.where(b.targets != IGNORE, b.targets, b.prompt_targets)
+
+    def token_logps(seg: int, targets: torch.Tensor) -> torch.Tensor:
+        rows = ((b.segment_ids == seg) & (targets != IGNORE)).nonzero().squeeze(1)
+        return logp[rows, targets[rows]]
+
+    nll_terms, odds = [], []
+    for c, r in zip(b.chosen.tolist(), b.rejected.tolist()):
+        nll_terms.append(token_logps(c, all_targets))
+        pc, pr = (token_logps(s, b.targets) for s in (c, r))
+        pc, pr = (x.sum() / max(x.numel(), 1) for x in (pc, pr))
+        odds.append((pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr))))
+    nll = -torch.cat(nll_terms).mean()
+    if objective == "sft":
+        return nll
+    w = b.chosen_weights if objective == "dorpo" else torch.ones_like(b.chosen_weights)
+    ratio = torch.nn.functional.logsigmoid(w * torch.stack(odds))
+    return (w * nll).mean() - (beta * ratio).mean()
+
+
+@pytest.mark.parametrize("objective", ["orpo", "dorpo", "sft"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
+def test_prompt_nll_matches_eager_and_the_authors_formula(backend, objective):
+    """With prompt_targets the chosen prompts' tokens join the NLL (not the odds ratio): loss and both
+    gradients equal eager's on every backend, and the value equals the authors' formula."""
+    b = make_batch(4, 23, 64, 1000, seed=67, max_resp=9)
+    kw = dict(prompt_targets=b.prompt_targets, **fused_kwargs(b, objective))
+    sizes = SMALL if backend != "eager" else {}
+    h, w = b.cast(torch.float32)
+    out = fused_preference_loss(
+        h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, return_output=True, **sizes, **kw
+    )
+    dh, dw = torch.autograd.grad(out.loss, [h, w])
+    h_ref, w_ref = b.cast(torch.float32)
+    ref = fused_preference_loss_ref(h_ref, w_ref, b.targets, b.segment_ids, b.chosen, b.rejected, **kw)
+    dh_ref, dw_ref = torch.autograd.grad(ref, [h_ref, w_ref])
+    close(out.loss, ref, what="loss vs eager")
+    close(dh, dh_ref, what="d hidden")
+    close(dw, dw_ref, what="d weight")
+    close(out.loss, _authors_orpo_loss(b, objective, beta=0.25), what="loss vs the authors' formula")
+    # The prompt tokens did enter: without them the NLL, hence the loss, differs.
+    h0, w0 = h.detach(), w.detach()
+    plain = dict(backend=backend, **sizes, **fused_kwargs(b, objective))
+    without = fused_preference_loss(h0, w0, b.targets, b.segment_ids, b.chosen, b.rejected, **plain)
+    assert (without - out.loss).abs() > 1e-3
+    # Prompt tokens of the rejected sequences are not read: changing their targets changes nothing.
+    moved = b.prompt_targets.clone()
+    rejected_rows = torch.isin(b.segment_ids, b.rejected) & (moved != IGNORE)
+    moved[rejected_rows] = (moved[rejected_rows] + 1) % 1000
+    again = fused_preference_loss(h0, w0, b.targets, b.segment_ids, b.chosen, b.rejected, prompt_targets=moved, **plain)
+    assert torch.equal(again, out.loss.detach())
+
+
+def test_prompt_nll_is_refused_where_there_is_no_nll():
+    b = make_batch(2, 17, 64, 1000, seed=71)
+    h, w = b.cast(torch.float32)
+    args = (h, w, b.targets, b.segment_ids, b.chosen, b.rejected)
+    with pytest.raises(ValueError, match="no NLL term"):
+        fused_preference_loss(*args, prompt_targets=b.prompt_targets, backend="torch", **fused_kwargs(b, "ddpo"))
+    with pytest.raises(ValueError, match="exactly one of targets / prompt_targets"):
+        fused_preference_loss(*args, prompt_targets=b.targets, backend="torch", **fused_kwargs(b, "dorpo"))
+
+
+def test_prompt_nll_through_the_engine(tmp_path):
+    """loss.nll_on_prompt with dorpo: packing puts targets on prompt tokens, collate's schedule makes the chosen
+    prompts segments of their own, PolicyWithLoss's fused loss and gradients equal the eager path's."""
+    from engine.config import load_config
+    from engine.data import collate, prepare_data
+    from engine.model import load_model, load_tokenizer
+    from engine.train import PolicyWithLoss
+
+    cfg = load_config([
+        "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
+        "--data.max_tokens_per_row", "512", "--deviation.semantic_model", "", "--loss.objective", "dorpo",
+        "--loss.nll_on_prompt", "true", "--logging.output_dir", str(tmp_path),
+        "--data.cache_dir", str(tmp_path / "cache"), "--deviation.cache_dir", str(tmp_path / "emb"),
+    ])  # fmt: skip
+    prepared = prepare_data(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.name))
+    batch = collate(prepared.train_rows[:2], vocab_size=load_model(cfg.model).config.vocab_size)
+    assert batch.schedule.chosen_prompt is not None and batch.response_targets is not None
+    results = {}
+    for backend in ("torch", "eager"):
+        model = load_model(cfg.model)
+        out = PolicyWithLoss(model, dataclasses.replace(cfg.loss, backend=backend))(batch)
+        out.loss.backward()
+        results[backend] = (out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (fused, grads), (eager, grads_e) = results["torch"], results["eager"]
+    close(fused.loss, eager.loss, what="loss")
+    close(fused.metrics["nll_loss"], eager.metrics["nll_loss"], what="nll")
+    assert grads.keys() == grads_e.keys() and len(grads) > 10
+    for name in grads:
+        close(grads[name], grads_e[name], rtol=1e-4, what=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,11 +320,19 @@ def collate(
         seg0 += len(row.seq_lens)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     real = sum(r.num_tokens for r in rows)
+    # With nll_on_prompt, `targets` covers prompt + response: the preference walk takes the response
+    # targets, and the prompt targets become the chosen sequences' prompt segments (their NLL term).
+    flat_targets, prompt_targets = targets.reshape(-1), None
+    if response_targets is not None:
+        flat_response = response_targets.reshape(-1)
+        prompt_targets = torch.from_numpy(np.where(flat_response == ignore, flat_targets, ignore))
+        flat_targets = flat_response
     schedule = LossSchedule.for_pairs(
-        torch.from_numpy(targets.reshape(-1)),
+        torch.from_numpy(flat_targets),
         torch.from_numpy(segment_ids.reshape(-1)),
         torch.tensor(chosen, dtype=torch.long),
         torch.tensor(rejected, dtype=torch.long),
+        prompt_targets=prompt_targets,
         vocab_size=vocab_size,
         ignore_index=ignore,
         with_rejected=with_rejected,

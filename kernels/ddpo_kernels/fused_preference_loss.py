@@ -59,16 +59,15 @@ from ddpo_kernels.segment_sum import segment_sums
 Epilogue = Callable[..., Any]
 
 
-def _pair_inputs(seq: torch.Tensor, sched: LossSchedule) -> tuple:
-    """(chosen sums, rejected sums or None, chosen counts, rejected counts or None), all [P]."""
+def _pair_inputs(seq: torch.Tensor, sched: LossSchedule) -> tuple[tuple, dict]:
+    """The epilogue's arguments for per-segment sums `seq` [K]: (chosen sums, rejected sums or None,
+    chosen counts, rejected counts or None), all [P], plus chosen_prompt_logps / chosen_prompt_counts
+    when the schedule has prompt segments."""
     counts = sched.segment_counts
-    rejected = sched.rejected
-    return (
-        seq[sched.chosen],
-        None if rejected is None else seq[rejected],
-        counts[sched.chosen],
-        None if rejected is None else counts[rejected],
-    )
+    c, r, p = sched.chosen, sched.rejected, sched.chosen_prompt
+    args = (seq[c], None if r is None else seq[r], counts[c], None if r is None else counts[r])
+    kwargs = {} if p is None else dict(chosen_prompt_logps=seq[p], chosen_prompt_counts=counts[p])
+    return args, kwargs
 
 
 def _segment_grads(epilogue: Epilogue, seq: torch.Tensor, sched: LossSchedule, launch: Launch) -> torch.Tensor:
@@ -76,10 +75,11 @@ def _segment_grads(epilogue: Epilogue, seq: torch.Tensor, sched: LossSchedule, l
 
     A sequence read by several pair slots gets the sum of their gradients, added in a fixed order.
     """
-    c, r, nc, nr = _pair_inputs(seq.detach(), sched)
-    inputs = [c.requires_grad_()] + ([] if r is None else [r.requires_grad_()])
+    (c, r, nc, nr), kwargs = _pair_inputs(seq.detach(), sched)
+    prompt = kwargs.get("chosen_prompt_logps")
+    inputs = [x.requires_grad_() for x in (c, r, prompt) if x is not None]  # the schedule's slot order
     with torch.enable_grad():
-        out = epilogue(inputs[0], inputs[1] if r is not None else None, nc, nr)
+        out = epilogue(c, r, nc, nr, **kwargs)
         grads = torch.autograd.grad(out.loss, inputs, allow_unused=True)
     slots = torch.cat([torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]).float()
     k = sched.num_walk_segments
@@ -102,7 +102,8 @@ class FusedPreferenceLossFunction(torch.autograd.Function):
         else:
             seq, grads = _forward_with_grads(hidden, weight, sched, launch, epilogue, need_dh, need_dw)
             ctx.grads = grads
-        loss = epilogue(*_pair_inputs(seq, sched)).loss.detach().float()
+        args, kwargs = _pair_inputs(seq, sched)
+        loss = epilogue(*args, **kwargs).loss.detach().float()
         ctx.mark_non_differentiable(seq)
         return loss, seq
 
@@ -163,6 +164,7 @@ def fused_preference_loss(
     rejected_segments: torch.Tensor,
     epilogue: Epilogue,
     *,
+    prompt_targets: torch.Tensor | None = None,
     schedule: LossSchedule | None = None,
     ignore_index: int = -100,
     backend: Backend = "auto",
@@ -179,7 +181,11 @@ def fused_preference_loss(
     `epilogue(chosen_logps, rejected_logps, chosen_counts, rejected_counts)` maps the [P] per-sequence
     sums of token log-probs and token counts to an object with a scalar `.loss` (engine.losses's
     `loss_epilogue(objective, beta=..., ...)` is the engine's). The rejected arguments are None when
-    the schedule leaves the rejected side out. Contract (what lets the kernel form gradients in the
+    the schedule leaves the rejected side out. `prompt_targets` [N] (targets on prompt tokens,
+    ignore_index elsewhere; `targets` then covers the response tokens only): the prompt tokens of each
+    chosen sequence are reduced as a sequence of their own, passed to the epilogue as the keyword
+    arguments chosen_prompt_logps / chosen_prompt_counts [P] (the authors' ORPO/DORPO NLL covers
+    prompt and response; the odds ratio the response only). Contract (what lets the kernel form gradients in the
     forward, group by group): the epilogue is deterministic, differentiable in the sums, and separable
     -- loss = sum over pairs of f_p(that pair's sums) + sum over sequences of a_s * sum_s, with every
     a_s fixed by counts and constants, never by other sums -- so that a group's gradient does not
@@ -197,19 +203,20 @@ def fused_preference_loss(
     if backend == "eager":
         out = fused_preference_loss_ref(
             hidden, weight, targets, segment_ids, chosen_segments, rejected_segments, epilogue,
-            ignore_index=ignore_index, return_output=True,
+            prompt_targets=prompt_targets, ignore_index=ignore_index, return_output=True,
         )  # fmt: skip
         return out if return_output else out.loss
     if schedule is None:
         schedule = LossSchedule.for_pairs(
-            targets, segment_ids, chosen_segments, rejected_segments, vocab_size=weight.shape[0],
-            ignore_index=ignore_index,
+            targets, segment_ids, chosen_segments, rejected_segments, prompt_targets=prompt_targets,
+            vocab_size=weight.shape[0], ignore_index=ignore_index,
         ).to(hidden.device)  # fmt: skip
     check_schedule(schedule, hidden, weight)
     # Let the epilogue validate its own arguments (objective, reference log-probs, weights) on
     # placeholder sums now, so a bad one fails before any [chunk, V] matmul rather than after it.
     with torch.no_grad():
-        epilogue(*_pair_inputs(torch.zeros(schedule.num_walk_segments, device=hidden.device), schedule))
+        args, kwargs = _pair_inputs(torch.zeros(schedule.num_walk_segments, device=hidden.device), schedule)
+        epilogue(*args, **kwargs)
     launch = Launch.make(backend, hidden, weight, chunk_rows, block_rows)
     grad_on = torch.is_grad_enabled()
     need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
@@ -217,7 +224,8 @@ def fused_preference_loss(
     if not return_output:
         return loss
     with torch.no_grad():
-        out = epilogue(*_pair_inputs(seq, schedule))
+        args, kwargs = _pair_inputs(seq, schedule)
+        out = epilogue(*args, **kwargs)
     return _with_loss(out, loss)
 
 
@@ -230,6 +238,7 @@ def fused_preference_loss_ref(
     rejected_segments: torch.Tensor,
     epilogue: Epilogue,
     *,
+    prompt_targets: torch.Tensor | None = None,
     ignore_index: int = -100,
     return_output: bool = False,
 ):
@@ -242,10 +251,15 @@ def fused_preference_loss_ref(
         )
     chosen, rejected = chosen_segments.long(), rejected_segments.long()
     # The reference may sync: S is the largest segment id seen in the pairs or the targeted tokens, + 1.
-    seen = torch.cat([chosen, rejected, segment_ids[targets != ignore_index].long()])
+    all_targets = targets if prompt_targets is None else torch.where(targets != ignore_index, targets, prompt_targets)
+    seen = torch.cat([chosen, rejected, segment_ids[all_targets != ignore_index].long()])
     s = int(seen.max()) + 1
     seq, counts = linear_logprob_ref(hidden, weight, targets, segment_ids, s, ignore_index=ignore_index)
-    out = epilogue(seq[chosen], seq[rejected], counts[chosen], counts[rejected])
+    kwargs = {}
+    if prompt_targets is not None:
+        prompt, prompt_counts = linear_logprob_ref(hidden, weight, prompt_targets, segment_ids, s, ignore_index=ignore_index)
+        kwargs = dict(chosen_prompt_logps=prompt[chosen], chosen_prompt_counts=prompt_counts[chosen])
+    out = epilogue(seq[chosen], seq[rejected], counts[chosen], counts[rejected], **kwargs)
     return out if return_output else out.loss
 
 

@@ -101,6 +101,8 @@ def linear_logprob(
             targets, segment_ids, num_segments, vocab_size=weight.shape[0], ignore_index=ignore_index
         ).to(hidden.device)
     check_schedule(schedule, hidden, weight)
+    if schedule.chosen_prompt is not None:
+        raise ValueError("linear_logprob takes schedules without prompt segments (built without prompt_targets)")
     launch = Launch.make(backend, hidden, weight, chunk_rows, block_rows)
     seq = LinearLogprobFunction.apply(hidden, weight, schedule, launch)
     counts = torch.zeros(schedule.num_segments, dtype=torch.int64, device=hidden.device)
