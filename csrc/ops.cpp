@@ -252,17 +252,6 @@ inline void bwd_rows(c10::BFloat16* p, int64_t ld, int64_t V, const int64_t* t, 
   bwd_rows_bf16(p, ld, V, t, lse, g, b, e);
 }
 
-// The three logits dtypes (check_rows has rejected any other).
-template <typename F>
-void dispatch_logits(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "logits dtype ", st, " is not float32, float16 or bfloat16");
-  }
-}
-
 // Rows per parallel task: about 64K logits, so small chunks do not pay thread start-up.
 inline int64_t grain_for(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 

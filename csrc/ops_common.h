@@ -5,7 +5,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 namespace ddpo {
 
@@ -41,6 +43,17 @@ inline void check_rows_disjoint(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), op,
               ": logits rows overlap in memory (stride(0) = ", logits.stride(0), " < V = ", logits.size(1),
               "); the in-place backward needs its own buffer, pass logits.contiguous()");
+}
+
+// Calls f with a value of the logits' element type (check_rows has rejected any other dtype).
+template <typename F>
+void dispatch_logits(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "logits dtype ", st, " is not float32, float16 or bfloat16");
+  }
 }
 
 }  // namespace ddpo

@@ -129,16 +129,6 @@ __global__ void bwd_rows_kernel(T* __restrict__ logits, int64_t ld, int64_t V, c
   }
 }
 
-template <typename F>
-void dispatch_logits(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "logits dtype ", st, " is not float32, float16 or bfloat16");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> logprob_rows_forward_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                               int64_t cuda_stream) {
   check_rows(logits, targets, "logprob_rows_forward");

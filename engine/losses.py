@@ -388,7 +388,9 @@ def preference_loss(
                 "use them with orpo, dorpo or sft (set loss.nll_on_prompt false for dpo/ddpo)"
             )
         _check_pairs(
-            chosen_logps=chosen_logps, chosen_prompt_logps=chosen_prompt_logps, chosen_prompt_counts=chosen_prompt_counts
+            chosen_logps=chosen_logps,
+            chosen_prompt_logps=chosen_prompt_logps,
+            chosen_prompt_counts=chosen_prompt_counts,
         )
     if objective == "sft":
         if chosen_prompt_logps is None:

@@ -148,6 +148,10 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+# A small synthetic dataset for the tests that run the engine's data path.
+TINY_DATA = ["--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128"]
+TINY_DATA += ["--data.max_tokens_per_row", "512"]
+
 # Shapes: (num_pairs, row_len, D, V); row lengths are odd, so N is never a multiple of a block.
 # SMALL: 8-row GEMMs, 16-row windows: several chunks, windows and blocks even at these sizes.
 SMALL = dict(chunk_rows=8, block_rows=16)
@@ -286,7 +290,8 @@ def test_gradients_are_deterministic_and_sums_do_not_depend_on_the_walk(backend)
     h, w = b.cast(torch.float32, requires_grad=False)
     seqs = []
     for br in (8, 40, 1024):
-        seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend=backend, chunk_rows=8, block_rows=br)
+        sizes = dict(chunk_rows=8, block_rows=br)
+        seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend=backend, **sizes)
         seqs.append(seq)
     assert all(torch.equal(x, seqs[0]) for x in seqs[1:])
 
@@ -494,7 +499,8 @@ def test_reference_and_policy_log_probs_are_the_same_bits(backend, dtype, device
     h, w = b.cast(dtype, device=device, requires_grad=False)
     seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend=backend, **sizes)
     hm, wm = moved.cast(dtype, device=device, requires_grad=False)
-    seq_moved, _ = linear_logprob(hm, wm, moved.targets, moved.segment_ids, moved.num_segments, backend=backend, **sizes)
+    moved_args = (moved.targets, moved.segment_ids, moved.num_segments)
+    seq_moved, _ = linear_logprob(hm, wm, *moved_args, backend=backend, **sizes)
     assert torch.equal(seq_moved[new_id.to(device)], seq)
     # The policy: the fused loss in the first layout, the reference from the second.
     hp, wp = b.cast(dtype, device=device)
@@ -521,12 +527,12 @@ def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype):
     from engine.refcache import ensure_cache
     from engine.train import PolicyWithLoss
 
-    cfg = load_config([
-        "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
-        "--data.max_tokens_per_row", "512", "--deviation.enabled", "false", "--loss.objective", "dpo",
-        "--model.dtype", dtype, "--ref_cache.dtype", dtype, "--logging.output_dir", str(tmp_path),
-        "--data.cache_dir", str(tmp_path / "cache"), "--ref_cache.dir", str(tmp_path / "ref"),
-    ])  # fmt: skip
+    cfg = load_config(
+        TINY_DATA
+        + ["--deviation.enabled", "false", "--loss.objective", "dpo", "--model.dtype", dtype]
+        + ["--ref_cache.dtype", dtype, "--logging.output_dir", str(tmp_path)]
+        + ["--data.cache_dir", str(tmp_path / "cache"), "--ref_cache.dir", str(tmp_path / "ref")]
+    )
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     prepared = prepare_data(cfg, tokenizer)
     cache = ensure_cache(cfg, tokenizer, prepared, device="cpu")
@@ -627,12 +633,12 @@ def test_prompt_nll_through_the_engine(tmp_path):
     from engine.model import load_model, load_tokenizer
     from engine.train import PolicyWithLoss
 
-    cfg = load_config([
-        "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
-        "--data.max_tokens_per_row", "512", "--deviation.semantic_model", "", "--loss.objective", "dorpo",
-        "--loss.nll_on_prompt", "true", "--logging.output_dir", str(tmp_path),
-        "--data.cache_dir", str(tmp_path / "cache"), "--deviation.cache_dir", str(tmp_path / "emb"),
-    ])  # fmt: skip
+    cfg = load_config(
+        TINY_DATA
+        + ["--deviation.semantic_model", "", "--loss.objective", "dorpo", "--loss.nll_on_prompt", "true"]
+        + ["--logging.output_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache")]
+        + ["--deviation.cache_dir", str(tmp_path / "emb")]
+    )
     prepared = prepare_data(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.name))
     batch = collate(prepared.train_rows[:2], vocab_size=load_model(cfg.model).config.vocab_size)
     assert batch.schedule.chosen_prompt is not None and batch.response_targets is not None
@@ -658,9 +664,18 @@ _ATEN = torch.ops.aten
 # What makes a GPU stream wait for the host: reading a value back, or an output whose size depends
 # on values (nonzero, boolean-mask indexing, unique, bincount...).
 _SYNCING_OPS = {
-    _ATEN._local_scalar_dense, _ATEN.nonzero, _ATEN.nonzero_static, _ATEN.masked_select, _ATEN.is_nonzero,
-    _ATEN.equal, _ATEN._unique2, _ATEN.unique_dim, _ATEN.unique_consecutive, _ATEN.bincount, _ATEN.argwhere,
-}  # fmt: skip
+    _ATEN._local_scalar_dense,
+    _ATEN.nonzero,
+    _ATEN.nonzero_static,
+    _ATEN.masked_select,
+    _ATEN.is_nonzero,
+    _ATEN.equal,
+    _ATEN._unique2,
+    _ATEN.unique_dim,
+    _ATEN.unique_consecutive,
+    _ATEN.bincount,
+    _ATEN.argwhere,
+}
 
 
 class _HostSyncSpy(TorchDispatchMode):
@@ -724,10 +739,8 @@ def test_loss_with_a_schedule_never_reads_device_values(objective):
     seq_sched = LossSchedule.for_sequences(b.targets, b.segment_ids, b.num_segments, vocab_size=1000)
     h, w = b.cast(torch.float32)
     with _HostSyncSpy() as spy:
-        out = fused_preference_loss(
-            h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend="torch", schedule=sched,
-            chunk_rows=8, block_rows=16, return_output=True, **kw,
-        )  # fmt: skip
+        opts = dict(backend="torch", schedule=sched, chunk_rows=8, block_rows=16, return_output=True, **kw)
+        out = fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, **opts)
         out.loss.backward()
         seq, _ = linear_logprob(h, w, b.targets, b.segment_ids, b.num_segments, backend="torch", schedule=seq_sched)
         seq.sum().backward()
@@ -839,7 +852,8 @@ def test_cuda_gradients_bitwise_deterministic(backend, dtype):
     chosen = b.chosen.clone()
     chosen[1] = chosen[0]
     b = dataclasses.replace(b, chosen=chosen).to("cuda")
-    runs = [_fused_case(b, "ddpo", backend, dtype=dtype, device="cuda", chunk_rows=64, block_rows=128) for _ in range(2)]
+    sizes = dict(chunk_rows=64, block_rows=128)
+    runs = [_fused_case(b, "ddpo", backend, dtype=dtype, device="cuda", **sizes) for _ in range(2)]
     (o1, dh1, dw1), (o2, dh2, dw2) = runs
     assert torch.equal(o1.loss, o2.loss) and torch.equal(dh1, dh2) and torch.equal(dw1, dw2)
     if dtype == torch.float32:

@@ -149,7 +149,8 @@ def test_bad_targets_raise(targets):
 def test_backward_rejects_overlapping_rows():
     logits = torch.randn(1, 1000).expand(3, 1000)
     with pytest.raises(RuntimeError, match="overlap"):
-        torch.ops.ddpo_ops.logprob_rows_backward_(logits, torch.zeros(3, dtype=torch.long), torch.zeros(3), torch.ones(3))
+        targets = torch.zeros(3, dtype=torch.long)
+        torch.ops.ddpo_ops.logprob_rows_backward_(logits, targets, torch.zeros(3), torch.ones(3))
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +161,8 @@ def test_backward_rejects_overlapping_rows():
 def test_switches_force_reference(monkeypatch):
     calls = []
     real_ref = chunk_logprob.chunk_logprob_forward_ref
-    monkeypatch.setattr(chunk_logprob, "chunk_logprob_forward_ref", lambda *a, **k: calls.append(1) or real_ref(*a, **k))
+    counted = lambda *a, **k: calls.append(1) or real_ref(*a, **k)  # noqa: E731
+    monkeypatch.setattr(chunk_logprob, "chunk_logprob_forward_ref", counted)
     logits, targets = _make_block(9, 1000, torch.float32, "cpu")
 
     chunk_logprob.chunk_logprob_forward(logits, targets)

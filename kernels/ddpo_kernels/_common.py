@@ -53,7 +53,10 @@ def default_chunk_rows(device: torch.device | str = "cpu") -> int:
 
 
 def default_block_rows(
-    vocab_size: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", chunk_rows: int | None = None
+    vocab_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    chunk_rows: int | None = None,
 ) -> int:
     """Logits rows kept at once: the device's budget over V x itemsize, a multiple of chunk_rows between one
     chunk and MAX_BLOCK_ROWS (small vocabularies gain nothing from bigger blocks)."""
@@ -81,14 +84,18 @@ class Launch:
         if block < chunk or block % chunk:
             raise ValueError(f"block_rows must be a positive multiple of chunk_rows={chunk}; got {block_rows}")
         if backend == "triton" and hidden.dtype == torch.float64:
-            raise ValueError("the triton backend takes float32/float16/bfloat16 inputs; use backend='torch' for float64")
+            raise ValueError(
+                "the triton backend takes float32/float16/bfloat16 inputs; use backend='torch' for float64"
+            )
         return cls(backend, chunk, block)
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> None:
     """Raise ValueError naming the offending argument when hidden and weight do not fit together."""
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [N, D]; got shape {tuple(hidden.shape)} (flatten [R, L, D] to [R*L, D] first)")
+        raise ValueError(
+            f"hidden must be [N, D]; got shape {tuple(hidden.shape)} (flatten [R, L, D] to [R*L, D] first)"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"weight must be [V, D] with D = hidden.shape[1] = {hidden.shape[1]}; got shape {tuple(weight.shape)}"
@@ -187,7 +194,8 @@ class DwAccumulator:
             torch.addmm(self.acc, a, h, out_dtype=torch.float32, out=self.acc)
         else:
             for v0 in range(0, a.shape[0], self.SLICE_ROWS):
-                self.acc[v0 : v0 + self.SLICE_ROWS].add_(torch.mm(a[v0 : v0 + self.SLICE_ROWS], h, out_dtype=torch.float32))
+                part = torch.mm(a[v0 : v0 + self.SLICE_ROWS], h, out_dtype=torch.float32)
+                self.acc[v0 : v0 + self.SLICE_ROWS].add_(part)
 
     def result(self) -> torch.Tensor:
         """The gradient in the weight's dtype (the accumulator itself for fp32/fp64 weights)."""

@@ -14,7 +14,8 @@ One semantics, three implementations:
 - native C++/CUDA operators (csrc/, torch.ops.ddpo_ops.*), used by the "torch" backend when the
   library is built or JIT-buildable and not switched off (ENGINE_NATIVE_OPS=0 or
   `set_native_enabled(False)` force the references, for debugging and A/B comparisons);
-- `*_ref`: pure PyTorch, what the tests hold the others to, and the fallback.
+- `*_ref`: pure PyTorch, what the tests hold the others to, and the fallback (bench/bench_native.py
+  times native against it and appends rows to bench/results/native.csv).
 A row's results depend only on that row (no cross-row reduction), and the Triton kernels run one
 fixed configuration rather than an autotuned one: the reference cache and the policy compute the
 same rows in different processes, and an autotuner could pick a different lane layout (hence a

@@ -201,16 +201,14 @@ def fused_preference_loss(
     check_inputs(hidden, weight)
     backend = resolve_backend(backend, hidden.device)
     if backend == "eager":
-        out = fused_preference_loss_ref(
-            hidden, weight, targets, segment_ids, chosen_segments, rejected_segments, epilogue,
-            prompt_targets=prompt_targets, ignore_index=ignore_index, return_output=True,
-        )  # fmt: skip
+        tensors = (hidden, weight, targets, segment_ids, chosen_segments, rejected_segments)
+        ref_kw = dict(prompt_targets=prompt_targets, ignore_index=ignore_index, return_output=True)
+        out = fused_preference_loss_ref(*tensors, epilogue, **ref_kw)
         return out if return_output else out.loss
     if schedule is None:
-        schedule = LossSchedule.for_pairs(
-            targets, segment_ids, chosen_segments, rejected_segments, prompt_targets=prompt_targets,
-            vocab_size=weight.shape[0], ignore_index=ignore_index,
-        ).to(hidden.device)  # fmt: skip
+        pairs = (targets, segment_ids, chosen_segments, rejected_segments)
+        schedule_kw = dict(prompt_targets=prompt_targets, vocab_size=weight.shape[0], ignore_index=ignore_index)
+        schedule = LossSchedule.for_pairs(*pairs, **schedule_kw).to(hidden.device)
     check_schedule(schedule, hidden, weight)
     # Let the epilogue validate its own arguments (objective, reference log-probs, weights) on
     # placeholder sums now, so a bad one fails before any [chunk, V] matmul rather than after it.
@@ -257,7 +255,9 @@ def fused_preference_loss_ref(
     seq, counts = linear_logprob_ref(hidden, weight, targets, segment_ids, s, ignore_index=ignore_index)
     kwargs = {}
     if prompt_targets is not None:
-        prompt, prompt_counts = linear_logprob_ref(hidden, weight, prompt_targets, segment_ids, s, ignore_index=ignore_index)
+        prompt, prompt_counts = linear_logprob_ref(
+            hidden, weight, prompt_targets, segment_ids, s, ignore_index=ignore_index
+        )
         kwargs = dict(chosen_prompt_logps=prompt[chosen], chosen_prompt_counts=prompt_counts[chosen])
     out = epilogue(seq[chosen], seq[rejected], counts[chosen], counts[rejected], **kwargs)
     return out if return_output else out.loss

@@ -18,6 +18,12 @@ and forms dH = dlogits @ W (each row written once) and dW = sum of dlogits.T @ H
 [N, V] tensor, no float atomics, the same gradients bit for bit on every run. Memory beyond the
 inputs and gradients: one window of logits (block_rows x V) and the fp32 dW accumulator.
 "eager" is the plain reference (full logits, log_softmax, gather), for tests and debugging.
+
+Why there is no Cut-Cross-Entropy-style tile forward (logits formed in SRAM by a Triton tl.dot, never
+stored): its fp32 accumulators cannot reproduce the GEMM's logits bit for bit, so reference
+log-probs made with it would differ from the policy's at step 0 (the policy's gradients need the
+materialised block anyway); and the window this walk keeps instead is small (at most block_rows x V
+in the input dtype). The earlier tile kernels, with their fp32 atomic backward, were removed.
 """
 
 from __future__ import annotations
