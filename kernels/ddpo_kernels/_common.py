@@ -5,11 +5,11 @@ same way, with the helpers here; the per-row work of each chunk is `chunk_logpro
 per-sequence sums are `segment_sum`. One walk for both ops is what makes the reference log-probs
 (linear_logprob, in the reference cache) and the policy's (fused_preference_loss) the same bits.
 
-The walk. The selected tokens of a schedule are visited in windows of at most `block_rows` rows; a
-window's logits are made by GEMMs of exactly `chunk_rows` rows each (the last chunk of a window is
-padded with a repeated row), so that every GEMM has one shape whatever the batch: the algorithm a
-BLAS picks depends on the shape, and with one shape a row's logits depend on nothing but that
-row and the weight (batch invariance, cf. Thinking Machines' "Defeating Nondeterminism in LLM
+The walk (`Walk`). The selected tokens of a schedule, in walk order, are cut into GEMM chunks of
+exactly `chunk_rows` rows (only the walk's last chunk is padded), and visited in windows of about
+`block_rows` rows whose logits live in one buffer. Every GEMM has one shape whatever the batch: the
+algorithm a BLAS picks depends on the shape, and with one shape a row's logits depend on nothing but
+that row and the weight (batch invariance, cf. Thinking Machines' "Defeating Nondeterminism in LLM
 Inference"). The logits stay in the input dtype (bf16 on GPUs, as eager autograd and Liger keep
 them); all row math is fp32. Gradients: dH rows are written once each (index_copy_ of distinct
 rows), dW accumulates in fp32 (`DwAccumulator`), nothing uses float atomics.
@@ -33,12 +33,14 @@ Backend = Literal["auto", "triton", "torch", "eager"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 BACKEND_ENV_VAR = "ENGINE_KERNEL_BACKEND"
 
-# Rows of one logits GEMM: the unit of batch invariance. Big enough for full-speed GEMMs at real
-# vocabularies (512 x 4096 x 128256 is 0.5 TFLOP on a GPU), small enough that padding the last chunk
-# of a window wastes little.
-CPU_CHUNK_ROWS = 128
+# Rows of one logits GEMM: the unit of batch invariance. Big enough for full-speed GEMMs (on a 2-core
+# CPU at V=32000, eight 128-row GEMMs took about twice the time of one 1024-row GEMM, two 512-row ones
+# about 1.16x), small enough that padding the walk's last chunk wastes little. On GPUs a 512-row GEMM at
+# Llama-3-8B's head (D=4096, V=128256) is 0.5 TFLOP.
+CPU_CHUNK_ROWS = 512
 GPU_CHUNK_ROWS = 512
-# Logits kept in memory at once, in the input dtype. CPU: 128 MiB (1024 rows of fp32 at V=32000).
+# Logits rows of a block (groups of pairs whose gradients are formed together), in the input dtype;
+# the walk's buffer holds one chunk more. CPU: 128 MiB (1024 rows of fp32 at V=32000).
 # GPU: 1 GiB, 4096 rows of bf16 at Llama-3's V=128256: whole pairs of 2 x 2048 tokens fit, so
 # their gradients are formed without recomputing the logits; still below Liger's fp32 logits and
 # log-softmax of one 2 x 1024-token pair.
@@ -146,24 +148,50 @@ def triton_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def logits_window(
-    hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, chunk_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h [c, D], logits [c, V]) of the c = len(rows) selected rows, in hidden's dtype.
+class Walk:
+    """The logits of a schedule's selected tokens, made by GEMMs of exactly chunk_rows rows into one reused
+    buffer of block_rows + chunk_rows rows (the walk's only [*, V] memory).
 
-    Each GEMM is [chunk_rows, D] x [D, V]: the rows are padded to a multiple of chunk_rows with
-    row 0 of hidden (its logits are computed and ignored), so a row's logits never depend on how
-    many other rows the window holds.
+    Chunk k is walk rows [k * chunk_rows, (k + 1) * chunk_rows), whatever the windows asked for: a row's
+    logits come from a GEMM of one shape (the last chunk of the walk is padded with hidden's row 0,
+    whose logits are computed and ignored), so they depend on nothing but that row and the weight.
+    Consecutive windows share the chunk at their boundary: the rows of it past the previous window's
+    end are still untouched logits, so it is moved to the buffer's start instead of recomputed.
     """
-    c = rows.shape[0]
-    padded = math.ceil(c / chunk_rows) * chunk_rows
-    idx = torch.nn.functional.pad(rows, (0, padded - c)) if padded != c else rows
-    h = hidden.index_select(0, idx)
-    logits = torch.empty(padded, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-    wt = weight.t()
-    for a in range(0, padded, chunk_rows):
-        torch.mm(h[a : a + chunk_rows], wt, out=logits[a : a + chunk_rows])
-    return h[:c], logits[:c]
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, sched: LossSchedule, launch: Launch):
+        self.hidden, self.weight, self.sched, self.chunk = hidden, weight, sched, launch.chunk_rows
+        rows = min(launch.block_rows + self.chunk, math.ceil(sched.num_tokens / self.chunk) * self.chunk)
+        self.h = hidden.new_empty(rows, hidden.shape[1])
+        self.logits = hidden.new_empty(rows, weight.shape[0])
+        self.last = None  # (chunk index, buffer offset) of the last chunk computed, while reusable
+
+    def restart(self) -> None:
+        """Forget the last chunk (its logits were overwritten by gradients, or a new pass begins)."""
+        self.last = None
+
+    def window(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h [b - a, D], logits [b - a, V]) of walk rows [a, b), a window from `windows`."""
+        c, m = self.chunk, self.sched.num_tokens
+        k0, k1 = a // c, -(-b // c)
+        start = k0
+        if self.last is not None and self.last[0] == k0:
+            offset = self.last[1]
+            if offset:
+                self.h[:c].copy_(self.h[offset : offset + c])
+                self.logits[:c].copy_(self.logits[offset : offset + c])
+            start = k0 + 1
+        wt = self.weight.t()
+        for k in range(start, k1):
+            rows = self.sched.rows[k * c : min((k + 1) * c, m)]
+            if rows.shape[0] < c:
+                rows = torch.nn.functional.pad(rows, (0, c - rows.shape[0]))
+            o = (k - k0) * c
+            torch.index_select(self.hidden, 0, rows, out=self.h[o : o + c])
+            torch.mm(self.h[o : o + c], wt, out=self.logits[o : o + c])
+        self.last = (k1 - 1, (k1 - 1 - k0) * c)
+        lo, hi = a - k0 * c, b - k0 * c
+        return self.h[lo:hi], self.logits[lo:hi]
 
 
 class DwAccumulator:
@@ -233,30 +261,29 @@ def window_grads_(
         dw.add_(dlogits, h)
 
 
-def windows(start: int, end: int, block_rows: int) -> list[tuple[int, int]]:
-    """[start, end) cut into windows of at most block_rows tokens."""
-    return [(a, min(end, a + block_rows)) for a in range(start, end, block_rows)]
+def windows(start: int, end: int, launch: Launch) -> list[tuple[int, int]]:
+    """Walk rows [start, end) cut into windows that each fit the Walk's buffer: the first window ends
+    block_rows + chunk_rows past the start of its first chunk, the others start on a chunk boundary."""
+    out, a = [], start
+    while a < end:
+        b = min(end, a // launch.chunk_rows * launch.chunk_rows + launch.block_rows + launch.chunk_rows)
+        out.append((a, b))
+        a = b
+    return out
 
 
 def forward_window(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    sched: LossSchedule,
-    launch: Launch,
-    tokens: tuple[int, int],
-    lse: torch.Tensor,
-    logp: torch.Tensor,
+    walk: Walk, launch: Launch, tokens: tuple[int, int], lse: torch.Tensor, logp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the window's tokens; fills lse and logp there. Returns (h, logits) for the backward."""
     a, b = tokens
-    h, logits = logits_window(hidden, weight, sched.rows[a:b], launch.chunk_rows)
-    lse[a:b], logp[a:b] = chunk_logprob_forward(logits, sched.targets[a:b], backend=launch.backend)
+    h, logits = walk.window(a, b)
+    lse[a:b], logp[a:b] = chunk_logprob_forward(logits, walk.sched.targets[a:b], backend=launch.backend)
     return h, logits
 
 
 def backward_window(
-    weight: torch.Tensor,
-    sched: LossSchedule,
+    walk: Walk,
     launch: Launch,
     tokens: tuple[int, int],
     lse: torch.Tensor,
@@ -269,8 +296,8 @@ def backward_window(
     """Turn the window's logits into their gradient (grad_tok = d loss / d logp per token) and add its
     dH and dW shares."""
     a, b = tokens
-    chunk_logprob_backward_(logits, sched.targets[a:b], lse[a:b], grad_tok, backend=launch.backend)
-    window_grads_(logits, h, weight, sched.rows[a:b], dh, dw)
+    chunk_logprob_backward_(logits, walk.sched.targets[a:b], lse[a:b], grad_tok, backend=launch.backend)
+    window_grads_(logits, h, walk.weight, walk.sched.rows[a:b], dh, dw)
 
 
 def sequence_sums(
@@ -295,8 +322,9 @@ def walk_forward(
     m = sched.num_tokens
     lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
     logp = torch.empty(m, dtype=torch.float32, device=hidden.device)
-    for window in windows(0, m, launch.block_rows):
-        forward_window(hidden, weight, sched, launch, window, lse, logp)
+    walk = Walk(hidden, weight, sched, launch)
+    for window in windows(0, m, launch):
+        forward_window(walk, launch, window, lse, logp)
     seq = torch.zeros(sched.num_walk_segments, dtype=torch.float32, device=hidden.device)
     sequence_sums(sched, launch, logp, seq)
     return seq, lse

@@ -18,7 +18,7 @@ group's sums are reduced, whatever placeholder values the other pairs hold.
 
 The walk (_common.py, the same one `linear_logprob` takes, hence the same bits): groups are packed
 into blocks of at most `block_rows` tokens. A block's logits are made once by fixed-shape GEMMs in
-the input dtype and kept; the row kernels (`chunk_logprob`) reduce them to lse and token
+the input dtype and kept (the GEMM chunk at a block boundary is shared with the next block); the row kernels (`chunk_logprob`) reduce them to lse and token
 log-probs, `segment_sum` adds each sequence's tokens in order, the epilogue gives g, the row
 kernels overwrite the logits with their gradient in place, and two more GEMMs give the block's dH
 rows and its dW share (3 matmuls in all, like Liger's chunked loss). A group larger than
@@ -41,11 +41,11 @@ from ddpo_kernels._common import (
     Backend,
     DwAccumulator,
     Launch,
+    Walk,
     backward_window,
     check_inputs,
     check_schedule,
     forward_window,
-    logits_window,
     resolve_backend,
     sequence_sums,
     walk_forward,
@@ -136,22 +136,20 @@ def _forward_with_grads(hidden, weight, sched, launch, epilogue, need_dh, need_d
     placeholder = -sched.segment_counts.float()
     dh = torch.zeros_like(hidden) if need_dh else None
     dw = DwAccumulator(weight) if need_dw else None
+    walk = Walk(hidden, weight, sched, launch)
     for ta, tb, sa, sb in sched.blocks(launch.block_rows):
-        block_windows = windows(ta, tb, launch.block_rows)
-        kept = None
+        block_windows = windows(ta, tb, launch)
         for window in block_windows:
-            kept = forward_window(hidden, weight, sched, launch, window, lse, logp)
-        if len(block_windows) > 1:
-            kept = None  # a group larger than block_rows: its logits are recomputed below
+            kept = forward_window(walk, launch, window, lse, logp)
         sequence_sums(sched, launch, logp, seq, (sa, sb), (ta, tb))
         done[sa:sb] = True
-        grad_tok = _segment_grads(epilogue, torch.where(done, seq, placeholder), sched, launch)[
-            sched.token_segment[ta:tb]
-        ]
+        grad_seg = _segment_grads(epilogue, torch.where(done, seq, placeholder), sched, launch)
+        grad_tok = grad_seg[sched.token_segment[ta:tb]]
+        if len(block_windows) > 1:
+            walk.restart()  # a group larger than a block: its logits are recomputed window by window
         for a, b in block_windows:
-            h, logits = kept if kept is not None else logits_window(hidden, weight, sched.rows[a:b], launch.chunk_rows)
-            backward_window(weight, sched, launch, (a, b), lse, grad_tok[a - ta : b - ta], h, logits, dh, dw)
-        del kept
+            h, logits = kept if len(block_windows) == 1 else walk.window(a, b)
+            backward_window(walk, launch, (a, b), lse, grad_tok[a - ta : b - ta], h, logits, dh, dw)
     return seq, (dh, None if dw is None else dw.result())
 
 

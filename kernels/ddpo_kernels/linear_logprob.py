@@ -9,21 +9,21 @@ its sums with the same walk (_common.py), so a sequence's reference and policy l
 same bits when the weights are (the DPO margin is exactly 0 at step 0), whatever the batches.
 
 How ("torch" and "triton" backends): the selected tokens (those with a target) are walked in
-windows of `block_rows`; each window's logits come from fixed-shape GEMMs of `chunk_rows` rows in
-the input dtype, `chunk_logprob` reduces each row to lse and its target's log-prob, and
+windows of about `block_rows`; each window's logits come from fixed-shape GEMMs of `chunk_rows` rows
+in the input dtype (_common.Walk), `chunk_logprob` reduces each row to lse and its target's log-prob, and
 `segment_sum` adds a sequence's tokens in sequence order. The forward keeps only lse [M]; the
 backward recomputes each window's logits (same GEMMs, same bits), overwrites them with
     dlogits_t = grad_seq[segment_t] * (onehot(target_t) - exp(logits_t - lse_t))
 and forms dH = dlogits @ W (each row written once) and dW = sum of dlogits.T @ H in fp32: no
 [N, V] tensor, no float atomics, the same gradients bit for bit on every run. Memory beyond the
-inputs and gradients: one window of logits (block_rows x V) and the fp32 dW accumulator.
+inputs and gradients: one window of logits ((block_rows + chunk_rows) x V) and the fp32 dW accumulator.
 "eager" is the plain reference (full logits, log_softmax, gather), for tests and debugging.
 
 Why there is no Cut-Cross-Entropy-style tile forward (logits formed in SRAM by a Triton tl.dot, never
 stored): its fp32 accumulators cannot reproduce the GEMM's logits bit for bit, so reference
 log-probs made with it would differ from the policy's at step 0 (the policy's gradients need the
-materialised block anyway); and the window this walk keeps instead is small (at most block_rows x V
-in the input dtype). The earlier tile kernels, with their fp32 atomic backward, were removed.
+materialised block anyway); and the window this walk keeps instead is small ((block_rows + chunk_rows)
+x V in the input dtype). The earlier tile kernels, with their fp32 atomic backward, were removed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from ddpo_kernels._common import (
     Launch,
     backward_window,
     check_inputs,
+    Walk,
     check_schedule,
-    logits_window,
     resolve_backend,
     walk_forward,
     windows,
@@ -65,10 +65,11 @@ class LinearLogprobFunction(torch.autograd.Function):
         dh = torch.zeros_like(hidden) if need_dh else None
         dw = DwAccumulator(weight) if need_dw else None
         grad_tok = grad_seq.float()[sched.segment_ids][sched.token_segment]
-        for a, b in windows(0, sched.num_tokens, launch.block_rows):
+        walk = Walk(hidden, weight, sched, launch)
+        for a, b in windows(0, sched.num_tokens, launch):
             # The recomputed logits are the forward's bits (same GEMM shapes), so the saved lse applies.
-            h, logits = logits_window(hidden, weight, sched.rows[a:b], launch.chunk_rows)
-            backward_window(weight, sched, launch, (a, b), lse, grad_tok[a:b], h, logits, dh, dw)
+            h, logits = walk.window(a, b)
+            backward_window(walk, launch, (a, b), lse, grad_tok[a:b], h, logits, dh, dw)
         return dh, None if dw is None else dw.result(), None, None
 
 
@@ -95,8 +96,9 @@ def linear_logprob(
     `schedule`: a `LossSchedule` of these tensors built beforehand on the CPU (then targets and
     segment_ids are not read, and nothing syncs with the device): `for_sequences`, or a batch's
     `for_pairs` schedule (segments no pair reads get 0); built here otherwise.
-    `chunk_rows` (rows per logits GEMM) and `block_rows` (logits rows kept at once) default to the
-    device's sizes (_common.py); a reference and a policy compared bit for bit must use the same.
+    `chunk_rows` (rows per logits GEMM: the unit of batch invariance) and `block_rows` (logits rows
+    kept at once, a multiple of chunk_rows; the buffer holds one chunk more) default to the device's
+    sizes (_common.py); a reference and a policy compared bit for bit must use the same chunk_rows.
     """
     check_inputs(hidden, weight)
     backend = resolve_backend(backend, hidden.device)
