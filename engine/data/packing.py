@@ -12,6 +12,11 @@ from `position_ids` when called with `attention_mask=None` and `use_cache=False`
 Targets are already shifted: `targets[t] = input_ids[t + 1]` when t + 1 is in the same sequence and
 is a response token (any token of the sequence with `nll_on_prompt`), else `ignore_index`; so the
 last token of every sequence and all padding are ignored.
+
+`collate` also builds the batch's loss schedule (ddpo_kernels.schedule.LossSchedule) from its CPU
+tensors, before the move to the device: which rows feed which sequence, grouped by pairs, with the
+chosen prompts as segments of their own under `nll_on_prompt`; the fused loss then never reads a
+device value back to the host.
 """
 
 from __future__ import annotations
