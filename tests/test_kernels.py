@@ -517,8 +517,9 @@ def test_reference_and_policy_log_probs_are_the_same_bits(backend, dtype, device
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype):
+def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype, device):
     """The real path: the reference cache built by engine.refcache (micro-batches of its own), then the
     trainer's first micro-batch through PolicyWithLoss: every chosen and rejected margin is exactly 0."""
     from engine.config import load_config
@@ -535,14 +536,14 @@ def test_step0_margins_are_zero_through_the_reference_cache(tmp_path, dtype):
     )
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     prepared = prepare_data(cfg, tokenizer)
-    cache = ensure_cache(cfg, tokenizer, prepared, device="cpu")
+    cache = ensure_cache(cfg, tokenizer, prepared, device=device)
     rows = prepared.train_rows
     sampler = RowSampler(
         [r.num_tokens for r in rows], num_replicas=1, rank=0, rows_per_batch=cfg.data.rows_per_batch, seed=cfg.data.seed
     )
-    batch = collate([rows[i] for i in next(iter(sampler))])
+    module = PolicyWithLoss(load_model(cfg.model, device=device), cfg.loss)
+    batch = collate([rows[i] for i in next(iter(sampler))], device=device, **module.batch_options)
     cache.fill(batch)
-    module = PolicyWithLoss(load_model(cfg.model), cfg.loss)
     with torch.no_grad():
         out = module(batch)
     assert out.chosen_rewards.numel() == batch.num_pairs > 1
