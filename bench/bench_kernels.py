@@ -57,8 +57,8 @@ if str(REPO) not in sys.path:
 
 from bench import common  # noqa: E402
 from engine import flops  # noqa: E402
-from engine.losses import preference_loss  # noqa: E402
-from ddpo_kernels import fused_preference_loss, linear_logprob  # noqa: E402
+from engine.losses import loss_epilogue, preference_loss  # noqa: E402
+from ddpo_kernels import LossSchedule, fused_preference_loss, linear_logprob  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "kernels.csv"
 CSV_FIELDS = [
@@ -190,15 +190,27 @@ def make_inputs(cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, inp: dict, *, objective: str, beta: float, backend: str):
+def loss_schedule(inp: dict) -> LossSchedule:
+    """The batch's loss schedule, built once on the CPU as the trainer's collate does, so that a timed step
+    is the loss alone."""
+    return LossSchedule.for_pairs(
+        inp["targets"].cpu(), inp["segment_ids"].cpu(), inp["chosen"].cpu(), inp["rejected"].cpu()
+    ).to(inp["targets"].device)
+
+
+def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, inp: dict, *, objective: str, beta: float, backend: str,
+               schedule: LossSchedule | None = None):
     """The engine's fused preference loss on a benchmark batch: the single call site of
     ddpo_kernels.fused_preference_loss in bench/, so a change of its signature is fixed here only."""
-    return fused_preference_loss(
-        hidden, weight, inp["targets"], inp["segment_ids"], inp["chosen"], inp["rejected"],
-        objective=objective, beta=beta, chosen_weights=inp["weights"] if objective in WEIGHTED else None,
+    epilogue = loss_epilogue(
+        objective, beta=beta, chosen_weights=inp["weights"] if objective in WEIGHTED else None,
         ref_chosen_logps=inp["ref_chosen"] if objective in WITH_REFERENCE else None,
-        ref_rejected_logps=inp["ref_rejected"] if objective in WITH_REFERENCE else None, backend=backend,
-    )  # fmt: skip
+        ref_rejected_logps=inp["ref_rejected"] if objective in WITH_REFERENCE else None,
+    )
+    return fused_preference_loss(
+        hidden, weight, inp["targets"], inp["segment_ids"], inp["chosen"], inp["rejected"], epilogue,
+        backend=backend, schedule=schedule,
+    )
 
 
 def _fused_fn(cfg: Config, inp: dict, backend: str, objective: str):
@@ -241,9 +253,10 @@ def _fused_fn(cfg: Config, inp: dict, backend: str, objective: str):
             return loss.detach()
 
     else:
+        schedule = loss_schedule(inp)
 
         def run():
-            loss = fused_loss(h, w, inp, objective=objective, beta=beta, backend=backend)
+            loss = fused_loss(h, w, inp, objective=objective, beta=beta, backend=backend, schedule=schedule)
             loss.backward()
             return loss.detach()
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
+from ddpo_kernels import Backend as LossBackend  # declared by the kernels, which know their backends
 
 # ------------------------------------------------------------------------------------- choices
 
@@ -42,7 +43,6 @@ RewardLoss = Literal["l1", "mse", "bradley_terry"]
 RewardTemplate = Literal["chat", "authors"]
 ScoreTransform = Literal["authors", "none"]
 PairMode = Literal["best_vs_worst", "gap", "all", "divpo"]
-LossBackend = Literal["auto", "triton", "torch", "eager"]
 Precision = Literal["fp32", "bf16", "fp16"]
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 AttnImplementation = Literal["auto", "sdpa", "flash_attention_2", "eager"]
@@ -588,10 +588,9 @@ class Config:
         )
         by_recipe = " (set by recipe authors)" if "nll_on_prompt" in self.loss._from_recipe else ""
         _check(
-            not (self.loss.nll_on_prompt and self.loss.objective != "sft"),
-            f"loss.nll_on_prompt{by_recipe} puts targets on prompt tokens, which the fused loss would also count in "
-            f"the preference log-probs of {self.loss.objective}; it is supported with loss.objective sft only, "
-            "set loss.nll_on_prompt false",
+            not (self.loss.nll_on_prompt and self.loss.objective in ("dpo", "ddpo")),
+            f"loss.nll_on_prompt{by_recipe} adds the chosen prompt tokens to the NLL term, and {self.loss.objective} has "
+            "none (it applies to orpo, dorpo and sft); set loss.nll_on_prompt false",
         )
         if self.loss.objective == "reward":
             _check(

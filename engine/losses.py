@@ -1,11 +1,12 @@
 """The training objectives in plain PyTorch: the single source of truth for their formulas.
 
-Where this sits in the flow: the trunk produces hidden states, `kernels.fused_preference_loss`
+Where this sits in the flow: the trunk produces hidden states, `ddpo_kernels.fused_preference_loss`
 turns them into per-sequence sums of response-token log-probs, and `preference_loss` (the
-epilogue) turns those sums, the token counts, the reference log-probs and the deviation
-weights into one scalar loss plus TRL-named metrics. The fused kernels, the trainer and the
-benchmarks all call (or are tested against) the functions here; nothing else re-derives a
-formula.
+epilogue, handed to the kernel as `loss_epilogue(objective, ...)`) turns those sums, the token
+counts, the reference log-probs and the deviation weights into one scalar loss plus TRL-named
+metrics. The fused kernels, the trainer and the benchmarks all call (or are tested against) the
+functions here; nothing else re-derives a formula. The kernels know no formula: they rely on the
+separability every objective here has (see `loss_epilogue`).
 
 Objectives (`POLICY_OBJECTIVES`):
 - "dpo"   Rafailov et al. 2023, sigmoid loss; = "ddpo" with every weight 1.
@@ -33,8 +34,10 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -354,24 +357,54 @@ def preference_loss(
     chosen_weights: torch.Tensor | None = None,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
+    chosen_prompt_logps: torch.Tensor | None = None,
+    chosen_prompt_counts: torch.Tensor | None = None,
 ) -> LossOutput:
     """The loss epilogue: per-sequence sums and token counts -> the chosen objective.
 
     chosen_logps / rejected_logps: [P] per-sequence SUMS of response-token log-probs.
     chosen_counts / rejected_counts: [P] numbers of response tokens (any numeric dtype).
+    chosen_prompt_logps / chosen_prompt_counts: [P] sums and counts of the chosen sequences' prompt
+    tokens (config loss.nll_on_prompt); they enter the NLL only, never the odds ratio or a reward.
     Dispatch:
     - "dpo":   ddpo_loss with weights ignored (every w_i = 1); needs ref_*_logps.
     - "ddpo":  ddpo_loss with chosen_weights (None -> 1); needs ref_*_logps.
-    - "orpo":  dorpo_loss on averages sums / max(counts, 1), chosen_nll =
-               -sum(chosen sums) / max(sum(chosen counts), 1), weights ignored.
+    - "orpo":  dorpo_loss on averages sums / max(counts, 1) of the response tokens, and
+               chosen_nll = -(sum(chosen sums) + sum(prompt sums)) / max(sum(chosen counts) + sum(prompt counts), 1)
+               (prompt terms 0 without prompt inputs), weights ignored.
     - "dorpo": the same with chosen_weights (None -> 1).
-    - "sft":   sft_loss on the chosen side; the rejected inputs may be None and are ignored.
+    - "sft":   sft_loss on the chosen side (prompt tokens included when given); the rejected inputs
+               may be None and are ignored.
+    With prompt inputs, ORPO/DORPO are the authors' recipe: their DORPOTrainer takes the NLL over
+    prompt + response tokens of the chosen sequence (labels are the input ids masked only by the
+    attention mask, mj-storytelling/DiversityTuning models/dorpo_trainer.py lines 815-819 and 826,
+    weighted by (score_chosen + 1) and averaged over pairs at lines 834-835, i.e. mean(w) * NLL here),
+    while the log-odds use response tokens only (get_batch_logps on the prompt-masked labels, lines
+    839-845); TRL's ORPOTrainer does the same (trl/experimental/orpo/orpo_trainer.py, "orpo chosen
+    nll loss is computed over the full prompt and response").
     All math runs in fp32 whatever the input dtype (fp64 stays fp64).
     """
     if objective not in POLICY_OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(POLICY_OBJECTIVES)}")
+    if (chosen_prompt_logps is None) != (chosen_prompt_counts is None):
+        raise ValueError("chosen_prompt_logps and chosen_prompt_counts go together: pass both or neither")
+    if chosen_prompt_logps is not None:
+        if objective in ("dpo", "ddpo"):
+            raise ValueError(
+                f"objective {objective!r} has no NLL term, so prompt-token log-probs have nowhere to go; "
+                "use them with orpo, dorpo or sft (set loss.nll_on_prompt false for dpo/ddpo)"
+            )
+        _check_pairs(
+            chosen_logps=chosen_logps,
+            chosen_prompt_logps=chosen_prompt_logps,
+            chosen_prompt_counts=chosen_prompt_counts,
+        )
     if objective == "sft":
-        return sft_loss(chosen_logps, chosen_counts)
+        if chosen_prompt_logps is None:
+            return sft_loss(chosen_logps, chosen_counts)
+        dtype = _compute_dtype(chosen_logps, chosen_prompt_logps)
+        sequence_logps = chosen_logps.to(dtype) + chosen_prompt_logps.to(dtype)
+        return sft_loss(sequence_logps, chosen_counts.to(dtype) + chosen_prompt_counts.to(dtype))
 
     for name, value in (("rejected_logps", rejected_logps), ("rejected_counts", rejected_counts)):
         if value is None:
@@ -399,8 +432,44 @@ def preference_loss(
     # log1mexp then clamps to -1e-7, so such a pair cannot produce inf/NaN.
     chosen_avg = chosen_sums / chosen_n.clamp(min=1)
     rejected_avg = rejected_sums / rejected_n.clamp(min=1)
-    chosen_nll = -chosen_sums.sum() / chosen_n.sum().clamp(min=1)
+    nll_sum, nll_n = chosen_sums.sum(), chosen_n.sum()
+    if chosen_prompt_logps is not None:
+        nll_sum = nll_sum + chosen_prompt_logps.to(dtype).sum()
+        nll_n = nll_n + chosen_prompt_counts.to(dtype).sum()
+    chosen_nll = -nll_sum / nll_n.clamp(min=1)
     return dorpo_loss(chosen_avg, rejected_avg, chosen_nll, chosen_weights=weights, beta=beta)
+
+
+def loss_epilogue(
+    objective: str,
+    *,
+    beta: float,
+    chosen_weights: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+) -> Callable[..., LossOutput]:
+    """`preference_loss` bound to an objective and a batch's weights and reference log-probs: the
+    epilogue `ddpo_kernels.fused_preference_loss` calls as epilogue(chosen_logps, rejected_logps,
+    chosen_counts, rejected_counts[, chosen_prompt_logps=, chosen_prompt_counts=]) on [P] sums and
+    counts (the prompt keywords when the batch was packed with loss.nll_on_prompt).
+
+    The fused kernel forms gradients group by group of pairs, calling the epilogue with placeholder
+    sums for pairs it has not reduced yet; that is exact because every objective here is separable:
+    a mean over pairs of a function of that pair's own sums, plus terms linear in the sums whose
+    coefficients depend only on counts, weights and P (DPO/DDPO: w_i * -logsigmoid(beta * margin_i) / P;
+    ORPO/DORPO: mean(w) / sum(chosen counts) times the chosen sums, plus the per-pair odds-ratio term;
+    SFT: the chosen sums over the total chosen count). A new objective must keep that property.
+    """
+    if objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(POLICY_OBJECTIVES)}")
+    return functools.partial(
+        preference_loss,
+        objective,
+        beta=beta,
+        chosen_weights=chosen_weights,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
 
 
 # ------------------------------------------------------------------------------- reward models

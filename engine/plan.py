@@ -26,10 +26,10 @@ gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
   backward; with checkpointing (HF, one checkpoint per decoder layer) only each layer's input
   (w * hidden per token) is kept, plus one layer's full activations while it is recomputed.
 - logits: eager (HF-style full logits) N * V * (w + 4 + 4): the logits in the compute dtype, the fp32
-  log-softmax kept for backward and its fp32 gradient. Fused (kernels.fused_preference_loss): one
-  fp32 [chunk, V] logits block, chunk = kernels.linear_logprob.default_chunk_tokens(V) (the "torch"
-  backend's default, a 128 MiB block; the "triton" backend keeps tiles in SRAM, so this is an upper
-  bound), plus the fp32 [V, D] dW accumulator the kernel fills when the LM head is trained (full
+  log-softmax kept for backward and its fp32 gradient. Fused (ddpo_kernels.fused_preference_loss): one
+  block of logits, chunk = ddpo_kernels.default_block_rows(V) rows (the CPU default, a 128 MiB fp32
+  block; on a GPU default_block_rows(V, dtype, "cuda") rows of the input dtype, 1 GiB), plus the
+  fp32 [V, D] dW accumulator the kernel fills when the LM head is trained (full
   fine-tuning; LoRA leaves the head frozen). The [N, D] hidden gradient and the head's own gradient
   are the same for both paths and are counted elsewhere (activations, gradients).
 - reference model: 0 with the reference log-prob cache (engine.refcache) or for objectives without a
@@ -533,9 +533,9 @@ def _final_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
 
 
 def _fused_chunk_tokens(vocab_size: int) -> int:
-    from ddpo_kernels.linear_logprob import default_chunk_tokens
+    from ddpo_kernels import default_block_rows
 
-    return default_chunk_tokens(vocab_size)
+    return default_block_rows(vocab_size)
 
 
 def plan_memory(shape: ModelShape | None = None, **settings) -> MemoryPlan:

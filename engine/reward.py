@@ -58,6 +58,11 @@ class RewardWithLoss(torch.nn.Module):
         self.trunk, self.score = trunk_and_score(model)
         self.loss_cfg = loss_cfg
 
+    @property
+    def batch_options(self) -> dict:
+        """collate_reward's arguments beyond the rows (none: reward batches carry no loss schedule)."""
+        return {}
+
     def rewards(self, batch) -> torch.Tensor:
         """[S] reward of every sequence of a `RewardBatch`, read at its last token."""
         hidden = self.trunk(

@@ -18,6 +18,7 @@ then data, reference cache, model, DeepSpeed, the verified checkpoint to resume)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from engine import checkpoint, flops, parallelize, rundir
 from engine.checkpoint import CheckpointError
 from engine.config import Config, ConfigError, load_config
 from engine.fileio import atomic_write, publish_dir
-from engine.losses import LossOutput
+from engine.losses import LossOutput, loss_epilogue
 from engine.rundir import RunDirError
 from engine.signals import RunSignals, StopRequested
 
@@ -58,27 +59,45 @@ class PolicyWithLoss(torch.nn.Module):
         self.loss_cfg = loss_cfg
         self.ignore_index = ignore_index
 
+    @property
+    def batch_options(self) -> dict:
+        """collate's arguments for this module's loss schedule: the head's V (targets are checked
+        against it on the CPU) and whether the objective reads the rejected side at all."""
+        return dict(vocab_size=self.head.out_features, with_rejected=self.loss_cfg.objective != "sft")
+
     def forward(self, batch):
         hidden = self.trunk(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
         ).last_hidden_state
-        mask = batch.segment_ids.reshape(-1) >= 0  # drop row padding before the head
-        hidden = hidden.reshape(-1, hidden.shape[-1])[mask]
-        loss, metrics = self.head(
+        # All R * L rows: the batch's schedule indexes them (padding is never multiplied), and a boolean
+        # mask here would be a host sync.
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets, prompt_targets = batch.targets.reshape(-1), None
+        if batch.response_targets is not None:  # nll_on_prompt: targets cover prompt + response
+            response = batch.response_targets.reshape(-1)
+            prompt_targets = torch.where(response == self.ignore_index, targets, self.ignore_index)
+            targets = response
+        loss, out = self.head(
             hidden,
-            targets=batch.targets.reshape(-1)[mask],
-            segment_ids=batch.segment_ids.reshape(-1)[mask],
+            schedule=batch.schedule,
+            targets=targets,
+            prompt_targets=prompt_targets,
+            segment_ids=batch.segment_ids.reshape(-1),
             chosen_segments=batch.chosen_segments,
             rejected_segments=batch.rejected_segments,
-            objective=self.loss_cfg.objective,
-            beta=self.loss_cfg.beta,
-            chosen_weights=batch.chosen_weights if self.loss_cfg.needs_weights else None,
-            ref_chosen_logps=batch.ref_chosen_logps,
-            ref_rejected_logps=batch.ref_rejected_logps,
+            epilogue=loss_epilogue(
+                self.loss_cfg.objective,
+                beta=self.loss_cfg.beta,
+                chosen_weights=batch.chosen_weights if self.loss_cfg.needs_weights else None,
+                ref_chosen_logps=batch.ref_chosen_logps,
+                ref_rejected_logps=batch.ref_rejected_logps,
+            ),
             ignore_index=self.ignore_index,
             backend=self.loss_cfg.backend,
         )
-        return LossOutput(loss=loss, metrics=metrics)
+        # The loss the head returned (ZeRO-3 hooks it for the backward) with the full output's metrics
+        # and per-pair values.
+        return dataclasses.replace(out, loss=loss)
 
 
 class _FusedHead(torch.nn.Linear):
@@ -97,9 +116,9 @@ class _FusedHead(torch.nn.Linear):
         from ddpo_kernels import fused_preference_loss
 
         out = fused_preference_loss(hidden, self.weight, targets, return_output=True, **loss_kwargs)
-        # A plain tuple, not the LossOutput dataclass: ZeRO-3 attaches its pre-backward hook (which
-        # re-gathers this module's weight for backward) only to tensors inside tuples, lists and dicts.
-        return out.loss, out.metrics
+        # The loss apart, in a plain tuple: ZeRO-3 attaches its pre-backward hook (which re-gathers this
+        # module's weight for backward) only to tensors inside tuples, lists and dicts.
+        return out.loss, out
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -494,7 +513,7 @@ def train_step(run: Run, stream: Iterator[list[int]]):
     tokens = pad = nonfinite = 0
     grad_norm = None
     for _ in range(accum):
-        batch = run.collate([rows[i] for i in next(stream)], device=run.env.device)
+        batch = run.collate([rows[i] for i in next(stream)], device=run.env.device, **run.module.batch_options)
         if run.ref_cache is not None:
             run.ref_cache.fill(batch)
         elif run.reference is not None:

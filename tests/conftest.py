@@ -25,22 +25,3 @@ def pytest_collection_modifyitems(config, items):
         reasons = [str(m.kwargs.get("reason", "")) + " " + " ".join(map(str, m.args)) for m in skips]
         if any("cuda" in r.lower() for r in reasons) and item.get_closest_marker("cuda") is None:
             item.add_marker(pytest.mark.cuda)
-
-
-def _prompt_nll_accepted() -> bool:
-    """Whether the config accepts loss.nll_on_prompt for DORPO (the authors' recipe sets it; the fused kernel's
-    prompt-token NLL stream lands on another branch, which lifts the validation)."""
-    from engine.config import ConfigError, from_dict
-
-    try:
-        from_dict({"loss": {"objective": "dorpo", "nll_on_prompt": True}})
-    except ConfigError:
-        return False
-    return True
-
-
-requires_prompt_nll = __import__("pytest").mark.skipif(
-    not _prompt_nll_accepted(),
-    reason="loss.nll_on_prompt is still rejected for orpo/dorpo (the prompt-token NLL of the fused kernel lands "
-    "with engineer K's branch); remove this skip at merge",
-)

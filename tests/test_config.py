@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import requires_prompt_nll
 
 from engine.config import Config, ConfigError, from_dict, help_text, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-# The authors' DORPO sets loss.nll_on_prompt through its recipe: loadable once the fused kernel supports it.
-PRESETS = [pytest.param(p, marks=requires_prompt_nll) if p.stem == "llama8b-dorpo" else p
-           for p in sorted((ROOT / "configs").glob("*.yaml"))]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_defaults_are_the_tiny_cpu_preset():
@@ -62,7 +59,6 @@ def test_published_recipes():
     assert (gpt2.eval.temperature, gpt2.eval.top_k, gpt2.eval.top_p, gpt2.eval.repetition_penalty) == (0.7, 50, 0.95, 1.1)
 
 
-@requires_prompt_nll
 def test_published_dorpo_recipe():
     dorpo = _published("llama8b-dorpo")
     _check_published(dorpo, "dorpo", 4, 0.25)
@@ -107,7 +103,7 @@ def test_numbers_without_a_dot_and_bare_off_in_yaml(tmp_path):
          "data.divpo_sampler authors needs data.max_pairs_per_prompt"),
         (["--parallel.offload_params", "true"], "needs parallel.zero_stage 3"),
         (["--loss.objective", "dorpo", "--deviation.enabled", "false"], "needs deviation weights"),
-        (["--loss.objective", "orpo", "--loss.nll_on_prompt", "true"], "supported with loss.objective sft only"),
+        (["--loss.objective", "dpo", "--loss.nll_on_prompt", "true"], "dpo has none"),
     ],
 )
 def test_bad_values_get_fix_it_messages(argv, message):

@@ -36,7 +36,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_prompt_nll
 from scipy.stats import chi2
 
 from engine.config import DeviationConfig, LossConfig, from_dict, load_config
@@ -432,7 +431,6 @@ def test_point1_recipe_puts_the_dorpo_nll_on_prompt_tokens():
     assert LossConfig(objective="dorpo", nll_on_prompt=False).nll_on_prompt is False  # explicit wins
 
 
-@requires_prompt_nll
 def test_point1_dorpo_loss_end_to_end(tmp_path):
     """The engine's DORPO loss on a packed batch under `recipe: authors` equals the authors' DORPOTrainer
     (models/dorpo_trainer.py:750-883) on the same token ids, computed with full logits per sequence."""
@@ -707,7 +705,6 @@ def test_point9_llama8b_ddpo_is_the_authors_scripts():
     assert (cfg.eval.n_samples, cfg.eval.max_new_tokens, cfg.eval.num_prompts) == (4, 2048, 1000)  # eval1_1.py:61,79
 
 
-@requires_prompt_nll
 def test_point9_llama8b_dorpo_is_the_authors_scripts():
     cfg = load_config(["--config", str(ROOT / "configs/llama8b-dorpo.yaml")])
     assert cfg.model.name == "meta-llama/Llama-3.1-8B" and cfg.model.lora_target_modules == ["q_proj", "v_proj"]

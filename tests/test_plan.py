@@ -201,7 +201,8 @@ def test_llama8b_numbers():
     d, dkv, i, h = 4096, 1024, 14336, 32
     assert p.activation_bytes_per_token_layer == 20 * d + 4 * dkv + 8 * i + 4 * h + 8 == 200_840
     assert p.weights == -(-8_030_261_248 * 2 // 32)
-    assert p.chunk_tokens == 256  # 128 MiB / (4 bytes x 128,256) -> 261 -> power of two 256
+    # 128 MiB / (4 bytes x 128,256) -> 261 rows, at least one 512-row GEMM chunk (ddpo_kernels.default_block_rows)
+    assert p.chunk_tokens == 512
     assert p.logits_eager == 8192 * 128_256 * 10
 
 

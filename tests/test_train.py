@@ -116,14 +116,13 @@ def test_fused_path_never_allocates_full_logits(setup):
     module = PolicyWithLoss(model, cfg.loss)
     n_tokens = int((batch.segment_ids >= 0).sum())
     vocab = model.config.vocab_size
-    chunk = 64
     head_forward = module.head.forward
-    module.head.forward = lambda hidden, **kw: head_forward(hidden, **kw, chunk_tokens=chunk)
+    module.head.forward = lambda hidden, **kw: head_forward(hidden, **kw, chunk_rows=16, block_rows=64)
     with _MaxNumel() as rec:
         out = module(batch)
         out.loss.backward()
     biggest = max(s[0] * s[1] for s in rec.shapes if len(s) == 2 and s[-1] == vocab)
-    # Chunks hold whole pairs, so a chunk can exceed `chunk` tokens, but never approaches all N tokens.
+    # The walk holds at most a window of block_rows tokens' logits, never all N tokens'.
     assert 2 * biggest <= n_tokens * vocab, (biggest, n_tokens, vocab)
     # The eager path, by contrast, does build them: the recorder sees it.
     module.loss_cfg = dataclasses.replace(cfg.loss, backend="eager")

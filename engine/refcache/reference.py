@@ -21,8 +21,10 @@ def sequence_logps(model, batch, *, backend: str = "auto") -> tuple[torch.Tensor
 
     The trunk gets the [R, L] rows exactly as the trainer's policy forward does; SDPA /
     flash-attention keep the packed sequences apart through the position ids (attention_mask=None).
-    The [N, V] logits are never built: kernels.linear_logprob reduces the flattened hidden states
-    and the LM head weight directly.
+    The [N, V] logits are never built: ddpo_kernels.linear_logprob reduces the flattened hidden states
+    and the LM head weight directly, with the walk of the policy's fused loss (fixed-shape GEMMs, the
+    same row kernels, sums in sequence order), so for equal hidden states and weights the policy's
+    log-probs are these bits whatever the batches (tests/test_kernels.py, test_step0_margins_*).
     """
     from engine.model import trunk_and_head
     from ddpo_kernels import linear_logprob
@@ -48,6 +50,7 @@ def sequence_logps(model, batch, *, backend: str = "auto") -> tuple[torch.Tensor
             int(batch.num_segments),
             ignore_index=IGNORE_INDEX,
             backend=backend,
+            schedule=batch.schedule,
         )
     return logps.float(), counts
 
