@@ -16,6 +16,19 @@ from pathlib import Path
 import torch
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+# The bundled tokenizer's chat template (engine/data/build_tokenizer.py writes it into the assets).
+# user = prompt, assistant = response; the generation prompt ends right where the response starts,
+# so the prompt part's tokens are a prefix of the full conversation's tokens (the data pipeline relies on it).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,8 +76,6 @@ def load_tokenizer(name_or_path: str | None = None, *, revision: str | None = No
         # Packed training never pads inside a sequence; the pad id only fills row tails and batched generation.
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        from engine.data.build_tokenizer import CHAT_TEMPLATE
-
         tok.chat_template = CHAT_TEMPLATE.replace("<|user|>", "User:").replace("<|assistant|>", "Assistant:").replace(
             "<|end|>", tok.eos_token or ""
         ).replace("{{ bos_token }}", "{{ bos_token or '' }}")

@@ -31,7 +31,6 @@ from engine.data.packing import (
     packing_padding_fraction,
     padded_pairs_padding_fraction,
 )
-from engine.data.sampler import RowSampler
 from engine.data.pairs import (
     attach_weights,
     build_pairs,
@@ -42,12 +41,14 @@ from engine.data.pairs import (
     split_by_prompt,
 )
 from engine.data.records import Pair, Response, content_id
+from engine.data.sampler import RowSampler
 from engine.data.tokenize import (
     TokenizedPair,
     filter_long_responses,
     tokenization_fingerprint,
     tokenize_pairs_with_counts,
 )
+from engine.deviation import compute_deviation
 from engine.fileio import atomic_write
 
 
@@ -72,8 +73,6 @@ class PreparedData:
 
 
 def _deviation(responses, cfg, pair_counts=None, keep_embeddings=False):
-    from engine.deviation import compute_deviation  # heavy (embedders): only when weights or divpo need it
-
     return compute_deviation(responses, cfg.deviation, cache_dir=cfg.deviation.cache_dir, pair_counts=pair_counts,
                              keep_embeddings=keep_embeddings)
 

@@ -24,7 +24,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from engine.config import DEVIATION_MODES, DISTANCE_METRICS, KNN_SCOPES, ConfigError, DeviationConfig
+from engine.config import (
+    DEVIATION_MODES,
+    DISTANCE_METRICS,
+    KNN_SCOPES,
+    ConfigError,
+    DeviationConfig,
+)
+from engine.data.loading import DataError, load_responses
+from engine.data.records import Response, make_pair_id, make_prompt_id, make_response_id
 from engine.fileio import atomic_write
 
 
@@ -41,8 +49,6 @@ def _is_pairs_file(path: Path) -> bool:
 
 def load_pairs(path: Path):
     """Responses (each distinct response once), pair rows, and pair usage count per response id."""
-    from engine.data.records import Response, make_pair_id, make_prompt_id, make_response_id
-
     responses: dict[str, Response] = {}
     pairs, usage = [], Counter()
     with open(path, encoding="utf-8") as f:
@@ -118,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     if _is_pairs_file(data):
         responses, pairs, usage = load_pairs(data)
     else:
-        from engine.data.loading import DataError, load_responses
-
         try:
             responses, report = load_responses(a.data, strict=a.strict, strict_off="run without --strict")
         except DataError as exc:
