@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test bench bench-full experiment clean
+.PHONY: venv demo test bench bench-full experiment gpu-check gpu-wheels clean
 
 $(DEPS_STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,19 @@ bench-full: venv
 	$(PY) -m bench.run
 
 experiment: venv
-	$(PY) -m engine.experiment
+	$(PY) -m experiments.method
+
+# Every GPU figure in one command on a bare CUDA machine (README "Measuring on a GPU"): no `venv`
+# prerequisite, since a GPU image brings its own torch (its python3 runs it when there is no .venv).
+# DRY_RUN=1 checks the plumbing on a CPU at tiny shapes; OUT_DIR=dir picks the (new or empty) output folder.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PY) -m bench.gpu_check $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(if $(OUT_DIR),--out $(OUT_DIR))
+
+# The wheels gpu-check installs on a GPU machine without network (git-ignored .whl/; needs pip and,
+# to build DeepSpeed's pure-Python wheel, a python with torch: the .venv's, or PYTHON=...).
+gpu-wheels:
+	PYTHON=$(GPU_CHECK_PY) bash bench/fetch_gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

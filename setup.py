@@ -5,7 +5,7 @@ What gets built:
 - plus the CUDA kernels (csrc/ops_cuda.cu) when torch was built with CUDA, nvcc is found
   (CUDA_HOME) and SKIP_CUDA_BUILD is not 1.
 SKIP_NATIVE_BUILD=1 skips the extension entirely. A failed build never fails the install:
-it prints one notice and the package works on its pure-PyTorch paths (kernels/chunk_ops.py
+it prints one notice and the package works on its pure-PyTorch paths (ddpo_kernels/chunk_logprob.py
 then JIT-builds the CPU operators on first use, or falls back to PyTorch).
 
 Install: `pip install --no-build-isolation -e .` (torch must be importable here).

@@ -1,13 +1,13 @@
-"""Native CPU chunk ops (csrc/) against their pure-PyTorch versions: time and peak memory.
+"""Native CPU row ops (csrc/) against their pure-PyTorch versions: time and peak memory.
 
-Where this sits: the chunked "torch" backend of kernels/ calls
-`chunk_logprob_forward` / `chunk_logprob_backward_` once per [C, V] logits chunk; this
+Where this sits: the chunked "torch" backend of ddpo_kernels calls
+`chunk_logprob_forward` / `chunk_logprob_backward_` once per [C, V] window of logits; this
 benchmark times each op on one chunk, native vs `*_ref`, in the same run, and appends one
 CSV row per (op, impl, C, V, dtype) to bench/results/native.csv.
 
 Method: 3 warm-up calls, then `--reps` (>= 10) timed calls; the median, p10 and p90 of the
-per-call times are reported. Inputs that the op mutates (the accumulators, the logits chunk
-for the in-place backward) are reset outside the timed region. Peak memory is the extra
+per-call times are reported. The logits block the in-place backward mutates is reset outside
+the timed region. Peak memory is the extra
 resident memory of one call: the kernel's peak-RSS counter is reset (/proc/self/clear_refs)
 after the inputs exist, and VmHWM - VmRSS is read after the call. So that freed blocks go
 back to the OS and each call's temporaries show up in RSS, the script re-executes itself
@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 from bench.common import append_csv  # noqa: E402
 from bench.common import git_commit as _commit  # noqa: E402
 from bench.common import hardware as _hardware  # noqa: E402
-from ddpo_kernels import chunk_ops  # noqa: E402
+from ddpo_kernels import chunk_logprob  # noqa: E402
 
 CSV_PATH = ROOT / "bench" / "results" / "native.csv"
 COLUMNS = [
@@ -44,7 +44,6 @@ COLUMNS = [
     "peak_mem_mb", "hardware", "torch", "commit", "timestamp",
 ]  # fmt: skip
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-NUM_SEGMENTS = 16
 
 
 def _status_kb(field: str) -> int:
@@ -88,36 +87,28 @@ def time_ms(fn, reset, reps: int, warmup: int = 3) -> tuple[float, float, float]
 def make_inputs(C: int, V: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(C, V, generator=g) * 2).to(dtype)
-    targets = torch.randint(0, V, (C,), generator=g)
-    targets[::7] = -100  # prompt tokens are ignored in real batches
-    segs = torch.randint(0, NUM_SEGMENTS, (C,), generator=g).sort().values
-    return logits, targets, segs
+    targets = torch.randint(0, V, (C,), generator=g)  # the walk hands over only rows that have a target
+    return logits, targets
 
 
 def bench_one(C: int, V: int, dtype: torch.dtype, reps: int) -> list[dict]:
-    logits, targets, segs = make_inputs(C, V, dtype)
-    sums = torch.zeros(NUM_SEGMENTS)
-    counts = torch.zeros(NUM_SEGMENTS, dtype=torch.long)
-    grad_seg = torch.randn(NUM_SEGMENTS)
+    logits, targets = make_inputs(C, V, dtype)
+    grad = torch.randn(C)
     lse = torch.logsumexp(logits.float(), dim=-1)
     work = logits.clone()
-
-    def reset_acc():
-        sums.zero_()
-        counts.zero_()
 
     def reset_work():
         work.copy_(logits)
 
     impls = {
-        "native": (chunk_ops.chunk_logprob_forward, chunk_ops.chunk_logprob_backward_),
-        "torch": (chunk_ops.chunk_logprob_forward_ref, chunk_ops.chunk_logprob_backward_ref_),
+        "native": (chunk_logprob.chunk_logprob_forward, chunk_logprob.chunk_logprob_backward_),
+        "torch": (chunk_logprob.chunk_logprob_forward_ref, chunk_logprob.chunk_logprob_backward_ref_),
     }
     rows = []
     for impl, (fwd, bwd) in impls.items():
         cases = {
-            "forward": (lambda fwd=fwd: fwd(logits, targets, segs, sums, counts), reset_acc),
-            "backward": (lambda bwd=bwd: bwd(work, targets, segs, lse, grad_seg), reset_work),
+            "forward": (lambda fwd=fwd: fwd(logits, targets), lambda: None),
+            "backward": (lambda bwd=bwd: bwd(work, targets, lse, grad), reset_work),
         }
         for op, (fn, reset) in cases.items():
             med, p10, p90 = time_ms(fn, reset, reps)
@@ -145,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ, **{MMAP_ENV: "65536"})
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env)
 
-    if not chunk_ops.native_has_device("cpu"):
-        raise SystemExit(f"native CPU ops unavailable ({chunk_ops._state['error']}); nothing to compare")
+    if not chunk_logprob.native_has_device("cpu"):
+        raise SystemExit(f"native CPU ops unavailable ({chunk_logprob.native_error()}); nothing to compare")
     meta = dict(
         bench="native_chunk_ops", hardware=_hardware(), torch=torch.__version__, commit=_commit(),
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

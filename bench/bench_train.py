@@ -55,7 +55,7 @@ the same for every system: the kernel's high-water mark (VmHWM) is reset at the 
 the tokenizer fall before the window: both workers first build the architecture on the meta device,
 so the modeling code's one-time import cost is outside it too. The engine worker applies the engine's
 CPU allocator policy (engine.memory.limit_allocator_retention, as engine.train does); TRL runs stock.
-MFU (GPU only): model FLOPs per token (bench.common.model_flops_per_token) x tokens/s / the GPU's peak.
+MFU (GPU only): engine.flops (the trainer's definition): model FLOPs per token x tokens/s / the GPU's peak.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
+from engine import flops  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "train.csv"
 FIELDS = [
@@ -152,6 +153,14 @@ SETUPS = {
                          max_length=1024, warmup=2, reps=10, lr=5e-6, lora_r=16, gradient_checkpointing=True, objective="ddpo"),
     "gpu-8b-full": Setup("gpu-8b-full", "llama-8b", "bfloat16", "cuda", pairs_per_step=2, max_prompt_length=256,
                          max_length=1024, warmup=2, reps=10, lr=5e-6, gradient_checkpointing=True, objective="ddpo"),
+    # `make gpu-check` (bench/gpu_check.py): Llama-3-8B shapes with 4 of its 32 decoder layers, so that
+    # every worker fits the check's minutes; both setups take the same pairs, so one reference cache
+    # serves both. No gradient checkpointing: the 4-layer model fits a 80 GB GPU without it.
+    "gpu-8b4l-lora": Setup("gpu-8b4l-lora", "llama-8b-4layers", "bfloat16", "cuda", pairs_per_step=16,
+                           max_prompt_length=256, max_length=1024, warmup=2, reps=10, lr=5e-6, lora_r=16,
+                           objective="ddpo"),
+    "gpu-8b4l-full": Setup("gpu-8b4l-full", "llama-8b-4layers", "bfloat16", "cuda", pairs_per_step=16,
+                           max_prompt_length=256, max_length=1024, warmup=2, reps=10, lr=5e-6, objective="ddpo"),
 }  # fmt: skip
 QUICK_SETUPS = ("cpu-tiny-quick", "cpu-gpt2-quick")
 FULL_SETUPS = ("cpu-tiny", "cpu-tiny-p2", "cpu-tiny-p8", "cpu-gpt2-stories")
@@ -216,13 +225,10 @@ def _device():
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _flops_per_token(model, mean_seq_len: float) -> float:
+def model_note(model) -> str:
+    """Which attention implementation ran and how many decoder layers the model has (rows state both)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n_all = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    emb = model.get_input_embeddings().weight.numel()
-    return common.model_flops_per_token(n_all, cfg.num_hidden_layers, cfg.hidden_size, mean_seq_len,
-                                        n_trainable=n_train, n_embedding=emb)  # fmt: skip
+    return f"attention {cfg._attn_implementation}; {cfg.num_hidden_layers} decoder layers"
 
 
 def warm_imports(cfg) -> None:
@@ -234,17 +240,14 @@ def warm_imports(cfg) -> None:
         build_model(cfg.model.name, dtype=cfg.model.dtype, device="meta")
 
 
-def _summary(times_ms: list[float], tokens: list[int], seq_lens: list[float], model, device, peak_mb: float) -> dict:
+def _summary(times_ms: list[float], tokens: list[int], seq_lens: list[int], model, device, peak_mb: float) -> dict:
+    """Step-time quantiles, tokens/s, peak memory and MFU (`seq_lens`: every sequence's real length)."""
     timing = common.Timing(times_ms)
     # Mean real tokens per step over the median step time: on a shared machine a few descheduled steps
     # would dominate a total-time average, while the median is the steady state.
     tok_s = (sum(tokens) / len(tokens)) / (timing.median / 1e3)
-    name = None
-    if device.type == "cuda":
-        import torch
-
-        name = torch.cuda.get_device_name(device)
-    m = common.mfu(_flops_per_token(model, sum(seq_lens) / len(seq_lens)), tok_s, name) if name else None
+    per_token = flops.ModelFlops.of(model).per_token(flops.attention_context(seq_lens))
+    m = flops.mfu(per_token, tok_s, flops.device_name(device))
     return {
         **timing.row("step_time_ms"), "tokens_per_step": round(sum(tokens) / len(tokens), 1),
         "tokens_per_s": round(tok_s, 1), "peak_mem_mb": round(peak_mb, 1), "mfu": None if m is None else round(m, 4),
@@ -289,7 +292,7 @@ class _EngineRun:
         warm_imports(self.cfg)
         import ddpo_kernels  # noqa: F401
         import engine.train  # noqa: F401
-        from ddpo_kernels.chunk_ops import load_native
+        from ddpo_kernels.chunk_logprob import load_native
 
         load_native()
         return (current_rss_mb() or 0.0) - before
@@ -303,6 +306,7 @@ class _EngineRun:
         cfg = self.cfg
         self.model = load_model(cfg.model, device=self.device)
         self.cache = self.reference = None
+        self.forwards = 0  # reference forwards run (the cache path never builds a reference, so it stays 0)
         if self.on_the_fly:
             self.reference = refcache.on_the_fly_reference(self.model, cfg)
         else:
@@ -318,6 +322,7 @@ class _EngineRun:
             self.cache.fill(batch)
         else:
             batch.ref_chosen_logps, batch.ref_rejected_logps = self.reference(batch)
+            self.forwards += 1
         out = self.engine(batch)
         self.engine.backward(out.loss)
         self.engine.step()
@@ -337,16 +342,16 @@ class _EngineRun:
 
 
 def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
-    from engine import refcache
+    import torch
+
     from engine.memory import limit_allocator_retention
 
     limit_allocator_retention()  # engine.train does the same for a CPU run
     run = _EngineRun(s, variant, cache_dir, data_cache)
-    seq_lens = [(b.num_real_tokens / b.num_segments) for b in run.batches]
+    seq_lens = [n for b in run.batches for n in torch.bincount(b.segment_ids[b.segment_ids >= 0]).tolist()]
     run.warm_imports()
     mem = common.PeakMemory(run.device.type).__enter__()
     run.build()
-    forwards0 = refcache.COUNTERS["reference_forwards"]
     times, tokens = [], []
     for i, batch in enumerate(run.batches):
         common.cuda_sync()
@@ -356,14 +361,12 @@ def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> di
         if i >= s.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
             tokens.append(batch.num_real_tokens)
-    forwards = refcache.COUNTERS["reference_forwards"] - forwards0
-    if run.cache is not None:
-        run.cache.assert_no_reference_used()
+    forwards = run.forwards
     mem.__exit__(None, None, None)
     batches = run.batches
     pad = sum(b.num_pad_tokens for b in batches) / max(1, sum(b.num_pad_tokens + b.num_real_tokens for b in batches))
     notes = [f"padding {100 * pad:.1f}%", f"reference forwards {forwards}", "DeepSpeed ZeRO-0 engine, world of one",
-             f"attention {run.model.config._attn_implementation}", "subnormals flushed", f"peak: {mem.method}"]
+             model_note(run.model), "subnormals flushed", f"peak: {mem.method}"]
     row = _summary(times, tokens, seq_lens, run.model, run.device, mem.peak_mb)
     return {**row, "plan_mb": round(run.plan().total / 2**20, 1), "notes": "; ".join(notes)}
 
@@ -511,11 +514,11 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
         """DPOTrainer that records each step's real tokens and sequence count (nothing else changes)."""
 
         step_tokens: list[int] = []
-        step_seqs: list[int] = []
+        seq_lens: list[int] = []
 
         def training_step(self, model, inputs, *args, **kwargs):
             self.step_tokens.append(int(inputs["attention_mask"].sum()))
-            self.step_seqs.append(int(inputs["attention_mask"].shape[0]))
+            self.seq_lens.extend(inputs["attention_mask"].sum(-1).tolist())
             return super().training_step(model, inputs, *args, **kwargs)
 
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
@@ -548,19 +551,18 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
     if len(clock.times) != s.steps or len(trainer.step_tokens) != s.steps:
         raise RuntimeError(f"TRL ran {len(clock.times)} steps ({len(trainer.step_tokens)} batches), expected {s.steps}")
     tokens = trainer.step_tokens[s.warmup:]
-    seq_lens = [t / n for t, n in zip(trainer.step_tokens, trainer.step_seqs)]
     trl_tokens = sum(trainer.step_tokens)
     notes = [
         f"{trl_tokens} real tokens over all steps vs {ours_tokens} in the engine's tokenization"
         + ("" if trl_tokens == ours_tokens else " (TRL truncates prompt+completion to max_length, keep_start; "
            "the engine keeps the prompt start up to max_prompt_length, then truncates the response)"),
         "batch padded to the longest sequence (TRL 1.16 disables padding_free)",
-        "stock transformers modules, attention sdpa",
+        "stock transformers modules", model_note(trainer.model),
         "reference: " + ("precomputed before training by the policy" if precompute
                          else "adapters disabled" if cfg.model.lora_r else "frozen same-seed copy passed as ref_model"),
         "shuffled sampler over the same pairs", "subnormals flushed", f"peak: {mem.method}",
     ]  # fmt: skip
-    return {**_summary(clock.times[s.warmup:], tokens, seq_lens, trainer.model, device, mem.peak_mb),
+    return {**_summary(clock.times[s.warmup:], tokens, trainer.seq_lens, trainer.model, device, mem.peak_mb),
             "notes": "; ".join(notes)}  # fmt: skip
 
 
@@ -579,8 +581,11 @@ def cache_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dic
 
 
 def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: str, timeout: float | None,
-               min_reps: int = common.MIN_REPS, extra: tuple[str, ...] = ()) -> dict:
-    """One (system, variant) in a fresh interpreter; its RESULT line, or {"error": ...}."""
+               min_reps: int = common.MIN_REPS, extra: tuple[str, ...] = (), echo=None) -> dict:
+    """One (system, variant) in a fresh interpreter; its RESULT line, or {"error": ...}.
+
+    extra: more worker arguments; echo: called with the worker's whole output (stdout, then stderr) once
+    it ends, e.g. to keep a log."""
     cmd = [sys.executable, "-m", "bench.bench_train", "--worker", f"{system}:{variant}", "--setup", s.name,
            "--reps", str(s.reps), "--warmup", str(s.warmup), "--min-reps", str(min_reps), "--cache-dir", cache_dir,
            "--data-cache", data_cache, "--threads", str(s.threads or 1), *extra]
@@ -591,13 +596,25 @@ def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: 
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(s.threads or 1)
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        if echo is not None:  # output captured before the timeout comes as bytes whatever text= says
+            echo("".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x))
         return {"error": f"worker timed out after {timeout:.0f} s"}
+    if echo is not None:
+        echo(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
     return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def base_row(s: Setup, system: str, variant: str, env: dict) -> dict:
+    """The cells of a (setup, system, variant) row that name it and its environment (`env`: a
+    common.environment record); a worker's result, or the reason it has none, fills the rest."""
+    keys = ("hardware", "torch", "transformers", "trl", "deepspeed", "commit", "run_id")
+    return {"bench": s.name, "system": system, "variant": variant, "model": s.model, "pairs_per_step": s.pairs_per_step,
+            **{k: env.get(k, "") for k in keys}, "timestamp": common.timestamp()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -690,9 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         for system, variant in jobs:
             print(f"[bench_train] {s.name} {system} {variant} ...", flush=True)
             r = run_worker(s, system, variant, cache_dir, data_cache, args.worker_timeout, args.min_reps)
-            row = {"bench": s.name, "system": system, "variant": variant, "model": s.model,
-                   "pairs_per_step": s.pairs_per_step, **{k: env[k] for k in ("hardware", "torch", "transformers", "trl",
-                   "deepspeed", "commit", "run_id")}, "timestamp": common.timestamp()}  # fmt: skip
+            row = base_row(s, system, variant, env)
             if "error" in r:
                 print(f"[bench_train]   failed: {r['error']}", flush=True)
                 if "out of memory" not in r["error"]:

@@ -1,9 +1,10 @@
-"""Shared helpers of the benchmarks: environment record, timing quantiles, peak memory, MFU, CSV rows.
+"""Shared helpers of the benchmarks: environment record, timing quantiles, peak memory, CSV rows.
 
 Where this sits: every new benchmark module (`bench/bench_train.py`, the orchestrator `bench/run.py`)
 uses these, so that all rows carry the same hardware/version/commit/run-id record and every time
 figure comes from the same warm-up + >= 10 timed repetitions + quantile code. `bench/report.py`
-reads the rows back; nothing here formats a report.
+reads the rows back; nothing here formats a report. FLOPs and MFU come from `engine.flops` (one
+definition shared with the trainer's logs).
 
 Run ids: `bench/run.py` sets BENCH_RUN_ID once per orchestrated run and every row written during that
 run carries it, so the report computes each ratio from rows of one run.
@@ -31,35 +32,27 @@ RESULTS_DIR = REPO / "bench" / "results"
 RUN_ID_ENV = "BENCH_RUN_ID"
 MIN_REPS = 10
 
-# Dense bf16 tensor-core peak (no sparsity) per GPU family, FLOP/s; matched as a substring of the
-# device name, most specific first. Sources: the vendors' data sheets (SXM parts).
-GPU_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 125e12),
-    ("A10", 125e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-)
-
 
 # ------------------------------------------------------------------------------------- environment
 
 
+COMMIT_ENV = "BENCH_COMMIT"
+
+
 def git_commit() -> str:
-    """Short HEAD sha, with "-dirty" when the work tree has changes (so numbers are traceable)."""
+    """Short HEAD sha, with "-dirty" when the work tree has changes (so numbers are traceable).
+
+    A copy of the tree without its .git (as a GPU machine may get) has no HEAD: then BENCH_COMMIT, set
+    by whoever sent the copy, names the commit; "unknown" when neither is there.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "no-commit") + ("-dirty" if dirty else "")
+        sha = dirty = ""
+    if not sha:
+        return os.environ.get(COMMIT_ENV, "").strip() or "unknown"
+    return sha + ("-dirty" if dirty else "")
 
 
 def run_id() -> str:
@@ -246,42 +239,6 @@ class PeakMemory:
         else:
             self._rss.__exit__(*exc)
             self.peak_mb = self._rss.peak_mb
-
-
-# -------------------------------------------------------------------------------------------- MFU
-
-
-def gpu_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by name; None when the name is not in the table."""
-    for key, flops in GPU_PEAK_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
-
-
-def model_flops_per_token(n_params: int, n_layers: int, d_model: int, context: float, *, n_trainable: int | None = None,
-                          n_embedding: int = 0) -> float:  # fmt: skip
-    """Training FLOPs per token: 6 N for the matmuls (forward 2N, backward 4N) plus 12 L d T for attention
-    scores and values (PaLM appendix B), with T the attended context (for packed rows: the mean
-    sequence length, since sequences do not attend across each other).
-
-    With LoRA (n_trainable < n_params) the frozen weights need no weight gradients: 4 N_frozen + 6 N_trainable.
-    The input embedding is a lookup, not a matmul: its `n_embedding` parameters are left out.
-    """
-    n = n_params - n_embedding
-    if n_trainable is None or n_trainable >= n:
-        dense = 6.0 * n
-    else:
-        dense = 4.0 * (n - n_trainable) + 6.0 * n_trainable
-    return dense + 12.0 * n_layers * d_model * context
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, device_name: str | None) -> float | None:
-    """Model FLOPs utilisation; None on CPU or an unknown GPU (no peak to divide by)."""
-    if not device_name:
-        return None
-    peak = gpu_peak_flops(device_name)
-    return flops_per_token * tokens_per_s / peak if peak else None
 
 
 # --------------------------------------------------------------------------------------------- CSV

@@ -10,6 +10,11 @@ figure is typed in here.
 Run ids: rows with a `run_id` column carry it. Rows of modules that record no run id are attributed
 to the orchestrated run whose job wrote them (bench/results/runs.csv: one line per job with its start
 and end time) and otherwise to their commit, so a comparison never mixes two runs' rows.
+
+Dry runs: `make gpu-check DRY_RUN=1` writes rows whose run id (and bench name) start with "dryrun-";
+they check plumbing, measure nothing, and are left out of every document except the dry run's own
+preview. The GPU targets of issue #16 are evaluated here (`gpu_targets`), for the document and for
+`make gpu-check`'s summary alike.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 OUT = REPO / "BENCHMARKS.md"
 RUNS_CSV = "runs.csv"
 RUNS_FIELDS = ["run_id", "mode", "job", "csv", "status", "reason", "start", "end", "seconds", "commit", "hardware"]
+DRY_RUN_PREFIX = "dryrun-"
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,8 @@ SPECS = [
         group=("bench", "op", "objective", "N", "D", "V", "dtype", "device"), member=("backend",),
         time="time_ms_median", time_unit="ms", p10="time_ms_p10", p90="time_ms_p90", throughput="tokens_per_s",
         baseline={"backend": "eager"}, baseline_label="eager PyTorch",
-        others=(("Liger", {"backend": "liger"}),), extra=("reps",),
+        others=(("Liger", {"backend": "liger"}), ("CCE", {"backend": "cce"})),
+        extra=("reps", "tflops", "pct_peak", "loss"), notes_col="notes",
         sweeps=(("N", ("op", "objective", "D", "V", "dtype", "device"), "tokens N (sequence length x sequences)"),
                 ("V", ("op", "objective", "N", "D", "dtype", "device"), "vocabulary size V")),
         versions=("torch", "triton", "liger"),
@@ -353,28 +360,170 @@ def _gpu_rows(stem: str, rows: list[dict]) -> bool:
 
 
 MISSING_WITHOUT_GPU = {
-    "kernels": "the gpu-8b rows (Llama-3-8B head: D 4096, V 128256, bf16) for the eager, torch and Triton backends, "
-               "Liger-Kernel (compiled) and Cut Cross-Entropy (`cut-cross-entropy`, reduction='none' + the loss), "
-               "timed with CUDA synchronisation and measured with torch.cuda.max_memory_allocated",
-    "train": "the llama-8b DDPO rows (gpu-8b-lora, gpu-8b-full: packing, FlashAttention when installed, fused Triton "
-             "loss, reference cache) against TRL's DPOTrainer on the same GPU, and every MFU figure (MFU is left empty on CPU)",
+    "kernels": "the gpu-8b-n8192 / gpu-8b-n32768 rows (Llama-3-8B head: D 4096, V 128256, bf16; DPO, DDPO, ORPO, "
+               "DORPO) for the Triton and eager backends, Liger-Kernel (compiled) and Cut Cross-Entropy "
+               "(reduction='none' + the loss), timed with CUDA events, with TFLOP/s, % of bf16 peak and "
+               "torch.cuda.max_memory_allocated (`make gpu-check` measures them all)",
+    "train": "the 8B-shaped DDPO rows (gpu-8b4l-lora, gpu-8b4l-full from `make gpu-check`; gpu-8b-lora, gpu-8b-full "
+             "from `make bench-full`: packing, fused Triton loss, reference cache) against TRL's DPOTrainer on the "
+             "same GPU, and every MFU figure (MFU is left empty on CPU)",
     "refcache": "the GPU step-time and memory rows (e.g. gpt2-small in bf16)",
     "deviation": "the builtin:minilm embedding throughput on a GPU and FAISS on GPU",
 }  # fmt: skip
 
 
-def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> str:
-    """Write the document (and plots) from the CSVs in `results_dir`; returns the markdown."""
+def is_dry_run(row: dict) -> bool:
+    """A row of `make gpu-check DRY_RUN=1`: plumbing checked on a CPU, not a measurement."""
+    return any((row.get(k) or "").startswith(DRY_RUN_PREFIX) for k in ("run_id", "bench"))
+
+
+# ------------------------------------------------------------------------------------- GPU targets
+
+# Issue #16's targets at the Llama-3-8B head, N = 32768 (bench/bench_kernels.py's config).
+TARGET_KERNEL_BENCH = "gpu-8b-n32768"
+TARGET_PCT_PEAK = 60.0
+TARGET_TIME_VS_LIGER = 0.8
+TARGET_MEM_VS_CCE = 1.1
+TARGET_TOKENS_VS_TRL = 1.5
+# Liger-Kernel has no deviation-weighted losses: DDPO/DORPO are held to Liger's DPO/ORPO (same cost:
+# the weights are one scalar per pair).
+LIGER_COUNTERPART = {"dpo": "dpo", "ddpo": "dpo", "orpo": "orpo", "dorpo": "orpo"}
+TRL_VARIANT_LABEL = {"ref_forward": "TRL (ref forward)", "precomputed_ref": "TRL (precomputed ref)"}
+ENGINE_CACHE = {"system": "ddpo-engine", "variant": "packed+cache"}
+
+
+def _target(name: str, goal: str, value: str, met: bool | None, source: str) -> dict:
+    status = "not measured" if met is None else "met" if met else "NOT met"
+    return {"target": name, "goal": goal, "measured": value, "status": status, "source": source}
+
+
+def _unmeasured(row: dict | None, what: str, absent: str = "") -> str:
+    """Why a compared row gives no number: absent (from the run), or its notes (the reason it was skipped)."""
+    if row is None:
+        return absent or f"no {what} row in this run"
+    return f"{what}: " + (row.get("notes") or "no timing").split(";")[0]
+
+
+def _compare(name: str, goal: str, ours: dict, other: dict | None, col: str, unit: str, ok, what: str) -> dict:
+    """A target on ours[col] / other[col], two rows of one run; ok(ratio) says whether it is met."""
+    a = _f(ours.get(col))
+    b = _f(other.get(col)) if other else None
+    if not a or not b:
+        return _target(name, goal, "-", None, _unmeasured(other, what) if a else f"our row has no {col}")
+    return _target(name, goal, f"{a / b:.2f}x ({fmt(a)} / {fmt(b)} {unit})", ok(a / b), f"run `{ours['_run']}`")
+
+
+def _latest(rows: list[dict], **want) -> dict | None:
+    hits = [r for r in rows if _matches(r, want)]
+    return max(hits, key=lambda r: r["_t"]) if hits else None
+
+
+def _kernel_targets(rows: list[dict]) -> list[dict]:
+    out = []
+    head = [r for r in rows if r.get("bench") == TARGET_KERNEL_BENCH and r.get("op") == "fused_preference_loss"]
+    for obj in ("dpo", "ddpo", "orpo", "dorpo"):
+        label = f"{obj} N=32768"
+        cp = LIGER_COUNTERPART[obj]
+        vs = "" if cp == obj else f" ({cp}: Liger has no {obj})"
+        names_goals = [
+            (f"{label}: % of bf16 dense peak", f">= {TARGET_PCT_PEAK:.0f}%"),
+            (f"{label}: time vs Liger{vs}", f"<= {TARGET_TIME_VS_LIGER}x"),
+            (f"{label}: memory vs Liger{vs}", "<= 1.0x"),
+            (f"{label}: memory vs CCE", f"<= {TARGET_MEM_VS_CCE}x"),
+        ]
+        ours = [r for r in head if r.get("backend") == "triton" and r.get("objective") == obj]
+        timed = [r for r in ours if _f(r.get("time_ms_median"))]
+        if not timed:
+            why = _unmeasured(_latest(ours), "triton", f"no triton row at {TARGET_KERNEL_BENCH} yet (make gpu-check)")
+            out += [_target(n, g, "-", None, why) for n, g in names_goals]
+            continue
+        r = max(timed, key=lambda x: x["_t"])
+        run = [x for x in head if x["_run"] == r["_run"]]
+        liger, cce = _latest(run, backend="liger", objective=cp), _latest(run, backend="cce", objective=obj)
+        pct = _f(r.get("pct_peak"))
+        measured = "-" if pct is None else f"{pct:.1f}% ({fmt(r.get('tflops'))} TFLOP/s)"
+        src = f"run `{r['_run']}`" if pct is not None else "no bf16 peak known for this GPU"
+        out.append(_target(*names_goals[0], measured, None if pct is None else pct >= TARGET_PCT_PEAK, src))
+        faster = lambda x: x <= TARGET_TIME_VS_LIGER  # noqa: E731
+        out.append(_compare(*names_goals[1], r, liger, "time_ms_median", "ms", faster, "liger"))
+        out.append(_compare(*names_goals[2], r, liger, "peak_mem_mb", "MB", lambda x: x <= 1.0, "liger"))
+        out.append(_compare(*names_goals[3], r, cce, "peak_mem_mb", "MB", lambda x: x <= TARGET_MEM_VS_CCE, "cce"))
+    return out
+
+
+def _train_targets(rows: list[dict]) -> list[dict]:
+    out = []
+    gpu = [r for r in rows if (r.get("bench") or "").startswith("gpu-")]
+    benches = list(OrderedDict.fromkeys(r["bench"] for r in gpu)) or ["gpu-8b4l-lora", "gpu-8b4l-full"]
+    for bench in benches:
+        mine = [r for r in gpu if r["bench"] == bench]
+        timed = [r for r in mine if _matches(r, ENGINE_CACHE) and _f(r.get("tokens_per_s"))]
+        r = max(timed, key=lambda x: x["_t"]) if timed else None
+        for variant, vlabel in TRL_VARIANT_LABEL.items():
+            speed = (f"{bench}: tokens/s vs {vlabel}", f">= {TARGET_TOKENS_VS_TRL}x")
+            memory = (f"{bench}: memory vs {vlabel}", "<= 1.0x")
+            if r is None:
+                absent = f"no ddpo-engine packed+cache row of {bench} yet (make gpu-check)"
+                why = _unmeasured(_latest(mine, **ENGINE_CACHE), "ddpo-engine packed+cache", absent)
+                out += [_target(*speed, "-", None, why), _target(*memory, "-", None, why)]
+                continue
+            trl = _latest([x for x in mine if x["_run"] == r["_run"]], system="trl", variant=variant)
+            out.append(_compare(*speed, r, trl, "tokens_per_s", "tokens/s", lambda x: x >= TARGET_TOKENS_VS_TRL, "trl"))
+            out.append(_compare(*memory, r, trl, "peak_mem_mb", "MB", lambda x: x <= 1.0, "trl"))
+    return out
+
+
+def gpu_targets(kernel_rows: list[dict], train_rows: list[dict]) -> list[dict]:
+    """Issue #16's GPU targets from rows (with `_run`/`_t` set by attribute_runs): each a dict with target,
+    goal, measured, status ("met", "NOT met", "not measured") and source (the run, or why not measured).
+    A ratio's two rows always come from one run."""
+    return _kernel_targets(kernel_rows) + _train_targets(train_rows)
+
+
+def targets_section(kernel_rows: list[dict], train_rows: list[dict]) -> list[str]:
+    checks = gpu_targets(kernel_rows, train_rows)
+    counts = {s: sum(c["status"] == s for c in checks) for s in ("met", "NOT met", "not measured")}
+    intro = (
+        "Fused loss forward + backward at the Llama-3-8B head (N = 32768, bf16): >= 60% of bf16 dense peak "
+        "(6 N V D / time), <= 0.8x Liger-Kernel's time, peak memory <= Liger's and <= 1.1x Cut Cross-Entropy's. "
+        "End-to-end 8B-shaped DDPO step with the reference cache: >= 1.5x TRL DPOTrainer's tokens/s at no more "
+        "memory. Rows come from `make gpu-check` (bench/gpu_check.py); each ratio uses rows of one run."
+    )
+    md = ["## GPU targets (issue #16)", "", intro, ""]
+    md += [f"{counts['met']} met, {counts['NOT met']} NOT met, {counts['not measured']} not measured.", ""]
+    md += ["| target | goal | measured | status | source |", "|---|---|---|---|---|"]
+    md += [f"| {c['target']} | {c['goal']} | {c['measured']} | {c['status']} | {c['source']} |" for c in checks]
+    return md + [""]
+
+
+def render(
+    results_dir: Path,
+    out_path: Path,
+    plots_dir: Path | None = None,
+    *,
+    plots: bool = True,
+    include_dry_run: bool = False,
+) -> str:
+    """Write the document (and plots) from the CSVs in `results_dir`; returns the markdown.
+
+    plots=False writes no PNG (a preview away from the repository); dry-run rows are left out (and
+    counted) unless include_dry_run.
+    """
     plots_dir = plots_dir or results_dir / "plots"
     jobs = read_rows(results_dir / RUNS_CSV) if (results_dir / RUNS_CSV).exists() else []
     files = sorted(p for p in results_dir.glob("*.csv") if p.name != RUNS_CSV)
     specs = {s.stem: s for s in SPECS}
     order = [s.stem for s in SPECS] + sorted(p.stem for p in files if p.stem not in specs)
     data = {p.stem: read_rows(p) for p in files}
+    dry = sum(is_dry_run(r) for rows in [jobs, *data.values()] for r in rows)
+    if not include_dry_run:
+        jobs = [r for r in jobs if not is_dry_run(r)]
+        data = {stem: [r for r in rows if not is_dry_run(r)] for stem, rows in data.items()}
+        data = {stem: rows for stem, rows in data.items() if rows}
     for stem, rows in data.items():
         attribute_runs(stem, rows, jobs)
 
-    if plots_dir.exists():
+    if plots and plots_dir.exists():
         for old in plots_dir.glob("*.png"):
             old.unlink()  # plots of sweeps no longer in the data must not linger
     md = [
@@ -390,6 +539,13 @@ def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> 
         "repetitions after warm-up.",
         "",
     ]
+    if include_dry_run and dry:
+        md.append(f"**Dry-run preview**: {dry} rows marked `{DRY_RUN_PREFIX}` come from `make gpu-check DRY_RUN=1` "
+                  "on a CPU; they check the plumbing and measure nothing, and never belong in bench/results.")
+        md.append("")
+    elif dry:
+        md += [f"{dry} dry-run rows (`{DRY_RUN_PREFIX}`, from `make gpu-check DRY_RUN=1`) were left out.", ""]
+    md += targets_section(data.get("kernels", []), data.get("train", []))
     missing = []
     for stem in order:
         rows = data.get(stem)
@@ -400,6 +556,8 @@ def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> 
             continue
         if stem == MEMORY_STEM:
             md += _memory_section(rows)
+        if stem == "reward":
+            md += _reward_section(rows)
             continue
         if spec is None:
             md += _generic_section(stem, rows)
@@ -414,7 +572,9 @@ def render(results_dir: Path, out_path: Path, plots_dir: Path | None = None) -> 
                 md += [""] + [f"- {m}: {n}" for m, n in notes]
             md.append("")
         sweeps = find_sweeps(spec, rows)
-        if sweeps:
+        if sweeps and not plots:
+            md += ["Plots are omitted from this preview (`python -m bench.report` draws them).", ""]
+        elif sweeps:
             md += ["Plots (time and peak memory against the swept dimension; one run each):", ""]
             for xcol, xlabel, fx, run, series in sweeps:
                 path = plot_sweep(spec, xcol, xlabel, fx, run, series, plots_dir)
@@ -478,6 +638,37 @@ def _memory_section(rows: list[dict]) -> list[str]:
         env = "; ".join(x for x in (r0.get("hardware"), *versions) if x)
         md += ["", f"- {env}", ""]
     return md
+def _reward_section(rows: list[dict]) -> list[str]:
+    """reward.csv (bench/bench_reward.py): held-out quality of the tiny reward preset and its variants, the
+    latest row of each variant (quality figures stand alone: no ratio is taken across rows)."""
+    latest: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["_t"]):
+        latest[r["variant"]] = r
+    rs = list(latest.values())
+    md = ["## Reward model: held-out quality of the tiny preset", "",
+          "`configs/reward-tiny-cpu.yaml` trained by `engine.train`, its exported `final/` loaded by transformers "
+          "(engine.evaluate.RewardScorer) and scored on every held-out response of the synthetic data "
+          "(bench/bench_reward.py). *Spearman (quality)*: rank correlation of the export's scores with the "
+          "generator's ground-truth quality; *train-time*: the same from the trainer's packed forward at the best "
+          "step; *Spearman (upvotes)*, *pair accuracy*: against the held-out upvotes and preference pairs. Times: "
+          "the whole train call (data, training, held-out evaluations, exports) in wall and CPU seconds, with the "
+          "machine's 1-minute load average before and after. The latest row of each variant.", "",
+          "| variant | loss | labels | Spearman (quality) | bar | train-time | Spearman (upvotes) | pair accuracy | "
+          "steps (best) | wall s | CPU s | threads | load | run |",
+          "|" + "---|" * 14]  # fmt: skip
+    for r in rs:
+        q, bar = _f(r.get("spearman_quality")), _f(r.get("target_spearman_quality"))
+        verdict = "-" if q is None or bar is None else (f">= {bar:g}" if q >= bar else f"< {bar:g}")
+        md.append(
+            f"| {r['variant']} | {r['reward_loss']} | {r['labels']} | {fmt(q, 3)} | {verdict} | "
+            f"{fmt(r.get('spearman_quality_train'), 3)} | {fmt(r.get('spearman_label'), 3)} | "
+            f"{fmt(r.get('pairwise_accuracy'), 3)} | {r['steps']} ({r['best_step']}) | {fmt(r.get('wall_s'))} | "
+            f"{fmt(r.get('cpu_s'))} | {r['threads']} | {r['load1_start']} -> {r['load1_end']} | {r['_run']} |"
+        )
+    envs = sorted({(r["hardware"], r["torch"], r["transformers"], r["commit"]) for r in rs})
+    md += ["", "Hardware and versions of these rows:", ""]
+    md += [f"- {h}; torch {t}, transformers {tf}, commit {c}" for h, t, tf, c in envs]
+    return md + [""]
 
 
 def _generic_section(stem: str, rows: list[dict]) -> list[str]:

@@ -68,6 +68,9 @@ JOBS = [
         ("-m", "bench.bench_attention"), budget_quick_s=60, budget_full_s=600),
     Job("train", "bench/bench_train.py", "train.csv", ("-m", "bench.bench_train", "--quick"), ("-m", "bench.bench_train"),
         budget_quick_s=270, budget_full_s=5400, needs=("trl", "deepspeed")),
+    # The tiny reward preset trained end to end and its export scored on held-out responses (quality, not time).
+    Job("reward", "bench/bench_reward.py", "reward.csv", ("-m", "bench.bench_reward", "--quick"),
+        ("-m", "bench.bench_reward"), budget_quick_s=240, budget_full_s=3600, needs=("deepspeed", "scipy")),
 ]  # fmt: skip
 
 

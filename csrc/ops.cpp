@@ -1,22 +1,24 @@
-// Native operators of the log-prob / loss path: schemas (TORCH_LIBRARY) and CPU kernels.
+// Native row operators of the log-prob path: schemas (TORCH_LIBRARY) and CPU kernels.
 //
-// Where this sits: kernels/chunk_ops.py calls these through torch.ops.ddpo_ops.* for each
-// [C, V] logits chunk of the chunked "torch" backend, and for the loss epilogue; the CUDA
-// kernels of the same ops live in ops_cuda.cu. Semantics (and the pure-PyTorch references
-// the tests compare against) are documented in kernels/chunk_ops.py.
+// Where this sits: ddpo_kernels/chunk_logprob.py calls these through torch.ops.ddpo_ops.* for each
+// [C, V] block of logits the chunked "torch" backend computes (one GEMM per fixed-size chunk of
+// tokens); the CUDA kernels of the same ops live in ops_cuda.cu. Semantics (and the pure-PyTorch
+// references the tests compare against) are documented in ddpo_kernels/chunk_logprob.py:
+//   logprob_rows_forward(logits, targets)            -> lse[C], logp[C] = logits[i, t_i] - lse[i]
+//   logprob_rows_backward_(logits, targets, lse, g)  :  logits[i] := g[i] * (onehot(t_i) - softmax_i)
+// Every row has a target (the caller selected them); per-sequence sums are not formed here, so a
+// row's values never depend on which other rows share the block.
 //
 // CPU design: at::parallel_for over rows; per row one max pass and one exp-sum pass in fp32
 // with explicit SIMD (vector extensions) and a polynomial exp, because libm's expf and float
-// selects do not vectorise without -ffast-math, which we avoid since it breaks inf
-// handling; per-token log-probs go to a [C] buffer and are added to the segment sums
-// serially in double, so results do not depend on the thread count.
+// selects do not vectorise without -ffast-math, which we avoid since it breaks inf handling.
+// The order of operations within a row is fixed, so results do not depend on the thread count.
 // target_clones builds x86-64-v3 (AVX2, FMA, F16C) and baseline variants; the loader picks one
 // at run time.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -27,9 +29,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
-#include "epilogue_math.h"
 #include "ops_common.h"
 
 namespace ddpo {
@@ -184,28 +184,23 @@ DDPO_INLINE float row_lse(const T* x, int64_t V) {
 }
 
 template <typename T>
-DDPO_INLINE void fwd_rows_impl(const T* logits, int64_t ld, int64_t V, const int64_t* targets, const int64_t* segs,
-                               int64_t ignore_index, float* lse, float* logp, int64_t b, int64_t e) {
+DDPO_INLINE void fwd_rows_impl(const T* logits, int64_t ld, int64_t V, const int64_t* targets, float* lse,
+                               float* logp, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) {
     const T* x = logits + i * ld;
     const float l = row_lse(x, V);
     lse[i] = l;
-    const int64_t t = targets[i];
-    logp[i] = (t != ignore_index && segs[i] >= 0) ? to_f(x[t]) - l : 0.f;
+    logp[i] = to_f(x[targets[i]]) - l;
   }
 }
 
 template <typename T>
-DDPO_INLINE void bwd_rows_impl(T* logits, int64_t ld, int64_t V, const int64_t* targets, const int64_t* segs,
-                               const float* lse, const float* grad_seg, int64_t ignore_index, int64_t b, int64_t e) {
+DDPO_INLINE void bwd_rows_impl(T* logits, int64_t ld, int64_t V, const int64_t* targets, const float* lse,
+                               const float* grad, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) {
     T* x = logits + i * ld;
     const int64_t t = targets[i];
-    if (t == ignore_index || segs[i] < 0) {
-      for (int64_t j = 0; j < V; ++j) x[j] = T(0.f);
-      continue;
-    }
-    const float g = grad_seg[segs[i]];
+    const float g = grad[i];
     const float l = lse[i];
     const float xt = to_f(x[t]);
     const float ng = -g;
@@ -218,138 +213,92 @@ DDPO_INLINE void bwd_rows_impl(T* logits, int64_t ld, int64_t V, const int64_t* 
 }
 
 // Per-dtype entry points: target_clones needs plain (non-template) functions.
-#define DDPO_DEFINE_ROWS(T, suffix)                                                                             \
-  DDPO_CLONES void fwd_rows_##suffix(const T* logits, int64_t ld, int64_t V, const int64_t* targets,          \
-                                     const int64_t* segs, int64_t ignore_index, float* lse, float* logp,      \
-                                     int64_t b, int64_t e) {                                                   \
-    fwd_rows_impl<T>(logits, ld, V, targets, segs, ignore_index, lse, logp, b, e);                             \
-  }                                                                                                            \
-  DDPO_CLONES void bwd_rows_##suffix(T* logits, int64_t ld, int64_t V, const int64_t* targets,                \
-                                     const int64_t* segs, const float* lse, const float* grad_seg,            \
-                                     int64_t ignore_index, int64_t b, int64_t e) {                             \
-    bwd_rows_impl<T>(logits, ld, V, targets, segs, lse, grad_seg, ignore_index, b, e);                         \
+#define DDPO_DEFINE_ROWS(T, suffix)                                                                              \
+  DDPO_CLONES void fwd_rows_##suffix(const T* logits, int64_t ld, int64_t V, const int64_t* targets, float* lse, \
+                                     float* logp, int64_t b, int64_t e) {                                       \
+    fwd_rows_impl<T>(logits, ld, V, targets, lse, logp, b, e);                                                  \
+  }                                                                                                             \
+  DDPO_CLONES void bwd_rows_##suffix(T* logits, int64_t ld, int64_t V, const int64_t* targets, const float* lse, \
+                                     const float* grad, int64_t b, int64_t e) {                                 \
+    bwd_rows_impl<T>(logits, ld, V, targets, lse, grad, b, e);                                                  \
   }
 
 DDPO_DEFINE_ROWS(float, f32)
 DDPO_DEFINE_ROWS(c10::Half, f16)
 DDPO_DEFINE_ROWS(c10::BFloat16, bf16)
 
-inline void fwd_rows(const float* p, int64_t ld, int64_t V, const int64_t* t, const int64_t* s, int64_t ii, float* lse,
-                     float* logp, int64_t b, int64_t e) {
-  fwd_rows_f32(p, ld, V, t, s, ii, lse, logp, b, e);
+inline void fwd_rows(const float* p, int64_t ld, int64_t V, const int64_t* t, float* lse, float* logp, int64_t b,
+                     int64_t e) {
+  fwd_rows_f32(p, ld, V, t, lse, logp, b, e);
 }
-inline void fwd_rows(const c10::Half* p, int64_t ld, int64_t V, const int64_t* t, const int64_t* s, int64_t ii,
-                     float* lse, float* logp, int64_t b, int64_t e) {
-  fwd_rows_f16(p, ld, V, t, s, ii, lse, logp, b, e);
+inline void fwd_rows(const c10::Half* p, int64_t ld, int64_t V, const int64_t* t, float* lse, float* logp, int64_t b,
+                     int64_t e) {
+  fwd_rows_f16(p, ld, V, t, lse, logp, b, e);
 }
-inline void fwd_rows(const c10::BFloat16* p, int64_t ld, int64_t V, const int64_t* t, const int64_t* s, int64_t ii,
-                     float* lse, float* logp, int64_t b, int64_t e) {
-  fwd_rows_bf16(p, ld, V, t, s, ii, lse, logp, b, e);
+inline void fwd_rows(const c10::BFloat16* p, int64_t ld, int64_t V, const int64_t* t, float* lse, float* logp,
+                     int64_t b, int64_t e) {
+  fwd_rows_bf16(p, ld, V, t, lse, logp, b, e);
 }
-inline void bwd_rows(float* p, int64_t ld, int64_t V, const int64_t* t, const int64_t* s, const float* lse,
-                     const float* g, int64_t ii, int64_t b, int64_t e) {
-  bwd_rows_f32(p, ld, V, t, s, lse, g, ii, b, e);
+inline void bwd_rows(float* p, int64_t ld, int64_t V, const int64_t* t, const float* lse, const float* g, int64_t b,
+                     int64_t e) {
+  bwd_rows_f32(p, ld, V, t, lse, g, b, e);
 }
-inline void bwd_rows(c10::Half* p, int64_t ld, int64_t V, const int64_t* t, const int64_t* s, const float* lse,
-                     const float* g, int64_t ii, int64_t b, int64_t e) {
-  bwd_rows_f16(p, ld, V, t, s, lse, g, ii, b, e);
+inline void bwd_rows(c10::Half* p, int64_t ld, int64_t V, const int64_t* t, const float* lse, const float* g,
+                     int64_t b, int64_t e) {
+  bwd_rows_f16(p, ld, V, t, lse, g, b, e);
 }
-inline void bwd_rows(c10::BFloat16* p, int64_t ld, int64_t V, const int64_t* t, const int64_t* s, const float* lse,
-                     const float* g, int64_t ii, int64_t b, int64_t e) {
-  bwd_rows_bf16(p, ld, V, t, s, lse, g, ii, b, e);
-}
-
-// The three logits dtypes (check_chunk has rejected any other).
-template <typename F>
-void dispatch_logits(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "logits dtype ", st, " is not float32, float16 or bfloat16");
-  }
+inline void bwd_rows(c10::BFloat16* p, int64_t ld, int64_t V, const int64_t* t, const float* lse, const float* g,
+                     int64_t b, int64_t e) {
+  bwd_rows_bf16(p, ld, V, t, lse, g, b, e);
 }
 
 // Rows per parallel task: about 64K logits, so small chunks do not pay thread start-up.
 inline int64_t grain_for(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
-// Bounds are checked once, serially, before any row is read: a bad target would
-// otherwise read outside the row, and a bad segment id write outside the accumulators.
-void check_indices(const int64_t* targets, const int64_t* segs, int64_t C, int64_t V, int64_t S, int64_t ignore_index,
-                   const char* op) {
+// Targets are checked once, serially, before any row is read: a bad one would otherwise read
+// outside its row.
+void check_targets(const int64_t* targets, int64_t C, int64_t V, const char* op) {
   for (int64_t i = 0; i < C; ++i) {
-    if (targets[i] == ignore_index || segs[i] < 0) continue;
     TORCH_CHECK(targets[i] >= 0 && targets[i] < V, op, ": target ", targets[i], " at row ", i,
-                " is outside the vocabulary [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-    TORCH_CHECK(segs[i] < S, op, ": segment id ", segs[i], " at row ", i, " is >= the number of segments S = ", S,
-                "; size the [S] tensors to max(segment_ids) + 1");
+                " is outside the vocabulary [0, ", V, "); select only rows with a target");
   }
 }
 
-at::Tensor chunk_logprob_forward_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                                     const at::Tensor& segment_ids, at::Tensor& seg_logps, at::Tensor& seg_counts,
-                                     int64_t ignore_index, int64_t cuda_stream) {
+std::tuple<at::Tensor, at::Tensor> logprob_rows_forward_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                             int64_t cuda_stream) {
   (void)cuda_stream;
-  check_chunk(logits, targets, segment_ids, "chunk_logprob_forward");
-  check_accumulators(logits, seg_logps, seg_counts);
-  const int64_t C = logits.size(0), V = logits.size(1), S = seg_logps.size(0);
+  check_rows(logits, targets, "logprob_rows_forward");
+  const int64_t C = logits.size(0), V = logits.size(1);
   const at::Tensor t64 = targets.to(at::kLong).contiguous();
-  const at::Tensor s64 = segment_ids.to(at::kLong).contiguous();
   const int64_t* tp = t64.const_data_ptr<int64_t>();
-  const int64_t* sp = s64.const_data_ptr<int64_t>();
-  check_indices(tp, sp, C, V, S, ignore_index, "chunk_logprob_forward");
-
+  check_targets(tp, C, V, "logprob_rows_forward");
   at::Tensor lse = at::empty({C}, logits.options().dtype(at::kFloat));
-  if (C == 0) return lse;
-  TORCH_CHECK(V > 0, "chunk_logprob_forward: the vocabulary dimension is empty (V = 0)");
-  std::vector<float> logp(C);
+  at::Tensor logp = at::empty({C}, logits.options().dtype(at::kFloat));
+  if (C == 0) return {lse, logp};
   float* lse_p = lse.mutable_data_ptr<float>();
+  float* logp_p = logp.mutable_data_ptr<float>();
   const int64_t ld = logits.stride(0);
   dispatch_logits(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, C, grain_for(V), [&](int64_t b, int64_t e) {
-      fwd_rows(x, ld, V, tp, sp, ignore_index, lse_p, logp.data(), b, e);
-    });
+    at::parallel_for(0, C, grain_for(V), [&](int64_t b, int64_t e) { fwd_rows(x, ld, V, tp, lse_p, logp_p, b, e); });
   });
-
-  // Serial, in row order, in double: deterministic whatever the thread count.
-  std::vector<double> acc(S, 0.0);
-  std::vector<int64_t> cnt(S, 0);
-  for (int64_t i = 0; i < C; ++i) {
-    if (tp[i] == ignore_index || sp[i] < 0) continue;
-    acc[sp[i]] += logp[i];
-    cnt[sp[i]] += 1;
-  }
-  float* out_l = seg_logps.mutable_data_ptr<float>();
-  int64_t* out_c = seg_counts.mutable_data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s) {
-    if (cnt[s] == 0) continue;
-    out_l[s] = static_cast<float>(out_l[s] + acc[s]);
-    out_c[s] += cnt[s];
-  }
-  return lse;
+  return {lse, logp};
 }
 
-void chunk_logprob_backward_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& segment_ids,
-                                const at::Tensor& lse, const at::Tensor& grad_seg, int64_t ignore_index,
-                                int64_t cuda_stream) {
+void logprob_rows_backward_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                               const at::Tensor& grad, int64_t cuda_stream) {
   (void)cuda_stream;
-  check_chunk(logits, targets, segment_ids, "chunk_logprob_backward_");
-  check_rows_disjoint(logits, "chunk_logprob_backward_");
+  check_rows(logits, targets, "logprob_rows_backward_");
+  check_rows_disjoint(logits, "logprob_rows_backward_");
+  check_row_vector(logits, lse, "lse", "logprob_rows_backward_");
+  check_row_vector(logits, grad, "grad", "logprob_rows_backward_");
   const int64_t C = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == C, "chunk_logprob_backward_: lse must be [C] = [", C, "], got shape ",
-              lse.sizes());
-  TORCH_CHECK(grad_seg.dim() == 1, "chunk_logprob_backward_: grad_seg must be [S], got shape ", grad_seg.sizes());
-  TORCH_CHECK(lse.device() == logits.device() && grad_seg.device() == logits.device(),
-              "chunk_logprob_backward_: lse and grad_seg must be on ", logits.device());
   const at::Tensor t64 = targets.to(at::kLong).contiguous();
-  const at::Tensor s64 = segment_ids.to(at::kLong).contiguous();
   const at::Tensor lse32 = lse.to(at::kFloat).contiguous();
-  const at::Tensor g32 = grad_seg.to(at::kFloat).contiguous();
+  const at::Tensor g32 = grad.to(at::kFloat).contiguous();
   const int64_t* tp = t64.const_data_ptr<int64_t>();
-  const int64_t* sp = s64.const_data_ptr<int64_t>();
-  check_indices(tp, sp, C, V, grad_seg.size(0), ignore_index, "chunk_logprob_backward_");
+  check_targets(tp, C, V, "logprob_rows_backward_");
   if (C == 0 || V == 0) return;
   const float* lp = lse32.const_data_ptr<float>();
   const float* gp = g32.const_data_ptr<float>();
@@ -357,65 +306,8 @@ void chunk_logprob_backward_cpu(at::Tensor& logits, const at::Tensor& targets, c
   dispatch_logits(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* x = logits.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, C, grain_for(V), [&](int64_t b, int64_t e) {
-      bwd_rows(x, ld, V, tp, sp, lp, gp, ignore_index, b, e);
-    });
+    at::parallel_for(0, C, grain_for(V), [&](int64_t b, int64_t e) { bwd_rows(x, ld, V, tp, lp, gp, b, e); });
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> preference_epilogue_cpu(
-    c10::string_view objective, const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& chosen_counts,
-    const at::Tensor& rejected_counts, double beta, const std::optional<at::Tensor>& weights,
-    const std::optional<at::Tensor>& ref_chosen, const std::optional<at::Tensor>& ref_rejected, int64_t cuda_stream) {
-  (void)cuda_stream;
-  const EpilogueInputs in = prepare_epilogue(std::string_view(objective.data(), objective.size()), chosen, rejected,
-                                             chosen_counts, rejected_counts, beta, weights, ref_chosen, ref_rejected);
-  const int64_t P = in.P;
-  const double* pc = in.pc.const_data_ptr<double>();
-  const double* pr = in.pr.const_data_ptr<double>();
-  const double* nc = in.nc.const_data_ptr<double>();
-  const double* nr = in.nr.const_data_ptr<double>();
-  const double* w = in.w.has_value() ? in.w->const_data_ptr<double>() : nullptr;
-  auto opts = chosen.options().dtype(at::kFloat);
-  at::Tensor loss_t = at::empty({}, opts);
-  at::Tensor gc_t = at::zeros({P}, opts);
-  at::Tensor gr_t = at::zeros({P}, opts);
-  float* gc = gc_t.mutable_data_ptr<float>();
-  float* gr = gr_t.mutable_data_ptr<float>();
-  double loss = 0.0;
-
-  if (in.objective == kSFT) {
-    double sum_l = 0.0, sum_n = 0.0;
-    for (int64_t i = 0; i < P; ++i) sum_l += pc[i], sum_n += nc[i];
-    const double denom = std::max(sum_n, 1.0);
-    loss = -sum_l / denom;
-    for (int64_t i = 0; i < P; ++i) gc[i] = static_cast<float>(-1.0 / denom);
-  } else if (in.objective == kDPO || in.objective == kDDPO) {
-    const double* rc = in.rc->const_data_ptr<double>();
-    const double* rr = in.rr->const_data_ptr<double>();
-    for (int64_t i = 0; i < P; ++i) {
-      double dpc, dpr;
-      loss += ddpo_pair(pc[i], pr[i], rc[i], rr[i], w ? w[i] : 1.0, beta, &dpc, &dpr);
-      gc[i] = static_cast<float>(dpc / P);
-      gr[i] = static_cast<float>(dpr / P);
-    }
-    loss /= P;
-  } else {  // orpo / dorpo: mean(w) * chosen_nll - mean(beta * logsigmoid(w * log_odds))
-    double sum_l = 0.0, sum_n = 0.0, sum_w = 0.0;
-    for (int64_t i = 0; i < P; ++i) sum_l += pc[i], sum_n += nc[i], sum_w += w ? w[i] : 1.0;
-    const double denom = std::max(sum_n, 1.0);
-    const double w_mean = sum_w / P;
-    double odds = 0.0;
-    for (int64_t i = 0; i < P; ++i) {
-      double dsc, dsr;
-      odds += orpo_pair(pc[i], pr[i], nc[i], nr[i], w ? w[i] : 1.0, beta, &dsc, &dsr);
-      gc[i] = static_cast<float>(-w_mean / denom - dsc / P);
-      gr[i] = static_cast<float>(-dsr / P);
-    }
-    loss = w_mean * (-sum_l / denom) - odds / P;
-  }
-  loss_t.fill_(loss);
-  return {loss_t, gc_t, gr_t};
 }
 
 }  // namespace
@@ -435,20 +327,12 @@ extern "C" PyObject* PyInit__C(void) {
 // The trailing `cuda_stream` is the raw cudaStream_t of the caller's current stream (0 on
 // CPU): the CUDA sources avoid c10/cuda so that they build against CPU torch wheels too.
 TORCH_LIBRARY(ddpo_ops, m) {
+  m.def("logprob_rows_forward(Tensor logits, Tensor targets, int cuda_stream=0) -> (Tensor, Tensor)");
   m.def(
-      "chunk_logprob_forward(Tensor logits, Tensor targets, Tensor segment_ids, Tensor(a!) seg_logps, "
-      "Tensor(b!) seg_counts, int ignore_index=-100, int cuda_stream=0) -> Tensor");
-  m.def(
-      "chunk_logprob_backward_(Tensor(a!) logits, Tensor targets, Tensor segment_ids, Tensor lse, "
-      "Tensor grad_seg, int ignore_index=-100, int cuda_stream=0) -> ()");
-  m.def(
-      "preference_epilogue(str objective, Tensor chosen_logps, Tensor rejected_logps, Tensor chosen_counts, "
-      "Tensor rejected_counts, float beta, Tensor? chosen_weights=None, Tensor? ref_chosen_logps=None, "
-      "Tensor? ref_rejected_logps=None, int cuda_stream=0) -> (Tensor, Tensor, Tensor)");
+      "logprob_rows_backward_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor grad, int cuda_stream=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ddpo_ops, CPU, m) {
-  m.impl("chunk_logprob_forward", &ddpo::chunk_logprob_forward_cpu);
-  m.impl("chunk_logprob_backward_", &ddpo::chunk_logprob_backward_cpu);
-  m.impl("preference_epilogue", &ddpo::preference_epilogue_cpu);
+  m.impl("logprob_rows_forward", &ddpo::logprob_rows_forward_cpu);
+  m.impl("logprob_rows_backward_", &ddpo::logprob_rows_backward_cpu);
 }

@@ -5,17 +5,20 @@ to `runs/<name>/eval/`), and the CLI wraps the same function for any saved model
 architecture. Each prompt gets `n_samples` samples drawn with the published settings (temperature
 1.0, top-p 0.95, top-k 50, repetition penalty 1.1); the group of samples is scored with the
 functions of `engine.metrics` (semantic and style diversity through the deviation pipeline's
-embedders, n-gram diversity, compression ratio, homogenization), plus quality from a reward model
+embedders, n-gram diversity, compression ratio, homogenization; `eval.metrics_compat` chooses the
+engine's definitions or the authors' values), plus quality from a reward model
 and, on the bundled synthetic data, from the generator's ground truth. `--human` scores the human
 responses of the same prompts instead of samples, the reference diversity of human writing.
 
     python -m engine.evaluate --model runs/ddpo/final --prompts synthetic [--n 4] [--out dir]
     python -m engine.evaluate --human --prompts data.jsonl --out runs/human/eval
-    python -m engine.evaluate compare runs/dpo runs/ddpo runs/human --out reports/
+    python -m engine.evaluate compare runs/dpo runs/ddpo runs/human --out reports/ [--baseline dpo]
 
 Outputs of one evaluation: `generations.jsonl` (one line per sample, with its per-sample scores) and
 `metrics.json` ({"summary": averages over prompts, "per_prompt": [...], "settings": {...}}; NaN is
-written as null). `compare` writes `comparison.md` and `quality_vs_diversity.png`.
+written as null). `compare` writes `comparison.md` and `quality_vs_diversity.png`; its statistics
+(mean +- sample std over seeds, paired bootstrap intervals against `--baseline`) and its plot come from
+`engine.compare`, the implementation the method experiment reports with too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from engine import metrics as M
+from engine.config import CLEANINGS, METRICS_COMPATS, MODEL_DTYPES
+from engine.fileio import atomic_write
 
 # Columns of the comparison table, in order; those a run lacks are shown as "-".
 REPORT_KEYS = (
@@ -175,15 +180,19 @@ class RewardScorer:
     The pair is rendered with the reward tokenizer's chat template (user = prompt, assistant =
     response) when it has one, else encoded as a text pair. Score: the logit when the head has one
     label (a reward model), else the softmax probability of the last label (the positive class).
+    max_length None: the tokenizer's model_max_length (a reward model trained here records its training
+    length there, so texts are cut where training cut them), 1024 when the tokenizer states none.
     """
 
-    def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 8, max_length: int = 1024):
+    def __init__(self, path: str, *, device: str = "cpu", batch_size: int = 8, max_length: int | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = str(path)
         self.batch_size = batch_size
-        self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        stated = getattr(self.tokenizer, "model_max_length", None)
+        # Tokenizers without a limit report a huge sentinel (int(1e30)).
+        self.max_length = max_length or (int(stated) if stated and stated < 1_000_000 else 1024)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"reward tokenizer at {self.path} has no pad or eos token; add a pad token to it")
@@ -234,12 +243,12 @@ def _auto_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_embedder(name: str | None, device: str, batch_size: int = 64):
+def _load_embedder(name: str | None, device: str, batch_size: int = 64, trust_remote_code: bool = False):
     if not name:
         return None
     from engine.deviation import get_embedder
 
-    return get_embedder(name, device=device, batch_size=batch_size)
+    return get_embedder(name, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -265,6 +274,7 @@ def score_samples(
     settings: dict | None = None,
     out_dir: str | Path | None = None,
     show_progress: bool = True,
+    metrics_compat: str = "engine",
 ) -> EvalResult:
     """Score groups of samples (from a model or from people) and write the outputs.
 
@@ -273,6 +283,7 @@ def score_samples(
     `engine.deviation.get_embedder`; a missing one leaves its metric out. Quality: `quality_reward`
     (reward model) and, when `synthetic`, `quality_true` (the generator's ground truth) plus theme/style
     shares and entropies; `quality` is the ground truth on synthetic data, else the reward.
+    metrics_compat: the definitions of the diversity metrics (`engine.metrics`, eval.metrics_compat).
     """
     from engine.data.records import make_prompt_id
 
@@ -309,9 +320,9 @@ def score_samples(
         lo, hi = int(bounds[i]), int(bounds[i + 1])
         texts = groups[i]
         row = {"prompt_id": pid, "prompt": prompt}
-        row.update(M.text_metrics(texts))
+        row.update(M.text_metrics(texts, compat=metrics_compat))
         for key, emb in embedded.items():
-            row[key] = M.embedding_diversity(emb[lo:hi])
+            row[key] = M.embedding_diversity(emb[lo:hi], compat=metrics_compat)
         if any("n_tokens" in s for s in group):
             row["length_tokens_mean"] = float(np.mean([s.get("n_tokens", 0) for s in group])) if group else 0.0
             row["truncated_share"] = float(np.mean([bool(s.get("truncated")) for s in group])) if group else 0.0
@@ -353,6 +364,7 @@ def score_samples(
         semantic_model=getattr(semantic_embedder, "id", None),
         style_model=getattr(style_embedder, "id", None),
         reward_model=getattr(reward_scorer, "path", None),
+        metrics_compat=metrics_compat,
     )
     result = EvalResult(summary=summary, per_prompt=per_prompt, generations=generations, settings=settings)
     if out_dir is not None:
@@ -378,13 +390,9 @@ def _jsonable(x):
 def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     """Write generations.jsonl and metrics.json under out_dir (created if needed)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     gen_path, met_path = out / "generations.jsonl", out / "metrics.json"
-    with open(gen_path, "w", encoding="utf-8") as f:
-        for g in result.generations:
-            f.write(json.dumps(_jsonable(g), ensure_ascii=False) + "\n")
-    with open(met_path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(result.to_dict()), f, indent=2, ensure_ascii=False)
+    atomic_write(gen_path, "".join(json.dumps(_jsonable(g), ensure_ascii=False) + "\n" for g in result.generations))
+    atomic_write(met_path, json.dumps(_jsonable(result.to_dict()), indent=2, ensure_ascii=False))
     result.out_dir = out
     result.files = {"generations": gen_path, "metrics": met_path}
     return result.files
@@ -394,9 +402,11 @@ def _embedders_and_reward(cfg, device: str, embedders: dict | None, reward_score
     """The embedders and reward scorer named by cfg, unless the caller passed its own."""
     embedders = dict(embedders) if embedders is not None else {}
     if "semantic" not in embedders:
-        embedders["semantic"] = _load_embedder(getattr(cfg, "semantic_model", None), device)
+        embedders["semantic"] = _load_embedder(getattr(cfg, "semantic_model", None), device,
+                                               trust_remote_code=getattr(cfg, "trust_remote_code", False))
     if "style" not in embedders:
-        embedders["style"] = _load_embedder(getattr(cfg, "style_model", None), device)
+        embedders["style"] = _load_embedder(getattr(cfg, "style_model", None), device,
+                                            trust_remote_code=getattr(cfg, "trust_remote_code", False))
     if reward_scorer is None and getattr(cfg, "reward_model", None):
         reward_scorer = RewardScorer(cfg.reward_model, device=device)
     return embedders, reward_scorer
@@ -448,6 +458,7 @@ def evaluate_model(
         settings=settings,
         out_dir=out_dir,
         show_progress=show_progress,
+        metrics_compat=getattr(cfg, "metrics_compat", "engine"),
     )
 
 
@@ -503,6 +514,7 @@ def evaluate_human(
         settings=settings,
         out_dir=out_dir,
         show_progress=show_progress,
+        metrics_compat=getattr(cfg, "metrics_compat", "engine"),
     )
 
 
@@ -517,11 +529,12 @@ def load_prompt_groups(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     strict: bool = False,
+    cleaning: str = "engine",
 ) -> list[list]:
     """Responses of the first `num_prompts` prompts of one split of a data source, grouped by prompt.
 
     split: "val" = the prompts training held out (engine.data.pairs.split_by_prompt with the same
-    val_fraction and seed as the data config), "train" = the others, "all" = every prompt. Within the
+    val_fraction, seed and data.cleaning as the data config), "train" = the others, "all" = every prompt. Within the
     split, prompts are ordered by prompt_id (a content hash), so the choice does not depend on file
     order and is a reproducible pseudo-random subset rather than the oldest posts.
     """
@@ -530,7 +543,7 @@ def load_prompt_groups(
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    responses, _report = load_responses(source, strict=strict)
+    responses, _report = load_responses(source, strict=strict, cleaning=cleaning)
     if split != "all":
         train, val = split_by_prompt(responses, val_fraction, split_seed)
         responses = val if split == "val" else train
@@ -577,7 +590,11 @@ def run_label(path: str | Path) -> str:
 
 
 def summarize_run(path: str | Path, label: str | None = None) -> dict:
-    """Mean and std over a run's seeds of every report metric: {"label", "source", "seeds", "mean", "std"}."""
+    """A run's evaluations over its seeds: {"label", "source", "seeds", "mean", "std", "files", "seed_names",
+    "per_prompt"}. mean/std: `engine.compare.seed_stats` (sample std, ddof 1) of every report metric;
+    per_prompt: each seed's per-prompt rows, which paired differences resample."""
+    from engine.compare import seed_stats
+
     files = find_metrics_files(path)
     docs = []
     for f in files:
@@ -587,98 +604,168 @@ def summarize_run(path: str | Path, label: str | None = None) -> dict:
             raise ValueError(f"{f} has no 'summary' section; is it a metrics.json written by engine.evaluate?")
         docs.append(doc)
     mean, std = {}, {}
-    keys = list(REPORT_KEYS) + ["n_prompts"]
-    for k in keys:
-        vals = [d["summary"].get(k) for d in docs]
-        vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-        if vals:
-            mean[k] = float(np.mean(vals))
-            std[k] = float(np.std(vals)) if len(vals) > 1 else 0.0
+    for k in list(REPORT_KEYS) + ["n_prompts"]:
+        m, s, n = seed_stats([d["summary"].get(k) for d in docs if isinstance(d["summary"].get(k), (int, float))])
+        if n:
+            mean[k], std[k] = m, s
     sources = sorted({d.get("settings", {}).get("source", "model") for d in docs})
     return {"label": label or run_label(path), "source": "/".join(sources), "seeds": len(docs), "mean": mean,
-            "std": std, "files": [str(f) for f in files]}
+            "std": std, "files": [str(f) for f in files], "seed_names": [_seed_name(f, path) for f in files],
+            "per_prompt": [d.get("per_prompt") or [] for d in docs]}
 
 
-def _fmt(run: dict, key: str) -> str:
-    if key not in run["mean"]:
-        return "-"
-    m, s = run["mean"][key], run["std"][key]
-    return f"{m:.4f} +- {s:.4f}" if run["seeds"] > 1 else f"{m:.4f}"
+def _seed_name(metrics_file: Path, run_path: str | Path) -> str:
+    """The seed directory of a per-seed metrics.json (runs/x/eval/seed1/metrics.json -> seed1); "" for a single run."""
+    parent = Path(metrics_file).parent
+    return "" if parent.name == "eval" or parent == Path(run_path) else parent.name
 
 
-def comparison_markdown(runs: Sequence[dict]) -> str:
-    """A markdown table of every report metric per run (columns no run has are left out)."""
+def metric_layout(per_prompt_sets: Sequence[Sequence[dict]]):
+    """The `engine.compare.MetricLayout` of the report metrics every given per-prompt row has."""
+    from engine.compare import MetricLayout
+
+    rows = [r for rows in per_prompt_sets for r in rows]
+    pooled = ("theme_entropy_overall", "style_entropy_overall")
+    scalars = tuple(k for k in REPORT_KEYS if k not in pooled and rows and all(
+        isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows))
+    shares = []
+    for name in ("theme", "style"):
+        dicts = [r.get(f"{name}_share") for r in rows]
+        if rows and all(isinstance(d, dict) for d in dicts):
+            shares.append((name, tuple(k for k in dicts[0] if k != M.NONE_LABEL)))
+    return MetricLayout(scalars, tuple(shares))
+
+
+def paired_differences(run: dict, baseline: dict, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """run - baseline for every report metric both have, with a paired hierarchical bootstrap interval.
+
+    Seeds pair by seed directory name when both runs have the same names, else by position; prompts
+    pair by prompt_id within a seed (prompts only one run has are left out and counted). Returns
+    {"intervals": {metric: engine.compare.Interval}, "prompts": paired prompts per seed, "unpaired": n}.
+    """
+    from engine.compare import hierarchical_bootstrap
+
+    a_sets, b_sets = run["per_prompt"], baseline["per_prompt"]
+    if sorted(run["seed_names"]) == sorted(baseline["seed_names"]) and len(set(run["seed_names"])) == len(a_sets):
+        order = [baseline["seed_names"].index(n) for n in run["seed_names"]]
+        b_sets = [b_sets[i] for i in order]
+    elif len(a_sets) != len(b_sets):
+        raise ValueError(
+            f"cannot pair the seeds of {run['label']} ({len(a_sets)}) with those of {baseline['label']} "
+            f"({len(b_sets)}); compare runs evaluated on the same seeds (same seed directory names)"
+        )
+    pairs, unpaired = [], 0
+    for a_rows, b_rows in zip(a_sets, b_sets):
+        a_by, b_by = {r["prompt_id"]: r for r in a_rows}, {r["prompt_id"]: r for r in b_rows}
+        common = sorted(set(a_by) & set(b_by))
+        unpaired += len(a_by) + len(b_by) - 2 * len(common)
+        if common:
+            pairs.append(([a_by[k] for k in common], [b_by[k] for k in common]))
+    if not pairs:
+        raise ValueError(
+            f"{run['label']} and {baseline['label']} share no evaluated prompt (per-prompt rows with one prompt_id); "
+            "evaluate both on the same prompts"
+        )
+    layout = metric_layout([rows for pair in pairs for rows in pair])
+    names = [k for k in layout.metric_names if k in REPORT_KEYS]
+    width = len(layout.columns)
+    feats = [np.concatenate([layout.features(a), layout.features(b)], axis=1) for a, b in pairs]
+    feats = [f[np.isfinite(f).all(axis=1)] for f in feats]
+
+    def statistic(means):
+        new, base = layout.metrics(means[..., :width]), layout.metrics(means[..., width:])
+        return np.stack([(new[k] - base[k]).mean(axis=-1) for k in names], axis=-1)
+
+    boot = hierarchical_bootstrap([f for f in feats if len(f)], statistic, n_boot=n_boot, seed=seed)
+    return {"intervals": {k: boot.interval(i, level) for i, k in enumerate(names)},
+            "prompts": [len(f) for f in feats], "unpaired": unpaired}
+
+
+def comparison_markdown(runs: Sequence[dict], differences: dict[str, dict] | None = None,
+                        baseline: str | None = None) -> str:
+    """A markdown table of every report metric per run (columns no run has are left out) and, with a
+    baseline, a table of each run's paired difference from it with its bootstrap interval."""
+    from engine.compare import fmt_mean_std
+
     keys = [k for k in REPORT_KEYS if any(k in r["mean"] for r in runs)]
     lines = [
         "# Quality and diversity per run",
         "",
         "Averages over prompts of each prompt's samples. Higher is more diverse for every diversity column except "
         + " and ".join(LOWER_IS_MORE_DIVERSE)
-        + " (higher = more repetitive). With several seeds: mean +- std over seeds.",
+        + " (higher = more repetitive). With several seeds: mean +- sample std (ddof 1) over seeds.",
         "",
         "| run | source | seeds | prompts | " + " | ".join(keys) + " |",
         "|" + "---|" * (4 + len(keys)),
     ]
     for r in runs:
         prompts = f"{r['mean']['n_prompts']:.0f}" if "n_prompts" in r["mean"] else "-"
-        cells = [r["label"], r["source"], str(r["seeds"]), prompts] + [_fmt(r, k) for k in keys]
+        cells = [r["label"], r["source"], str(r["seeds"]), prompts]
+        cells += [fmt_mean_std(r["mean"][k], r["std"][k]) if k in r["mean"] else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     missing = [r["label"] for r in runs if not {"quality", "semantic_diversity"} <= set(r["mean"])]
     if missing:
         lines += ["", "Not in the plot (no quality or no semantic diversity): " + ", ".join(missing) + "."]
+    if differences:
+        dkeys = [k for k in keys if any(k in d["intervals"] for d in differences.values())]
+        level = next(iter(next(iter(differences.values()))["intervals"].values())).level
+        lines += [
+            "",
+            f"## Paired differences from {baseline}",
+            "",
+            f"run - {baseline}, with a {100 * level:.0f}% paired hierarchical bootstrap interval (seeds, then prompts "
+            "within a seed, resampled together for both runs; `engine.compare`). * = the interval excludes 0.",
+            "",
+            "| run | paired prompts | " + " | ".join(dkeys) + " |",
+            "|" + "---|" * (2 + len(dkeys)),
+        ]
+        for label, d in differences.items():
+            unpaired = f" ({d['unpaired']} unpaired)" if d["unpaired"] else ""
+            cells = [label, "+".join(map(str, d["prompts"])) + unpaired]
+            for k in dkeys:
+                iv = d["intervals"].get(k)
+                cells.append("-" if iv is None else iv.fmt() + (" *" if iv.lo > 0 or iv.hi < 0 else ""))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_quality_vs_diversity(runs: Sequence[dict], path: str | Path) -> Path:
-    """Scatter of quality (y) against semantic diversity (x), one labelled point per run, std error bars."""
-    import matplotlib
+    """Semantic (and style, when measured) diversity against quality, one point per run with seed-std bars
+    (`engine.compare.plot_frontier`, the plot the method experiment draws for its trajectories)."""
+    from engine.compare import Curve, plot_frontier
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    plotted = 0
-    for r in runs:
-        m, s = r["mean"], r["std"]
-        if "quality" not in m or "semantic_diversity" not in m:
-            continue
-        human = "human" in r["source"]
-        ax.errorbar(
-            m["semantic_diversity"], m["quality"],
-            xerr=s["semantic_diversity"] if r["seeds"] > 1 else None,
-            yerr=s["quality"] if r["seeds"] > 1 else None,
-            fmt="*" if human else "o", markersize=12 if human else 8, capsize=3,
-            color="black" if human else None,
-        )
-        ax.annotate(r["label"], (m["semantic_diversity"], m["quality"]), textcoords="offset points", xytext=(6, 6))
-        plotted += 1
-    if not plotted:
-        ax.text(0.5, 0.5, "no run has both quality and semantic diversity", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.margins(0.15)  # room for the labels of the outermost points
-    ax.set_xlabel("semantic diversity (mean pairwise cosine distance)")
-    ax.set_ylabel("quality")
-    ax.set_title("Quality vs diversity")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    panels = [(k, k.replace("_", " ")) for k in ("semantic_diversity", "style_diversity")
+              if any(k in r["mean"] for r in runs)] or [("semantic_diversity", "semantic diversity")]
+    curves = [
+        Curve(r["label"], [r["mean"].get("quality", float("nan"))],
+              {k: [r["mean"][k]] for k, _ in panels if k in r["mean"]},
+              x_std=[r["std"].get("quality", float("nan"))],
+              y_std={k: [r["std"][k]] for k, _ in panels if k in r["std"]},
+              reference="human" in r["source"])
+        for r in runs
+    ]
+    return plot_frontier(curves, panels, path, title="Diversity vs quality (mean +- std over seeds)")
 
 
-def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None) -> dict[str, Path]:
-    """Write comparison.md and quality_vs_diversity.png for the given runs into out_dir."""
+def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None, *,
+                 baseline: str | None = None, n_boot: int = 2000) -> dict[str, Path]:
+    """Write comparison.md and quality_vs_diversity.png for the given runs into out_dir; with `baseline`
+    (a run's label), also each other run's paired difference from it."""
     if not paths:
         raise ValueError("compare needs at least one run directory or metrics.json path")
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"got {len(labels)} labels for {len(paths)} runs; give one label per run or none")
     runs = [summarize_run(p, labels[i] if labels else None) for i, p in enumerate(paths)]
+    differences = None
+    if baseline is not None:
+        by_label = {r["label"]: r for r in runs}
+        if baseline not in by_label:
+            raise ValueError(f"--baseline {baseline!r} is not one of the runs' labels {sorted(by_label)}")
+        differences = {r["label"]: paired_differences(r, by_label[baseline], n_boot=n_boot)
+                       for r in runs if r["label"] != baseline}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"
-    md.write_text(comparison_markdown(runs), encoding="utf-8")
+    atomic_write(md, comparison_markdown(runs, differences, baseline))
     png = plot_quality_vs_diversity(runs, out / "quality_vs_diversity.png")
     return {"markdown": md, "plot": png}
 
@@ -690,7 +777,19 @@ _CFG_FLAGS = {
     "n": "n_samples", "num_prompts": "num_prompts", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
     "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "batch_size": "batch_size",
     "seed": "seed", "semantic_model": "semantic_model", "style_model": "style_model", "reward_model": "reward_model",
+    "trust_remote_code": "trust_remote_code", "metrics_compat": "metrics_compat",
 }
+
+
+def _config_spelling(argv: Sequence[str]) -> list[str]:
+    """Accept the training config's spelling of the sampling/scoring flags too: --eval.reward_model DIR
+    is --reward-model DIR (every EvalConfig field that has a flag here)."""
+    aliases = {f"--eval.{field_}": "--" + flag.replace("_", "-") for flag, field_ in _CFG_FLAGS.items()}
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(aliases[key] + eq + value if key in aliases else arg)
+    return out
 
 
 def _eval_parser() -> argparse.ArgumentParser:
@@ -705,6 +804,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="which prompts: those training held out (val, default), the training ones, or all")
     p.add_argument("--val-fraction", type=float, help="held-out fraction used by training (default: data config's)")
     p.add_argument("--split-seed", type=int, help="split seed used by training (default: data config's data.seed)")
+    p.add_argument("--cleaning", choices=CLEANINGS,
+                   help="data.cleaning used by training: it decides the prompt texts, hence the split (default: engine)")
     p.add_argument("--human", action="store_true", help="score the prompts' human responses instead of sampling")
     p.add_argument("--human-selection", choices=HUMAN_SELECTIONS, default="top",
                    help="which human responses: the n highest-scored (top) or n at random (seeded)")
@@ -720,9 +821,14 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--semantic-model", help="embedder for semantic diversity ('' drops the metric)")
     p.add_argument("--style-model", help="embedder for style diversity ('' drops the metric)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="let the embedders run their own code (jinaai/jina-embeddings-v3 needs it)")
     p.add_argument("--reward-model", help="HF sequence-classification model scoring quality")
+    p.add_argument("--metrics-compat", choices=METRICS_COMPATS,
+                   help="definitions of the text diversity metrics: engine (default) or authors (the values of the "
+                   "authors' evaluation code, to set beside the paper's figures; see engine.metrics)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -734,6 +840,8 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (with eval/metrics.json) or metrics.json files")
     p.add_argument("--out", default=".", help="where comparison.md and quality_vs_diversity.png go")
     p.add_argument("--labels", nargs="+", help="names of the runs in the table and plot (default: directory names)")
+    p.add_argument("--baseline", help="label of the run every other run is compared with (paired bootstrap intervals)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates for --baseline (default 2000)")
     return p
 
 
@@ -762,15 +870,23 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         args = _compare_parser().parse_args(argv[1:])
-        files = compare_runs(args.runs, args.out, labels=args.labels)
+        files = compare_runs(args.runs, args.out, labels=args.labels, baseline=args.baseline, n_boot=args.n_boot)
         for name, path in files.items():
             print(f"{name}: {path}")
         return files
 
     parser = _eval_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_config_spelling(argv))
     if not args.human and not args.model:
         parser.error("--model is required unless --human is given")
+    if not args.human:
+        from engine.config import ConfigError, ModelConfig
+        from engine.model import check_model
+
+        try:  # before any prompt loading or sampling: a path that is not there is named as such, not as a hub id
+            check_model(ModelConfig(name=args.model), field="--model")
+        except ConfigError as e:
+            parser.error(str(e))
     from engine.config import DataConfig, EvalConfig
 
     data_defaults = DataConfig()
@@ -782,6 +898,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
         args.prompts, cfg.num_prompts, split=args.split,
         val_fraction=data_defaults.val_fraction if args.val_fraction is None else args.val_fraction,
         split_seed=data_defaults.seed if args.split_seed is None else args.split_seed, strict=args.strict,
+        cleaning=args.cleaning or data_defaults.cleaning,
     )
     synthetic = True if args.prompts == "synthetic" else None
     if args.human:

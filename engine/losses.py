@@ -1,18 +1,26 @@
 """The training objectives in plain PyTorch: the single source of truth for their formulas.
 
-Where this sits in the flow: the trunk produces hidden states, `kernels.fused_preference_loss`
+Where this sits in the flow: the trunk produces hidden states, `ddpo_kernels.fused_preference_loss`
 turns them into per-sequence sums of response-token log-probs, and `preference_loss` (the
-epilogue) turns those sums, the token counts, the reference log-probs and the deviation
-weights into one scalar loss plus TRL-named metrics. The fused kernels, the trainer and the
-benchmarks all call (or are tested against) the functions here; nothing else re-derives a
-formula.
+epilogue, handed to the kernel as `loss_epilogue(objective, ...)`) turns those sums, the token
+counts, the reference log-probs and the deviation weights into one scalar loss plus TRL-named
+metrics. The fused kernels, the trainer and the benchmarks all call (or are tested against) the
+functions here; nothing else re-derives a formula. The kernels know no formula: they rely on the
+separability every objective here has (see `loss_epilogue`).
 
-Objectives (`OBJECTIVES`):
+Objectives (`POLICY_OBJECTIVES`):
 - "dpo"   Rafailov et al. 2023, sigmoid loss; = "ddpo" with every weight 1.
 - "ddpo"  deviation-weighted DPO, Chung et al. 2025.
 - "orpo"  Hong et al. 2024, NLL + odds-ratio term; = "dorpo" with every weight 1.
 - "dorpo" deviation-weighted ORPO, Chung et al. 2025.
 - "sft"   token-mean negative log-likelihood of the chosen responses.
+
+Reward-model losses (`REWARD_LOSSES`, objective "reward"), on one scalar reward per sequence read
+from a sequence-classification head (engine.reward):
+- "l1"            mean absolute error to each response's transformed score (the authors' criterion);
+- "mse"           mean squared error to the same labels;
+- "bradley_terry" -logsigmoid(chosen - rejected - margin) over preference pairs, with TRL's optional
+                  margin and center_rewards_coefficient (TRL's RewardTrainer).
 
 Conventions shared by every function:
 - Inputs are 1-D tensors over the P pairs of a batch, any float dtype. The math runs in fp32
@@ -26,13 +34,15 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
+from engine.config import POLICY_OBJECTIVES, REWARD_LOSSES  # declared once, as Literals in engine.config
 
 # Largest argument log1mexp accepts before clamping. An average log-prob of exactly 0 (a
 # response with no tokens, or a model that is certain of every token) gives log(1 - exp(0)) =
@@ -347,24 +357,54 @@ def preference_loss(
     chosen_weights: torch.Tensor | None = None,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
+    chosen_prompt_logps: torch.Tensor | None = None,
+    chosen_prompt_counts: torch.Tensor | None = None,
 ) -> LossOutput:
     """The loss epilogue: per-sequence sums and token counts -> the chosen objective.
 
     chosen_logps / rejected_logps: [P] per-sequence SUMS of response-token log-probs.
     chosen_counts / rejected_counts: [P] numbers of response tokens (any numeric dtype).
+    chosen_prompt_logps / chosen_prompt_counts: [P] sums and counts of the chosen sequences' prompt
+    tokens (config loss.nll_on_prompt); they enter the NLL only, never the odds ratio or a reward.
     Dispatch:
     - "dpo":   ddpo_loss with weights ignored (every w_i = 1); needs ref_*_logps.
     - "ddpo":  ddpo_loss with chosen_weights (None -> 1); needs ref_*_logps.
-    - "orpo":  dorpo_loss on averages sums / max(counts, 1), chosen_nll =
-               -sum(chosen sums) / max(sum(chosen counts), 1), weights ignored.
+    - "orpo":  dorpo_loss on averages sums / max(counts, 1) of the response tokens, and
+               chosen_nll = -(sum(chosen sums) + sum(prompt sums)) / max(sum(chosen counts) + sum(prompt counts), 1)
+               (prompt terms 0 without prompt inputs), weights ignored.
     - "dorpo": the same with chosen_weights (None -> 1).
-    - "sft":   sft_loss on the chosen side; the rejected inputs may be None and are ignored.
+    - "sft":   sft_loss on the chosen side (prompt tokens included when given); the rejected inputs
+               may be None and are ignored.
+    With prompt inputs, ORPO/DORPO are the authors' recipe: their DORPOTrainer takes the NLL over
+    prompt + response tokens of the chosen sequence (labels are the input ids masked only by the
+    attention mask, mj-storytelling/DiversityTuning models/dorpo_trainer.py lines 815-819 and 826,
+    weighted by (score_chosen + 1) and averaged over pairs at lines 834-835, i.e. mean(w) * NLL here),
+    while the log-odds use response tokens only (get_batch_logps on the prompt-masked labels, lines
+    839-845); TRL's ORPOTrainer does the same (trl/experimental/orpo/orpo_trainer.py, "orpo chosen
+    nll loss is computed over the full prompt and response").
     All math runs in fp32 whatever the input dtype (fp64 stays fp64).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(OBJECTIVES)}")
+    if objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(POLICY_OBJECTIVES)}")
+    if (chosen_prompt_logps is None) != (chosen_prompt_counts is None):
+        raise ValueError("chosen_prompt_logps and chosen_prompt_counts go together: pass both or neither")
+    if chosen_prompt_logps is not None:
+        if objective in ("dpo", "ddpo"):
+            raise ValueError(
+                f"objective {objective!r} has no NLL term, so prompt-token log-probs have nowhere to go; "
+                "use them with orpo, dorpo or sft (set loss.nll_on_prompt false for dpo/ddpo)"
+            )
+        _check_pairs(
+            chosen_logps=chosen_logps,
+            chosen_prompt_logps=chosen_prompt_logps,
+            chosen_prompt_counts=chosen_prompt_counts,
+        )
     if objective == "sft":
-        return sft_loss(chosen_logps, chosen_counts)
+        if chosen_prompt_logps is None:
+            return sft_loss(chosen_logps, chosen_counts)
+        dtype = _compute_dtype(chosen_logps, chosen_prompt_logps)
+        sequence_logps = chosen_logps.to(dtype) + chosen_prompt_logps.to(dtype)
+        return sft_loss(sequence_logps, chosen_counts.to(dtype) + chosen_prompt_counts.to(dtype))
 
     for name, value in (("rejected_logps", rejected_logps), ("rejected_counts", rejected_counts)):
         if value is None:
@@ -392,5 +432,149 @@ def preference_loss(
     # log1mexp then clamps to -1e-7, so such a pair cannot produce inf/NaN.
     chosen_avg = chosen_sums / chosen_n.clamp(min=1)
     rejected_avg = rejected_sums / rejected_n.clamp(min=1)
-    chosen_nll = -chosen_sums.sum() / chosen_n.sum().clamp(min=1)
+    nll_sum, nll_n = chosen_sums.sum(), chosen_n.sum()
+    if chosen_prompt_logps is not None:
+        nll_sum = nll_sum + chosen_prompt_logps.to(dtype).sum()
+        nll_n = nll_n + chosen_prompt_counts.to(dtype).sum()
+    chosen_nll = -nll_sum / nll_n.clamp(min=1)
     return dorpo_loss(chosen_avg, rejected_avg, chosen_nll, chosen_weights=weights, beta=beta)
+
+
+def loss_epilogue(
+    objective: str,
+    *,
+    beta: float,
+    chosen_weights: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+) -> Callable[..., LossOutput]:
+    """`preference_loss` bound to an objective and a batch's weights and reference log-probs: the
+    epilogue `ddpo_kernels.fused_preference_loss` calls as epilogue(chosen_logps, rejected_logps,
+    chosen_counts, rejected_counts[, chosen_prompt_logps=, chosen_prompt_counts=]) on [P] sums and
+    counts (the prompt keywords when the batch was packed with loss.nll_on_prompt).
+
+    The fused kernel forms gradients group by group of pairs, calling the epilogue with placeholder
+    sums for pairs it has not reduced yet; that is exact because every objective here is separable:
+    a mean over pairs of a function of that pair's own sums, plus terms linear in the sums whose
+    coefficients depend only on counts, weights and P (DPO/DDPO: w_i * -logsigmoid(beta * margin_i) / P;
+    ORPO/DORPO: mean(w) / sum(chosen counts) times the chosen sums, plus the per-pair odds-ratio term;
+    SFT: the chosen sums over the total chosen count). A new objective must keep that property.
+    """
+    if objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid objectives are {', '.join(POLICY_OBJECTIVES)}")
+    return functools.partial(
+        preference_loss,
+        objective,
+        beta=beta,
+        chosen_weights=chosen_weights,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+
+
+# ------------------------------------------------------------------------------- reward models
+
+
+def _reward_stats(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL RewardTrainer's reward statistics over every scored sequence of the batch."""
+    r = rewards.detach().float()
+    return {"min_reward": r.min(), "mean_reward": r.mean(), "max_reward": r.max()}
+
+
+def pointwise_reward_loss(rewards: torch.Tensor, labels: torch.Tensor, kind: str = "l1") -> LossOutput:
+    """Regression of each sequence's reward onto its label (the response's transformed score).
+
+        l1:  loss = mean_i |r_i - y_i|
+        mse: loss = mean_i (r_i - y_i)^2
+
+    "l1" is the authors' reward model (models/reward_model.py: torch.nn.L1Loss on the transformed
+    upvotes of every cleaned response); both are torch's L1Loss / MSELoss with reduction "mean".
+
+    Metrics: min_reward, mean_reward, max_reward (TRL's names), mean_label, mean_abs_error,
+    mean_squared_error.
+    """
+    if kind not in ("l1", "mse"):
+        raise ValueError(f"pointwise reward loss must be l1 or mse, got {kind!r}; bradley_terry needs pairs")
+    _check_pairs(rewards=rewards, labels=labels)
+    dtype = _compute_dtype(rewards, labels)
+    diff = rewards.to(dtype) - labels.to(dtype)
+    loss = diff.abs().mean() if kind == "l1" else diff.square().mean()
+    with torch.no_grad():
+        d = diff.detach().float()
+        metrics = _reward_stats(rewards)
+        metrics["mean_label"] = labels.detach().float().mean()
+        metrics["mean_abs_error"] = d.abs().mean()
+        metrics["mean_squared_error"] = d.square().mean()
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> LossOutput:
+    """Bradley-Terry reward-model loss on preference pairs, as TRL's RewardTrainer computes it.
+
+        loss = mean_i( -logsigmoid(rc_i - rr_i - m_i) ) + c * mean_i( (rc_i + rr_i)^2 )
+
+    rc/rr are the rewards of the chosen/rejected response of pair i; m_i the optional per-pair
+    margin (Touvron et al. 2023, Llama 2, Eq. 2; None -> 0); c the optional
+    center_rewards_coefficient (Eisenstein et al. 2023; None -> no term), which keeps rewards
+    centred on 0.
+
+    Metrics (TRL's names): min_reward, mean_reward, max_reward over both sides, accuracy =
+    mean(rc > rr) (ties count as wrong), margin = mean(rc - rr).
+    """
+    _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, margin=margin)
+    if center_rewards_coefficient is not None:
+        _check_beta(center_rewards_coefficient, "center_rewards_coefficient", allow_zero=True)
+    dtype = _compute_dtype(chosen_rewards, rejected_rewards, margin)
+    rc, rr = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
+    logits = rc - rr if margin is None else rc - rr - margin.to(dtype)
+    per_pair = -F.logsigmoid(logits)
+    loss = per_pair.mean()
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * (rc + rr).square().mean()
+    with torch.no_grad():
+        metrics = _reward_stats(torch.cat([rc.detach(), rr.detach()]))
+        metrics["accuracy"] = (rc > rr).float().mean()
+        metrics["margin"] = (rc - rr).detach().float().mean()
+    return LossOutput(
+        loss=loss, metrics=metrics, per_pair_loss=per_pair.detach(), chosen_rewards=rc.detach(),
+        rejected_rewards=rr.detach(),
+    )
+
+
+def reward_loss(
+    kind: str,
+    rewards: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    chosen_index: torch.Tensor | None = None,
+    rejected_index: torch.Tensor | None = None,
+    margins: torch.Tensor | None = None,
+    margin_scale: float = 0.0,
+    center_rewards_coefficient: float | None = None,
+) -> LossOutput:
+    """The reward-model epilogue: [S] per-sequence rewards -> the configured reward loss.
+
+    - "l1" / "mse":    `pointwise_reward_loss(rewards, labels)`.
+    - "bradley_terry": `bradley_terry_loss(rewards[chosen_index], rewards[rejected_index],
+                        margin = margin_scale * margins (None when margin_scale is 0), c)`;
+                        margins are the pairs' label gaps y_chosen - y_rejected.
+    """
+    if kind not in REWARD_LOSSES:
+        raise ValueError(f"unknown reward loss {kind!r}; valid reward losses are {', '.join(REWARD_LOSSES)}")
+    if kind != "bradley_terry":
+        if labels is None:
+            raise ValueError(f"reward loss {kind} regresses onto labels: pass one label per sequence")
+        return pointwise_reward_loss(rewards, labels, kind)
+    if chosen_index is None or rejected_index is None:
+        raise ValueError("reward loss bradley_terry compares pairs: pass chosen_index and rejected_index")
+    margin = None
+    if margin_scale:
+        if margins is None:
+            raise ValueError("a reward margin scale was given without per-pair margins (label gaps)")
+        margin = margin_scale * margins
+    return bradley_terry_loss(rewards[chosen_index], rewards[rejected_index], margin, center_rewards_coefficient)

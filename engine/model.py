@@ -2,8 +2,9 @@
 
 Sits at the start of the model side of the flow: the trainer, the reference-cache builder and the
 evaluator get their (model, tokenizer) here. Named architectures (`llama-tiny`, `gpt2-small`,
-`llama-8b`) are built from a config with no download, seeded and deterministic; anything else is a
-Hugging Face causal LM by local path or hub name. The trainer feeds the model's trunk (no LM head) and
+`llama-8b`, `llama-8b-4layers`) are built from a config with no download, seeded and deterministic; anything else is a
+Hugging Face causal LM by local path or hub name (with `num_labels`, the sequence classifier on the
+same trunk that `engine.reward` trains). The trainer feeds the model's trunk (no LM head) and
 hands the head's weight to the fused loss, so `trunk_and_head` is here too.
 """
 
@@ -19,6 +20,19 @@ from engine import attention
 attention.register()
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+# The bundled tokenizer's chat template (engine/data/build_tokenizer.py writes it into the assets).
+# user = prompt, assistant = response; the generation prompt ends right where the response starts,
+# so the prompt part's tokens are a prefix of the full conversation's tokens (the data pipeline relies on it).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,14 +48,19 @@ def _named_config(name: str, vocab_size: int):
         )
     if name == "gpt2-small":
         return GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
-    if name == "llama-8b":
-        # Llama-3.1-8B shapes: 8.03e9 parameters.
+    if name in ("llama-8b", "llama-8b-4layers"):
+        # Llama-3.1-8B shapes: 8.03e9 parameters. The 4-layer variant keeps every shape (vocabulary, width,
+        # GQA, MLP) with 4 of the 32 decoder layers (1.92e9 parameters): a one-GPU benchmark of the 8B
+        # step's per-layer and LM-head costs in minutes (make gpu-check).
         return LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+            num_hidden_layers=32 if name == "llama-8b" else 4,
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
             rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
         )
-    raise ValueError(f"unknown named architecture {name!r}; named architectures: llama-tiny, gpt2-small, llama-8b")
+    from engine.config import NAMED_ARCHITECTURES
+
+    raise ValueError(f"unknown named architecture {name!r}; named architectures: {', '.join(NAMED_ARCHITECTURES)}")
 
 
 def is_named_architecture(name: str) -> bool:
@@ -61,8 +80,6 @@ def load_tokenizer(name_or_path: str | None = None, *, revision: str | None = No
         # Packed training never pads inside a sequence; the pad id only fills row tails and batched generation.
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        from engine.data.build_tokenizer import CHAT_TEMPLATE
-
         tok.chat_template = CHAT_TEMPLATE.replace("<|user|>", "User:").replace("<|assistant|>", "Assistant:").replace(
             "<|end|>", tok.eos_token or ""
         ).replace("{{ bos_token }}", "{{ bos_token or '' }}")
@@ -135,42 +152,61 @@ def build_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = attention.NAME,
     vocab_size: int | None = None,
+    num_labels: int | None = None,
 ):
-    """Random-init named architecture, deterministic for (name, seed). device='meta' allocates nothing."""
-    from transformers import AutoModelForCausalLM
+    """Random-init named architecture, deterministic for (name, seed). device='meta' allocates nothing.
 
+    num_labels: None builds the causal LM; a number builds the sequence classifier with that many
+    outputs on the same trunk (a reward model with 1).
+    """
     if vocab_size is None:
         vocab_size = default_vocab_size()
     cfg = _named_config(name, vocab_size)
     cfg._attn_implementation = attn_implementation
+    auto = _auto_class(num_labels)
+    if num_labels is not None:
+        cfg.num_labels = num_labels
     torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     if torch.device(device).type == "meta":
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+            return auto.from_config(cfg, dtype=torch_dtype)
     fork_devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+        model = auto.from_config(cfg, dtype=torch_dtype)
     return model.to(device)
 
 
-def load_model(cfg, *, device: str | torch.device = "cpu", name: str | None = None, for_training: bool = True):
+def _auto_class(num_labels: int | None):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+
+
+def load_model(
+    cfg, *, device: str | torch.device = "cpu", name: str | None = None, for_training: bool = True,
+    num_labels: int | None = None,
+):
     """Model for a run from a ModelConfig (`name` overrides cfg.name, e.g. a separate reference model).
 
     Applies the attention choice, gradient checkpointing and LoRA (when cfg.lora_r > 0 and for_training).
+    num_labels None: the causal LM; a number: AutoModelForSequenceClassification with that many
+    labels (its new score head randomly initialised when the checkpoint has none), LoRA task SEQ_CLS.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     name = name or cfg.name
     if is_named_architecture(name):
         attn = resolve_attn_implementation(cfg.attn_implementation, device, _named_config(name, 64).model_type)
-        model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn)
+        model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn,
+                            num_labels=num_labels)
     else:
+        from transformers import AutoConfig
+
         hf_cfg = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         attn = resolve_attn_implementation(cfg.attn_implementation, device, hf_cfg.model_type)
-        model = AutoModelForCausalLM.from_pretrained(
+        extra = {} if num_labels is None else {"num_labels": num_labels}
+        model = _auto_class(num_labels).from_pretrained(
             name, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code,
+            trust_remote_code=cfg.trust_remote_code, **extra,
         ).to(device)
     model.config.use_cache = False  # packed rows rely on attention_mask=None and no KV cache
     prepare_for_preference_training(model, disable_dropout=cfg.disable_dropout)
@@ -179,22 +215,75 @@ def load_model(cfg, *, device: str | torch.device = "cpu", name: str | None = No
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, task_type="CAUSAL_LM" if num_labels is None else "SEQ_CLS")
     return model
 
 
-def apply_lora(model, cfg):
+def lora_target_names(model) -> list[str]:
+    """Leaf names of the modules LoRA can adapt (Linear, Embedding, Conv1d and GPT-2's Conv1D), sorted."""
+    kinds = ("Linear", "Embedding", "Conv1d", "Conv1D")
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and type(m).__name__ in kinds})
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every name in `targets` must match a module (its leaf name, or a dotted suffix as peft accepts)."""
+    names = [n for n, _ in model.named_modules() if n]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        from engine.config import ConfigError
+
+        raise ConfigError(
+            f"model.lora_target_modules: {unknown} match no module of {type(model).__name__}; "
+            f"its adaptable module names are {lora_target_names(model)}"
+        )
+
+
+def apply_lora(model, cfg, task_type: str = "CAUSAL_LM"):
+    """LoRA on cfg.lora_target_modules. task_type SEQ_CLS makes peft train the classifier head
+    (`score`) in full through modules_to_save, as a freshly initialised head must be."""
     from peft import LoraConfig, get_peft_model
 
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in cfg.lora_target_modules if t in present]
-    if not targets:
-        raise ValueError(
-            f"model.lora_target_modules {cfg.lora_target_modules} match no module of {type(model).__name__}; "
-            f"candidates include {sorted(n for n in present if 'proj' in n or n.startswith('c_'))}"
-        )
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    check_lora_targets(model, cfg.lora_target_modules)
+    lcfg = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules), task_type=task_type,
+    )
     return get_peft_model(model, lcfg)
+
+
+def check_model(cfg, *, name: str | None = None, field: str = "model.name", lora: bool = True) -> None:
+    """Cheap pre-flight check that a model loads and its LoRA targets exist, before any data or cache work.
+
+    Builds the architecture on the meta device (no memory, no weights read): a named architecture from
+    its config, anything else from its config.json (local directory or the hub cache). Raises
+    ConfigError naming `field` and the fix.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.config import ConfigError
+
+    name = name or cfg.name
+    if is_named_architecture(name):
+        model = build_model(name, dtype=cfg.dtype, device="meta")
+    else:
+        path = Path(name)
+        looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+        if looks_local and not path.is_dir():
+            raise ConfigError(f"{field} {name!r}: no such directory; give a save_pretrained directory, a hub name "
+                              "or one of the named architectures")
+        if path.is_dir() and not any(path.glob(p) for p in ("*.safetensors", "*.bin", "*.pt")):
+            raise ConfigError(f"{field} {name!r} holds no weight files (*.safetensors, *.bin); point it at a "
+                              "save_pretrained directory")
+        try:
+            config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{field} {name!r} cannot be loaded ({first}); check the name, the local path, or hub "
+                              "access (HF_HUB_OFFLINE needs the model in the local cache)") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if lora and cfg.lora_r > 0:
+        check_lora_targets(model, cfg.lora_target_modules)
 
 
 def trunk_and_head(model):

@@ -101,6 +101,43 @@ def all_ranks_agree(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class RemoteRankError(RuntimeError):
+    """Another rank failed; this one stops too (the failing rank reports the cause)."""
+
+
+def raise_if_any_failed(
+    error: BaseException | None, *, what: str, error_type: type[Exception] = RemoteRankError
+) -> None:
+    """Collective: if any rank failed, every rank raises, so none waits forever at the next collective.
+
+    The failing rank re-raises its own error; the others raise `error_type` naming the rank and its message.
+    """
+    if not _multi_rank():
+        if error is not None:
+            raise error
+        return
+    msgs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, msg in enumerate(msgs):
+        if msg is not None:
+            raise error_type(f"{what} failed on rank {rank}: {msg}")
+
+
+def broadcast_from_zero(obj):
+    """Rank 0's `obj` on every rank (any picklable value)."""
+    if not _multi_rank():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
@@ -109,6 +146,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank ([obj] without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def deepspeed_config(cfg, *, total_steps: int, device_type: str | None = None) -> dict:
@@ -166,8 +212,26 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
+class WithheldAdamW(torch.optim.AdamW):
+    """torch AdamW whose update can be withheld for a step: no weight and no moment changes.
+
+    A step with a non-finite micro-batch must change nothing, yet DeepSpeed has to run its step at the
+    accumulation boundary so that its micro-step counter stays aligned with the loop's. Under ZeRO the
+    DeepSpeed optimizer calls this one (once per parameter group), so the flag is set for the whole
+    boundary by the loop, not cleared here.
+    """
+
+    withhold = False
+
+    def step(self, closure=None):
+        if self.withhold:
+            return None
+        return super().step(closure)
+
+
 def setup_deepspeed(module: torch.nn.Module, cfg, *, total_steps: int):
-    """(engine, optimizer, scheduler) with torch AdamW over the trainable parameters."""
+    """(engine, optimizer, scheduler): torch AdamW over the trainable parameters (a WithheldAdamW, which
+    DeepSpeed wraps under ZeRO and mixed precision; the one returned is ours, not the wrapper)."""
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -178,10 +242,10 @@ def setup_deepspeed(module: torch.nn.Module, cfg, *, total_steps: int):
     # allocates temporaries as large as the largest parameter (a 147 MB sqrt(v) for gpt2-small's
     # embedding) and runs ~2x slower on CPU.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  fused=fused)
+    optimizer = WithheldAdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                              fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, total_steps=total_steps)
     )
     if cfg.parallel.zero_stage == 0 and engine.dp_world_size == 1:
@@ -207,6 +271,21 @@ def step_with_grad_norm(engine) -> float | None:
     engine.step()
     reported = engine.get_global_grad_norm()
     return float(reported) if reported is not None else measured
+
+
+def zero_loss(engine, *, like: torch.Tensor) -> torch.Tensor:
+    """A loss of 0 whose backward adds nothing to any gradient, in the form this ZeRO stage's backward accepts.
+
+    Used in place of a non-finite micro-batch's loss, so that engine.backward/step still run and the
+    accumulation boundaries stay aligned. DeepSpeed's backward needs a grad_fn. ZeRO-1/2 reduce
+    gradients through per-parameter hooks and fail on a backward that reaches no parameter, so there
+    the zero touches every trainable parameter (d(0 * p)/dp = 0 even where p is not finite); under
+    ZeRO-3 parameters are partitioned outside forward, and a graph of its own is what works.
+    """
+    if engine.zero_optimization_stage() in (1, 2):
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        return sum((p * 0).sum() for p in params).to(like.dtype)
+    return torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True).clone()
 
 
 @contextlib.contextmanager

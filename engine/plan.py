@@ -34,11 +34,11 @@ gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
   each layer's input (w * hidden per token) is kept, plus one layer's full activations while it is
   recomputed.
 - logits: eager (HF-style full logits) N * V * (w + 4 + 4): the logits in the compute dtype, the fp32
-  log-softmax kept for backward and its fp32 gradient. Fused (ddpo_kernels.fused_preference_loss):
-  one fp32 [chunk, V] logits block, chunk = ddpo_kernels.linear_logprob.default_chunk_tokens(V,
-  device) of the device planned for (the "torch" backend's block; the "triton" backend keeps tiles
-  in SRAM, so this is an upper bound), plus the fp32 [V, D] dW accumulator the kernel fills when the
-  LM head is trained (full fine-tuning; LoRA leaves the head frozen).
+  log-softmax kept for backward and its fp32 gradient. Fused (ddpo_kernels.fused_preference_loss): one
+  block of logits in the compute dtype, block = ddpo_kernels.default_block_rows(V, dtype, device) rows
+  of the device planned for (on a CPU a 128 MiB block, on a GPU 1 GiB; the "triton" backend keeps tiles
+  in SRAM, so this is an upper bound), plus the fp32 [V, D] dW accumulator the kernel fills when the LM
+  head is trained (full fine-tuning; LoRA leaves the head frozen).
 - reference model: 0 with the reference log-prob cache (engine.refcache) or for objectives without a
   reference (orpo, dorpo, sft); on the fly (ref_cache.mode off), a frozen copy of P parameters in
   ref_cache.dtype (divided by W under ZeRO-3; 0 with offload_params), or 0 with LoRA (the reference is
@@ -436,7 +436,7 @@ class MemoryPlan:
     activations_without_checkpointing: int
     logits_fused: int
     logits_eager: int
-    logits_block: int  # the fused loss's fp32 [chunk, V] block alone (logits_fused adds the head's dW)
+    logits_block: int  # the fused loss's [block, V] logits block alone (logits_fused adds the head's dW)
     reference_cached: int
     reference_on_the_fly: int
     parameters: int
@@ -444,7 +444,7 @@ class MemoryPlan:
     lora_parameters: int
     tokens_per_micro_batch: int
     world_size: int
-    chunk_tokens: int
+    block_rows: int
     activation_bytes_per_token_layer: int
     attn_implementation: str
     settings: dict = field(default_factory=dict)
@@ -468,7 +468,7 @@ class MemoryPlan:
             "activations": f"checkpointing {'on' if m['gradient_checkpointing'] else 'off'}; "
             f"with: {_gib(self.activations_with_checkpointing)}, without: {_gib(self.activations_without_checkpointing)}",
             "logits": f"loss backend {s['config']['loss']['backend']}; fused: {_gib(self.logits_fused)} "
-            f"(chunk {self.chunk_tokens}), eager: {_gib(self.logits_eager)}",
+            f"(block {self.block_rows} rows), eager: {_gib(self.logits_eager)}",
             "reference": f"ref_cache.mode {s['config']['ref_cache']['mode']}; cache: {_gib(self.reference_cached)}, "
             f"on the fly: {_gib(self.reference_on_the_fly)}",
             "optimizer": f"master {_gib(self.master_weights)} + moments {_gib(self.optimizer_moments)}",
@@ -582,11 +582,14 @@ def _final_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
     return (4 * d + 4 + a * d) + a * d + 2 * a * shape.head_dim
 
 
-def _fused_chunk_tokens(vocab_size: int, device: str) -> int:
-    """Rows of the fused loss's fp32 [chunk, V] logits block on `device` (the kernels' own budget)."""
-    from ddpo_kernels.linear_logprob import default_chunk_tokens
+def _fused_block_rows(vocab_size: int, itemsize: int, device: str) -> int:
+    """Rows of the fused loss's [block, V] logits block on `device` (the kernels' own budget)."""
+    import torch
 
-    return default_chunk_tokens(vocab_size, device)
+    from ddpo_kernels import default_block_rows
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(itemsize, torch.float32)
+    return default_block_rows(vocab_size, dtype, device)
 
 
 def planned_attn_implementation(requested: str, device: str, model_type: str | None) -> str:
@@ -659,9 +662,9 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
     act_with = n * (shape.num_layers * w * dh + per_layer + final)
     activations = act_with if m.gradient_checkpointing else act_without
 
-    chunk = _fused_chunk_tokens(v, s.device)
+    chunk = _fused_block_rows(v, w, s.device)
     head_trained = m.lora_r == 0
-    logits_block = min(chunk, n) * v * 4
+    logits_block = min(chunk, n) * v * w
     logits_fused = logits_block + (v * dh * 4 if head_trained else 0)
     logits_eager = n * v * (w + 4 + 4)
     logits = logits_eager if cfg.loss.backend == "eager" else logits_fused
@@ -692,7 +695,7 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
         activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager,
         logits_block=logits_block,
         reference_cached=0, reference_on_the_fly=ref_fly, parameters=P, trainable_parameters=T, lora_parameters=A,
-        tokens_per_micro_batch=n, world_size=W, chunk_tokens=chunk, activation_bytes_per_token_layer=per_layer,
+        tokens_per_micro_batch=n, world_size=W, block_rows=chunk, activation_bytes_per_token_layer=per_layer,
         attn_implementation=attn, settings=_settings_record(s),
     )
 

@@ -56,19 +56,19 @@ def test_bad_rows_of_every_kind_are_counted_and_reported(tmp_path):
     report.save(tmp_path / "report.json")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["counts"] == expected
-    assert saved["examples"]["nan_score"].startswith("row 4:")
+    assert saved["examples"]["nan_score"].startswith("line 5:")  # 1-based line of the file
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_strict_mode_names_row_and_reason(tmp_path, reason):
     path = write_jsonl(tmp_path / "d.jsonl", [wp(), wp(title="[WP] other"), BAD_ROWS[reason]])
-    with pytest.raises(DataError, match=rf"row 2 is bad \({reason}\)"):
+    with pytest.raises(DataError, match=rf"line 3 is bad \({reason}\)"):
         load_responses(path, strict=True)
 
 
 def test_strict_mode_on_undecodable_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [wp()], [b'{"a": "\xff"}'])
-    with pytest.raises(DataError, match=r"row 1 is bad \(invalid_utf8\)"):
+    with pytest.raises(DataError, match=r"line 2 is bad \(invalid_utf8\)"):
         load_responses(path, strict=True)
 
 

@@ -22,19 +22,16 @@ def group(prompt, scored):
 
 
 class FakeDeviation:
-    """Dict-backed stand-in for engine.deviation's result (same three methods)."""
+    """Dict-backed stand-in for engine.deviation's result (the two methods the engine's pairs use)."""
 
-    def __init__(self, scores, weights=None, floor=0.2):
-        self.scores, self.weights, self.floor = scores, weights or {}, floor
+    def __init__(self, scores, weights=None):
+        self.scores, self.weights = scores, weights or {}
 
     def score_of(self, rid):
         return self.scores[rid]
 
     def weight_of(self, rid):
         return self.weights[rid]
-
-    def rejected_weight_of(self, rid):
-        return max(self.weights[rid], self.floor)
 
 
 def texts(pairs):
@@ -137,7 +134,7 @@ def test_attach_weights_and_pair_counts():
     dev = FakeDeviation({}, weights={ids[0]: 1.3, ids[1]: 0.05, ids[2]: 0.9})
     pairs = attach_weights(build_pairs(g, "all"), dev)
     got = {(p.chosen, p.rejected): (p.chosen_weight, p.rejected_weight) for p in pairs}
-    assert got == {("a", "b"): (1.3, 0.2), ("a", "c"): (1.3, 0.9), ("c", "b"): (0.9, 0.2)}
+    assert got == {("a", "b"): (1.3, 0.05), ("a", "c"): (1.3, 0.9), ("c", "b"): (0.9, 0.05)}
     assert response_pair_counts(pairs) == {ids[0]: 2, ids[1]: 2, ids[2]: 2}
 
 
@@ -155,5 +152,5 @@ def test_divpo_and_weights_with_real_deviation_pipeline(tmp_path):
     pairs = build_pairs(responses, "divpo", rho=0.25, deviation=dev)
     assert pairs and all(p.chosen_score > p.rejected_score for p in pairs)
     weighted = attach_weights(pairs, dev)
-    assert all(p.rejected_weight >= cfg.rejected_weight_floor for p in weighted)
+    assert all(p.rejected_weight == dev.weight_of(p.rejected_id) for p in weighted)
     assert any(p.chosen_weight != 1.0 for p in weighted)

@@ -55,7 +55,7 @@ def test_prepare_data_with_deviation_weights_and_divpo(tmp_path, tok):
     assert prep.weights_attached and prep.deviation is not None
     pairs = prep.train_pairs + prep.val_pairs
     assert pairs and all(p.chosen_score > p.rejected_score for p in pairs)
-    assert all(p.rejected_weight >= 0.2 for p in pairs)
+    assert all(p.rejected_weight == prep.deviation.weight_of(p.rejected_id) for p in pairs)
     assert {t.chosen_weight for t in prep.train_tokenized} == {p.chosen_weight for p in prep.train_pairs}
 
 
@@ -85,4 +85,4 @@ def test_cli_prepare_with_bad_rows(tmp_path, capsys):
     assert report["response_counts"] == {"deleted_response": 6}
     # strict: the first bad row stops the run with its index and reason
     assert main(["prepare", "--data", str(src), "--out", str(out), "--data.strict", "true", *common]) == 2
-    assert "row 6 is bad (length_mismatch)" in capsys.readouterr().err
+    assert "line 7 is bad (length_mismatch)" in capsys.readouterr().err

@@ -318,12 +318,52 @@ def test_compare_writes_table_and_plot(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| run | source | seeds | prompts | quality |")
     assert "| dpo | model | 1 | 8 | 0.6000 |" in md
-    # two seeds: mean +- population std of (0.55, 0.65) = 0.6 +- 0.05
-    assert "| ddpo | model | 2 | 8 | 0.6000 +- 0.0500 | 0.3200 +- 0.0200 |" in md
+    # two seeds: mean +- sample std (ddof 1) of (0.55, 0.65) = 0.6 +- 0.0707, the experiment's definition too
+    assert "| ddpo | model | 2 | 8 | 0.6000 +- 0.0707 | 0.3200 +- 0.0283 |" in md
     assert "| human_eval | human |" in md
     assert "Not in the plot (no quality or no semantic diversity): noquality." in md
     png = (out / "quality_vs_diversity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def _write_per_prompt(path: Path, rows: list[dict]):
+    path.mkdir(parents=True, exist_ok=True)
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("quality", "semantic_diversity")}
+    (path / "metrics.json").write_text(json.dumps({"summary": summary, "per_prompt": rows, "settings": {}}))
+
+
+def test_compare_baseline_paired_differences(tmp_path):
+    # Two seeds x 40 prompts; "new" = "base" + 0.05 semantic diversity on every prompt, quality unchanged,
+    # and all of its samples on theme a (base: half a, half b): pooled theme entropy 1 -> 0.
+    rng = np.random.default_rng(0)
+    for seed in ("seed0", "seed1"):
+        for i in range(40):
+            q, sem = rng.uniform(0.3, 0.7), rng.uniform(0.2, 0.6)
+            base = {"prompt_id": f"{seed}-{i}", "quality": q, "semantic_diversity": sem,
+                    "theme_share": {"a": 0.5, "b": 0.5, "none": 0.0}}
+            new = {**base, "semantic_diversity": sem + 0.05, "theme_share": {"a": 1.0, "b": 0.0, "none": 0.0}}
+            for name, row in (("base", base), ("new", new)):
+                rows_path = tmp_path / name / "eval" / seed
+                existing = json.loads((rows_path / "metrics.json").read_text())["per_prompt"] if (
+                    rows_path / "metrics.json").is_file() else []
+                _write_per_prompt(rows_path, existing + [row])
+    # An extra prompt only the new run has is left out of the pairing and counted.
+    extra = json.loads((tmp_path / "new" / "eval" / "seed1" / "metrics.json").read_text())["per_prompt"]
+    _write_per_prompt(tmp_path / "new" / "eval" / "seed1", extra + [{**extra[0], "prompt_id": "only-new"}])
+    out = tmp_path / "report"
+    E.main(["compare", str(tmp_path / "base"), str(tmp_path / "new"), "--out", str(out), "--baseline", "base",
+            "--n-boot", "300"])
+    md = (out / "comparison.md").read_text()
+    assert "## Paired differences from base" in md
+    row = next(line for line in md.splitlines() if line.startswith("| new | 40+40 (1 unpaired)"))
+    assert "+0.0500 [95% CI +0.0500, +0.0500] *" in row  # the same shift on every prompt: no spread
+    assert "+0.0000 [95% CI" in row  # quality
+    runs = [E.summarize_run(tmp_path / n) for n in ("base", "new")]
+    d = E.paired_differences(runs[1], runs[0], n_boot=200)
+    assert d["intervals"]["theme_entropy_overall"].estimate == pytest.approx(-1.0)
+    assert d["intervals"]["theme_entropy_overall"].verdict() == "a loss"
+    with pytest.raises(ValueError, match="--baseline 'nope' is not one of"):
+        E.compare_runs([tmp_path / "base"], out, baseline="nope")
 
 
 def test_compare_errors_name_the_fix(tmp_path):

@@ -1,125 +1,274 @@
-"""`make experiment` in miniature: the smoke version of engine.experiment (1 seed, a few steps, a tiny
-evaluation) runs end to end and writes the report, the plot and the raw results; plus the aggregation
-and verdict logic on hand-made numbers. No test here asserts the headline result."""
+"""`make experiment` in miniature and its analysis on known data.
+
+The --quick design (2 seeds, 4 steps with a checkpoint after each, a tiny evaluation, two worker
+processes) runs end to end and writes the report, both plots, power.json and results.json; its runs
+obey the design (same prompts and checkpoints for every method, controls at lr x the measured mean
+weight, the power estimate written before the comparison ran). The matched-quality analysis is checked
+on hand-made trajectories whose answer is known. No test asserts the experiment's headline result.
+"""
 
 import json
 import math
 
+import numpy as np
 import pytest
+import yaml
 
-from engine import experiment as X
+from experiments import method as X
+from experiments import method_report as R
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
     doc = out / "EXPERIMENTS.md"
-    result = X.main(["--quick", "--seeds", "0", "--out", str(out), "--doc", str(doc)])
+    result = X.main(["--quick", "--out", str(out), "--doc", str(doc)])
     return out, doc, result
 
 
-def test_quick_experiment_writes_report_plot_and_results(quick_run):
+@pytest.mark.slow
+def test_quick_experiment_writes_report_plots_and_results(quick_run):
     out, doc, result = quick_run
     text = doc.read_text()
-    assert "--quick smoke version" in text
-    assert "python -m engine.experiment --quick --seeds 0" in text
-    for method in ("SFT", *X.METHODS, "human (random)"):
-        assert f"| {method} |" in text, method
-    for needle in ("torch 2.", "transformers ", "Wall time", "share 'space'", "### Verdict", "Does plain DPO concentrate"):
+    assert "--quick smoke version" in text and "python -m experiments.method --quick" in text
+    published = ", ".join(f"`{k}={v}`" for k, v in X.load_design(quick=True).pairings["published"].items())
+    for needle in ("## Power (estimated after the pilot", "### Comparisons at matched quality", "### Verdicts",
+                   "Does plain DPO concentrate?", "## Second table: best-vs-worst", "torch 2.", "Wall time",
+                   f"published pairing ran as {published}", "Upvotes = 30 x quality + 8 if the theme is 'space'"):
         assert needle in text, needle
-    png = out / "EXPERIMENTS_quality_vs_diversity.png"
-    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "](EXPERIMENTS_quality_vs_diversity.png)" in text
-
+    # The first version's bugs: a literal f-string field, and a claim no source here supports.
+    assert "{rec[" not in text and "as the paper reports" not in text
+    for a, b in X.load_design(quick=True).comparisons:
+        assert f"| {a} - {b} |" in text
+    assert text.count(": a win") + text.count(": a loss") + text.count(": cannot tell at this power") >= 7 * 3
+    for name in ("frontier", "intervals"):
+        png = (out / f"EXPERIMENTS_{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+        assert f"](EXPERIMENTS_{name}.png)" in text
     saved = json.loads((out / "results.json").read_text())
-    methods = [r["method"] for r in saved["records"]]
-    assert sorted(methods) == sorted(["SFT", "human (random)", *X.METHODS])
-    for r in saved["records"]:
-        assert math.isfinite(r["summary"]["quality"]) and 0.0 <= r["summary"]["quality"] <= 1.0
-        shares = r["summary"]["theme_share"]
-        assert abs(sum(shares.values()) - 1.0) < 1e-6
+    assert saved["workers"] == 2 and saved["power"]["metric"] == "style_diversity"  # quick has no MiniLM
 
 
-def test_quick_experiment_same_budget_and_prompts_for_every_method(quick_run):
+@pytest.mark.slow
+def test_quick_experiment_follows_the_design(quick_run):
     out, _, result = quick_run
-    prefs = [r for r in result["records"] if r.method in X.METHODS]
-    assert len(prefs) == len(X.METHODS)
-    assert {r.train["steps"] for r in prefs} == {X.QUICK_OVERRIDES["optim.max_steps"]}
-    # Reference log-probs come from the cache for the objectives that need them, none for ORPO/DORPO.
-    ref = {r.method: r.train["reference"] for r in prefs}
-    assert ref == {"DPO": "cache", "DDPO": "cache", "ORPO": "none", "DORPO": "none", "DivPO": "cache"}
-    # DPO and DDPO share one cache directory (same pairs); DivPO builds its own.
-    assert sorted(p.name for p in (out / "refcache").iterdir()) == ["best_vs_worst-seed0", "divpo-seed0"]
-    prompt_sets = set()
-    for method in X.METHODS:
-        gens = [json.loads(line) for line in (out / method.lower() / "seed0" / "eval" / "generations.jsonl").open()]
-        assert len(gens) == X.QUICK_OVERRIDES["eval.num_prompts"] * 4
-        prompt_sets.add(tuple(sorted({g["prompt_id"] for g in gens})))
-    assert len(prompt_sets) == 1  # every method is evaluated on the same held-out prompts
+    design = X.load_design(quick=True)
+    evals = result["evals"]
+    steps = [1, 2, 3, 4]
+    for seed in design.seeds:
+        prompts = set()
+        for m in design.methods:
+            got = sorted(e["step"] for e in evals if e["method"] == m and e["seed"] == seed)
+            assert got == steps, (m, seed, got)
+            for e in evals:
+                if e["method"] == m and e["seed"] == seed:
+                    prompts.add(tuple(sorted(r["prompt_id"] for r in e["per_prompt"])))
+            assert not (out / m.lower() / f"seed{seed}" / "checkpoints").exists()  # deleted once evaluated
+            assert (out / m.lower() / f"seed{seed}" / "final" / "config.json").is_file()
+        sft = [e for e in evals if e["method"] == "SFT" and e["seed"] == seed]
+        assert len(sft) == 1 and sft[0]["step"] == 0
+        prompts.add(tuple(sorted(r["prompt_id"] for r in sft[0]["per_prompt"])))
+        assert len(prompts) == 1 and len(next(iter(prompts))) == 3  # one prompt set per seed, for every run
+    bvw = sorted((e["method"], e["seed"], e["step"]) for e in evals if "@" in e["method"])
+    assert bvw == sorted((f"{m}@best_vs_worst", 0, 4) for m in design.bvw_methods)
+    # Reference caches: one per (pairing, seed), shared by every dpo/ddpo run on the same pairs.
+    assert sorted(p.name for p in (out / "refcache").iterdir()) == [
+        "best_vs_worst-seed0", "divpo-seed0", "divpo-seed1", "published-seed0", "published-seed1"]
 
 
-def test_report_only_rebuilds_the_same_tables_from_results_json(quick_run):
+@pytest.mark.slow
+def test_controls_use_lr_times_the_measured_mean_weight(quick_run):
+    out, _, result = quick_run
+    base_lr = yaml.safe_load((X.ROOT / "configs" / "experiment.yaml").read_text())["optim"]["lr"]
+    runs = {(r["method"], r["seed"]): r for r in result["runs"]}
+    for control, source in (("DPO-lrw", "DDPO"), ("ORPO-lrw", "DORPO")):
+        for seed in (0, 1):
+            logged = [json.loads(line)["weights/mean"]
+                      for line in (out / source.lower() / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+            w = float(np.mean(logged))
+            assert 0 < w and runs[(source, seed)]["mean_chosen_weight"] == pytest.approx(w)
+            assert runs[(control, seed)]["lr"] == pytest.approx(base_lr * w)
+            cfg = yaml.safe_load((out / control.lower() / f"seed{seed}" / "config.yaml").read_text())
+            assert cfg["optim"]["lr"] == pytest.approx(base_lr * w) and cfg["loss"]["objective"] == source[1:].lower()
+
+
+@pytest.mark.slow
+def test_power_is_estimated_before_the_comparison_runs(quick_run):
+    out, _, result = quick_run
+    power_written = (out / "power.json").stat().st_mtime
+    pilot = X.load_design(quick=True).pilot
+    for m in X.load_design(quick=True).methods:
+        started = (out / m.lower() / "seed0" / "config.yaml").stat().st_mtime
+        assert (started < power_written) == (m == pilot), m
+    p = json.loads((out / "power.json").read_text())
+    assert p["n_seeds"] == 2 and p["n_prompts"] == 3 and p["detectable"] > 0
+    assert p["between"] == pytest.approx(2 * p["pilot_between"])
+
+
+@pytest.mark.slow
+def test_report_only_rebuilds_the_same_document(quick_run):
     out, doc, _ = quick_run
     before = doc.read_text()
     doc.unlink()
     X.main(["--report-only", "--out", str(out), "--doc", str(doc)])
-    after = doc.read_text()
-    table = lambda t: [line for line in t.splitlines() if line.startswith("| ")]  # noqa: E731
-    assert table(after) == table(before) and len(table(after)) > 10
-    assert "python -m engine.experiment --quick --seeds 0" in after
+    assert doc.read_text() == before
 
 
-def test_heldout_prompts_are_never_trained_on(tmp_path):
+# ------------------------------------------------------------------------------------ checkpoint weights
+
+
+@pytest.mark.slow
+def test_checkpoint_model_loads_the_weights_of_that_step(tmp_path):
+    import torch
+
+    from engine.checkpoint import CheckpointError
+    from engine.model import load_pretrained
+    from engine.train import train
+
+    design = X.load_design(quick=True)
+    ctx = X.Context(design, str(tmp_path))
+    cfg = X.make_config(design.recipe, ctx.common, {"loss.objective": "orpo", "optim.max_steps": 2,
+                                                    "logging.output_dir": str(tmp_path), "logging.run_name": "r",
+                                                    "checkpoint.every_steps": 1, "checkpoint.keep_last": 5})
+    train(cfg)
+    run = cfg.logging.run_dir
+    final, _ = load_pretrained(str(run / "final"))
+    at2, _ = X.checkpoint_model(run / "checkpoints" / "step-2", "llama-tiny")
+    at1, _ = X.checkpoint_model(run / "checkpoints" / "step-1", "llama-tiny")
+    sd_final, sd2, sd1 = final.state_dict(), at2.state_dict(), at1.state_dict()
+    assert all(torch.equal(sd_final[k], sd2[k]) for k in sd_final)
+    assert not all(torch.equal(sd_final[k], sd1[k]) for k in sd_final)
+    with open(run / "checkpoints" / "step-1" / "mp_rank_00_model_states.pt", "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(CheckpointError, match="does not match its manifest"):
+        X.checkpoint_model(run / "checkpoints" / "step-1", "llama-tiny")
+
+
+# ------------------------------------------------------------------------------------------------ design
+
+
+def _design_file(tmp_path, **changes):
+    raw = yaml.safe_load(X.DESIGN.read_text())
+    raw.update(changes)
+    path = tmp_path / "design.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_design_loads_and_bad_designs_name_the_fix(tmp_path):
+    d = X.load_design()
+    assert len(d.seeds) >= 5 and d.pilot == "DPO" and d.statistics["target_detectable"] == 0.015
+    assert set(d.pairings) == {"published", "divpo", "best_vs_worst"}
+    assert X.chains(d)[:2] == [["DDPO", "DPO-lrw"], ["DORPO", "ORPO-lrw"]]
+    assert sorted(m for c in X.chains(d) for m in c) == sorted(set(d.methods) - {"DPO"})
+    q = X.load_design(quick=True)
+    assert q.seeds == [0, 1] and q.bvw_seeds == [0] and q.sft["optim.max_steps"] == 3
+    assert q.sft["loss.objective"] == "sft" and q.statistics["n_boot"] == 200 and q.statistics["level"] == 0.95
+    with pytest.raises(X.DesignError, match="unknown key"):
+        X.load_design(_design_file(tmp_path, seed=[1]))
+    bad = yaml.safe_load(X.DESIGN.read_text())["methods"]
+    bad["DPO-lrw"]["lr_times_mean_weight_of"] = "DPO"
+    with pytest.raises(X.DesignError, match="only those log deviation weights"):
+        X.load_design(_design_file(tmp_path, methods=bad))
+    with pytest.raises(X.DesignError, match="entries must be"):
+        X.load_design(_design_file(tmp_path, comparisons=[["DDPO", "PPO"]]))
+    with pytest.raises(X.DesignError, match="best_vs_worst.seeds"):
+        X.load_design(_design_file(tmp_path, best_vs_worst={"pairing": "best_vs_worst", "methods": ["DPO"],
+                                                            "seeds": [9]}))
+    with pytest.raises(X.DesignError, match="must be a non-empty list"):
+        X.load_design(_design_file(tmp_path, seeds=[]))
+    ctx = X.Context(X.load_design(_design_file(tmp_path, checkpoints=3)), str(tmp_path), "llama-tiny")
+    with pytest.raises(X.DesignError, match=r"multiple of checkpoints \(3\)"):
+        ctx.method_config("DPO", 0)
+
+
+def test_heldout_prompts_are_never_trained_on_and_too_few_is_an_error(tmp_path):
     from engine.data.loading import load_responses
     from engine.data.pairs import build_pairs, split_by_prompt
 
-    cfg = X.make_config(X.RECIPE, X.QUICK_OVERRIDES, {"data.seed": 3, "data.cache_dir": str(tmp_path)})
+    ctx = X.Context(X.load_design(quick=True), str(tmp_path), "llama-tiny")
+    cfg = ctx.method_config("DPO", 3)
     held = X.heldout_prompts(cfg)
     responses, _ = load_responses("synthetic", synthetic_prompts=cfg.data.synthetic_prompts,
                                   synthetic_seed=cfg.data.synthetic_seed)
-    train_pairs, _ = split_by_prompt(build_pairs(responses, "best_vs_worst", seed=3), cfg.data.val_fraction, 3)
-    assert held.prompts and len(held.prompts) <= cfg.eval.num_prompts
+    train_pairs, _ = split_by_prompt(build_pairs(responses, "gap", seed=3), cfg.data.val_fraction, 3)
+    assert len(held.prompts) == cfg.eval.num_prompts
     assert not set(held.prompt_ids) & {p.prompt_id for p in train_pairs}
     assert held.prompt_ids == sorted(held.prompt_ids)
+    cfg = X.make_config(ctx.design.recipe, ctx.common, {"eval.num_prompts": 500})
+    with pytest.raises(X.DesignError, match="raise data.val_fraction"):
+        X.heldout_prompts(cfg)
 
 
-def _rec(method, seed, quality, sem, space):
-    return X.RunRecord(method, seed, {
-        "quality": quality, "semantic_diversity": sem, "style_diversity": 0.3,
-        "theme_share": {"space": space, "dragons": 1 - space}, "style_share": {"plain": 0.5, "terse": 0.5},
-    })
+# ---------------------------------------------------------------------------------- analysis, known data
 
 
-def test_aggregate_mean_std_and_popular_shares():
-    agg = X.aggregate([_rec("DPO", 0, 0.5, 0.10, 0.6), _rec("DPO", 1, 0.7, 0.20, 0.8)])["DPO"]
-    assert agg["n"] == 2
-    assert agg["mean"]["quality"] == pytest.approx(0.6)
-    assert agg["std"]["quality"] == pytest.approx(math.sqrt(0.02))  # ddof 1
-    assert agg["mean"]["popular_theme_share"] == pytest.approx(0.7)
-    assert agg["mean"]["theme_share/dragons"] == pytest.approx(0.3)
-    assert agg["min"]["semantic_diversity"] == pytest.approx(0.1) and agg["max"]["semantic_diversity"] == pytest.approx(0.2)
+def _rows(rng, n, quality, sem, noise=0.02):
+    """Per-prompt rows around (quality, semantic diversity); theme/style shares over 4 samples."""
+    rows = []
+    for i in range(n):
+        space = rng.integers(0, 5) / 4
+        rows.append({"prompt_id": f"p{i:03d}", "quality": quality + rng.normal(0, noise),
+                     "semantic_diversity": sem + rng.normal(0, noise), "style_diversity": 0.3 + rng.normal(0, noise),
+                     "theme_share": {"space": space, "dragons": 1 - space, "detective": 0.0, "ghosts": 0.0,
+                                     "robots": 0.0, "none": 0.0},
+                     "style_share": {"plain": 0.5, "dialogue": 0.5, "terse": 0.0, "ornate": 0.0, "none": 0.0}})
+    return rows
 
 
-@pytest.mark.parametrize(
-    "q_new, sem_new, wins, more_diverse",
-    [
-        (0.60, 0.30, True, True),    # more diverse, same quality
-        (0.58, 0.30, True, True),    # 3.3% lower quality: within 5%
-        (0.50, 0.30, False, True),   # 16.7% lower quality: not comparable
-        (0.70, 0.10, False, False),  # better quality but less diverse
-    ],
-)
-def test_verdict_quality_tolerance_and_diversity(q_new, sem_new, wins, more_diverse):
-    recs = [_rec("DPO", s, 0.60, 0.20, 0.8) for s in (0, 1)] + [_rec("DDPO", s, q_new, sem_new, 0.5) for s in (0, 1)]
-    (v,) = X.verdicts(X.aggregate(recs))
-    assert (v["method"], v["baseline"], v["primary_diversity"]) == ("DDPO", "DPO", "semantic_diversity")
-    assert v["wins"] is wins and v["more_diverse"] is more_diverse
-    assert v["popular_theme_share_delta"] == pytest.approx(-0.3)
+def _fake_result(trajectories: dict, seeds=(0, 1, 2), n_prompts=60):
+    """A results.json-like dict whose methods follow given (quality, semantic diversity) trajectories."""
+    rng = np.random.default_rng(0)
+    design = X.load_design()
+    d = design.to_dict()
+    d.update(seeds=list(seeds), bvw_methods=[], bvw_seeds=[], comparisons=[["DDPO", "DPO"]],
+             methods={k: v for k, v in d["methods"].items() if k in trajectories})
+    d["statistics"]["n_boot"] = 400
+    evals = []
+    for s in seeds:
+        evals.append({"method": "SFT", "seed": s, "step": 0, "per_prompt": _rows(rng, n_prompts, 0.5, 0.5)})
+        evals.append({"method": "human", "seed": s, "step": 0, "per_prompt": _rows(rng, n_prompts, 0.45, 0.55)})
+        for m, points in trajectories.items():
+            for step, (q, sem) in zip((10, 20, 30, 40), points):
+                evals.append({"method": m, "seed": s, "step": step, "per_prompt": _rows(rng, n_prompts, q, sem)})
+    return {"design": d, "evals": evals, "runs": []}
 
 
-def test_overrides_reach_the_config_and_unknown_methods_fail(tmp_path):
-    cfg = X.make_config(X.RECIPE, X.METHODS["DORPO"], {"data.seed": 2, "deviation.enabled": True})
-    assert (cfg.loss.objective, cfg.loss.beta, cfg.data.seed) == ("dorpo", 0.25, 2)
-    assert X.make_config(X.RECIPE, X.METHODS["DivPO"]).data.pairs == "divpo"
-    with pytest.raises(ValueError, match="unknown method"):
-        X.run_experiment(tmp_path, [0], methods=["PPO"])
+def test_matched_quality_separates_training_less_far_from_being_more_diverse():
+    # Both methods lie on one frontier, diversity = 1 - quality; DDPO just trains less far.
+    line = lambda qs: [(q, 1.0 - q) for q in qs]  # noqa: E731
+    res = _fake_result({"DPO": line([0.55, 0.6, 0.65, 0.7]), "DDPO": line([0.52, 0.55, 0.58, 0.6])})
+    c = R.analyze(res)["comparisons"][0]
+    frac = res["design"]["statistics"]["matched_quality_fraction"]
+    assert c["q_star"] == pytest.approx(0.5 + frac * (0.6 - 0.5), abs=0.01)  # from the SFT start to the top
+    final, matched = R.interval(c["final"]["semantic_diversity"]), R.interval(c["matched"]["semantic_diversity"])
+    assert final.estimate == pytest.approx(0.1, abs=0.01) and final.verdict() == "a win"  # equal steps: misleading
+    assert abs(matched.estimate) < 0.01 and matched.verdict() == "cannot tell at this power"
+    assert matched.lo < 0 < matched.hi
+
+
+def test_matched_quality_finds_a_real_gain_and_a_real_loss():
+    line = lambda qs, shift: [(q, 1.0 - q + shift) for q in qs]  # noqa: E731
+    res = _fake_result({"DPO": line([0.55, 0.6, 0.65, 0.7], 0.0), "DDPO": line([0.55, 0.6, 0.65, 0.7], 0.05)})
+    analysis = R.analyze(res)
+    c = analysis["comparisons"][0]
+    m = R.interval(c["matched"]["semantic_diversity"])
+    assert m.estimate == pytest.approx(0.05, abs=0.01) and m.verdict() == "a win"
+    assert R.interval(c["matched"]["theme_entropy_overall"]).verdict() == "cannot tell at this power"
+    lines = "\n".join(R._verdict_lines(analysis, {**res, "design": res["design"]}))
+    assert "**DDPO vs DPO at matched quality" in lines and f"semantic diversity {m.fmt()}: **a win**" in lines
+    res = _fake_result({"DPO": line([0.55, 0.6, 0.65, 0.7], 0.0), "DDPO": line([0.55, 0.6, 0.65, 0.7], -0.05)})
+    assert R.interval(R.analyze(res)["comparisons"][0]["matched"]["semantic_diversity"]).verdict() == "a loss"
+
+
+def test_power_estimate_from_the_pilot():
+    res = _fake_result({"DPO": [(0.55, 0.45), (0.6, 0.4), (0.65, 0.35), (0.7, 0.3)]}, seeds=(0, 1, 2, 3))
+    p = R.power_estimate(res["evals"], res["design"])
+    # Per-prompt noise sd 0.02 on both sides: the paired difference has variance 2 * 0.02^2.
+    assert p["within"] == pytest.approx(2 * 0.02**2, rel=0.2)
+    assert p["n_seeds"] == 4 and p["n_prompts"] == 60 and p["pilot_step"] == 40
+    assert p["detectable"] == pytest.approx(p["grid"]["detectable"][p["grid"]["prompts"].index(60)][
+        p["grid"]["seeds"].index(4)])
+    assert math.isfinite(p["detectable"]) and p["detectable"] < 0.02
+    # The target is above the detectable difference, so it is detected with more than the design's power.
+    assert p["power_at_target"] > p["power"]

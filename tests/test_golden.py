@@ -96,6 +96,7 @@ def _final_weights(final_dir: Path) -> torch.Tensor:
 
 def kernel_record() -> dict:
     from ddpo_kernels import fused_preference_loss
+    from engine.losses import loss_epilogue
 
     g = torch.Generator().manual_seed(1234)
     n, d, v, s = 203, 48, 517, 6
@@ -113,10 +114,12 @@ def kernel_record() -> dict:
         for objective in OBJECTIVES:
             hidden = hidden0.clone().requires_grad_(True)
             weight = weight0.clone().requires_grad_(True)
+            epilogue = loss_epilogue(
+                objective, beta=0.1, chosen_weights=weights, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r
+            )
             res = fused_preference_loss(
-                hidden, weight, targets, segment_ids, chosen, rejected, objective=objective, beta=0.1,
-                chosen_weights=weights, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, backend=backend,
-                chunk_tokens=64, return_output=True,
+                hidden, weight, targets, segment_ids, chosen, rejected, epilogue, backend=backend,
+                chunk_rows=16, block_rows=64, return_output=True,
             )  # fmt: skip
             res.loss.backward()
             out[f"{backend}/{objective}"] = {

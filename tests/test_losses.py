@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from engine.config import POLICY_OBJECTIVES as OBJECTIVES
 from engine.losses import (
     LOG1MEXP_MAX_ARG,
-    OBJECTIVES,
     LossOutput,
     ddpo_loss,
     dorpo_loss,

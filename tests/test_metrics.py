@@ -1,6 +1,13 @@
-"""engine.metrics against values computed by hand on small fixed texts (the arithmetic is in the comments)."""
+"""engine.metrics against values computed by hand on small fixed texts (the arithmetic is in the comments).
 
+Both definitions: the engine's (the default) and `compat="authors"` (the authors' evaluation code; its
+equality with an independent port of that code is tested in tests/test_fidelity.py, point 11).
+"""
+
+import gzip
+import itertools
 import math
+import types
 
 import numpy as np
 import pytest
@@ -165,3 +172,91 @@ def test_text_metrics_and_mean_over_prompts():
     avg = M.mean_over_prompts(per_prompt)
     assert avg == {"x": 2.0, "h": 0.5, "n": 2.0}
     assert math.isnan(M.mean_over_prompts([{"h": float("nan")}])["h"])
+
+
+
+# ------------------------------------------------------------------------- engine: what the names claim
+
+
+def test_compression_ratio_is_one_gzip_stream_independent_of_the_clock(monkeypatch):
+    text = ["the cat sat on the mat, " * 20, "and the dog sat on the log."]
+    data = " ".join(text).encode()
+    before = M.compression_ratio(text)
+    monkeypatch.setattr(gzip, "time", types.SimpleNamespace(time=lambda: 1.75e9))  # the stamp gzip would write
+    assert M.compression_ratio(text) == before == len(data) / len(gzip.compress(data, 9, mtime=0))
+
+
+# Four samples whose pairs are scored by hand: LCS("a b c", "a b d") = 2 of 3 and 3 -> F 2/3;
+# LCS("a b c", "a b") = 2: P 1, R 2/3 -> F 4/5 (likewise "a b d" / "a b"); "x y z" shares nothing.
+FOUR = ["a b c", "a b d", "x y z", "a b"]
+
+
+def test_homogenization_counts_every_sample_in_any_order():
+    # unordered pairs: 2/3 + 4/5 + 4/5 and three zeros -> (34/15) / 6 = 17/45
+    for order in itertools.permutations(FOUR):
+        assert M.homogenization(list(order)) == pytest.approx(17 / 45)
+
+
+
+# ------------------------------------------------------------------------------- authors' definitions
+
+
+def test_authors_ngram_diversity_splits_on_single_spaces_and_rounds():
+    # "a  b" + " " + "c d" split on " " -> a, "", b, c, d: 5/5 + 4/4 + 3/3 + 2/2; the engine sees a b c d: 1+1+1+1
+    assert M.ngram_diversity(["a  b", "c d"], compat="authors") == 4.0
+    # "x\ny z" -> words "x\ny", "z" for them (no 3-gram: their 0/0, NaN here); x, y, z for the engine
+    assert math.isnan(M.ngram_diversity(["x\ny z"], compat="authors"))
+    assert M.ngram_diversity(["x\ny z"]) == pytest.approx(3.0)
+    assert M.ngram_diversity(["a b c", "a b d"], compat="authors") == 3.467  # 3.4667 rounded to 3 decimals
+
+
+def test_authors_compression_ratio_compresses_twice():
+    # Their denominator is a gzip stream compressed again inside a gzip file with a name (a 21-byte header
+    # and an 8-byte trailer around it): a compressed stream hardly compresses, so their ratio is lower.
+    for texts in (["the cat sat on the mat"] * 8, ["a story about a cat", "a story about a dog"], ["x"]):
+        authors = M.compression_ratio(texts, compat="authors")
+        assert authors == round(authors, 3) and authors < M.compression_ratio(texts)
+    assert M.compression_ratio([], compat="authors") == 0.0
+
+
+def test_authors_homogenization_by_hand():
+    # Rows of FOUR: r0 = 2/3 + 0 + 4/5 = 22/15, r1 = 22/15, r2 = 0; the last row is never added:
+    # (22/15 + 22/15 + 0) / 3 / 4 = 11/45 = 0.2444
+    assert M.homogenization(FOUR, compat="authors") == 0.244
+    # Another order, another value: r0 ("a b") = 0 + 4/5 + 4/5, r1 = 0, r2 = 4/5 + 0 + 2/3, r3 dropped:
+    # (8/5 + 22/15) / 3 / 4 = 46/180 = 0.2556
+    assert M.homogenization(["a b", "x y z", "a b c", "a b d"], compat="authors") == 0.256
+    assert M.homogenization(["a b c", "a b d"], compat="authors") == 0.333  # (2/3) / 1 / 2
+    # n identical samples: one merged row of n (n - 1) ones, nothing added before it -> n (n - 1) / n
+    assert M.homogenization(["same"] * 3, compat="authors") == 2.0
+    assert M.homogenization(["same"] * 4, compat="authors") == 3.0
+    assert M.homogenization(["same"] * 3) == 1.0
+    # consecutive copies merge: rows "a" (twice: 1 + 0 + 1 + 0) then "b" (dropped) -> 2 / 2 / 3
+    assert M.homogenization(["a", "a", "b"], compat="authors") == 0.333
+    assert M.homogenization(["only one"], compat="authors") == 0.0
+    assert math.isnan(M.homogenization([], compat="authors"))
+
+
+def test_authors_embedding_diversity_of_one_sample_is_nan():
+    e = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert M.embedding_diversity(e, compat="authors") == M.embedding_diversity(e) == pytest.approx(4 / 3)
+    assert math.isnan(M.embedding_diversity(np.ones((1, 3)), compat="authors"))
+    assert M.embedding_diversity(np.ones((1, 3))) == 0.0
+
+
+def test_authors_text_metrics_read_samples_as_their_csv_does():
+    assert M.authors_csv_texts(["", "None", "NA", "none", " ", "nan x"]) == ["nan", "nan", "nan", "none", " ", "nan x"]
+    samples = ["", "", "a", "b"]
+    row = M.text_metrics(samples, compat="authors")
+    # scored "nan nan a b": 3/4 + 3/3 + 2/2 + 1/1; the engine scores "a b": 2/2 + 1/1 (no 3- or 4-gram)
+    assert row["ngram_diversity"] == 3.75 and M.text_metrics(samples)["ngram_diversity"] == pytest.approx(2.0)
+    # "nan" == "nan" scores 1; the two "nan" rows merge (1 + 1), "a" adds 0, "b" is dropped: (2 / 3) / 4
+    assert row["homogenization"] == 0.167
+    assert row["length_chars_mean"] == 0.5 and row["empty_share"] == 0.5  # lengths are the samples' own
+
+
+def test_metrics_reject_an_unknown_compat():
+    for call in (lambda: M.ngram_diversity(["a"], compat="paper"), lambda: M.text_metrics(["a"], compat="paper"),
+                 lambda: M.embedding_diversity(np.ones((2, 2)), compat="paper")):
+        with pytest.raises(ValueError, match="'paper'.*eval.metrics_compat"):
+            call()

@@ -26,6 +26,15 @@ def test_llama_8b_on_meta_has_the_real_shape():
     assert m.config.vocab_size == 128256 and m.config.hidden_size == 4096 and m.config.num_key_value_heads == 8
 
 
+def test_llama_8b_4layers_keeps_every_shape_but_the_depth():
+    full, short = build_model("llama-8b", device="meta"), build_model("llama-8b-4layers", device="meta")
+    assert short.config.num_hidden_layers == 4
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        assert getattr(short.config, k) == getattr(full.config, k), k
+    per_layer = count_parameters(full.model.layers[0])
+    assert count_parameters(full) - count_parameters(short) == 28 * per_layer
+
+
 def test_gpt2_small_shape():
     m = build_model("gpt2-small", device="meta")
     assert 124e6 < count_parameters(m) < 125e6  # GPT-2 small: 124,439,808

@@ -143,10 +143,10 @@ def test_plan_by_hand_zero3_bf16(tiny):
     # Checkpointing keeps each layer's bf16 input (2D) plus one layer recomputed in full.
     assert p.activations_with_checkpointing == n * (L * 2 * D + per_layer + final) == 3_880_960
     assert p.activations == p.activations_without_checkpointing
-    # Fused: one fp32 [chunk, V] block (the GPU budget's chunk for V=1024 is 8192, capped at the 512
-    # tokens) plus the fp32 [V, D] dW accumulator of the trained head. Eager: N x V x (2 + 4 + 4).
-    assert p.chunk_tokens == 8192
-    assert p.logits_fused == n * V * 4 + V * D * 4 == 2_621_440
+    # Fused: one bf16 [block, V] logits block (the GPU budget's block for V=1024 is 8192 rows, capped at
+    # the 512 tokens) plus the fp32 [V, D] dW accumulator of the trained head. Eager: N x V x (2 + 4 + 4).
+    assert p.block_rows == 8192
+    assert p.logits_fused == n * V * 2 + V * D * 4 == 1_572_864
     assert p.logits_eager == n * V * 10 == 5_242_880
     assert p.logits == p.logits_fused
     assert p.reference_on_the_fly == p.reference == TINY_PARAMS * 2 // 8
@@ -158,8 +158,8 @@ def test_plan_by_hand_zero3_bf16(tiny):
     # gradients accumulated yet); the optimizer step's gradients are smaller.
     assert p.peak_phase == "backward"
     assert p.at_peak == {"weights": 164_000, "optimizer": 984_000, "reference": 164_000, "buffers": 266_424,
-                         "activations": 6_645_760, "logits": 2_621_440}
-    assert p.total == 164_000 * 2 + 984_000 + 6_645_760 + 2_621_440 + 266_424 == 10_845_624
+                         "activations": 6_645_760, "logits": 1_572_864}
+    assert p.total == 164_000 * 2 + 984_000 + 6_645_760 + 1_572_864 + 266_424 == 9_797_048
     assert p.total == sum(p.at_peak.values())
     # Accumulating micro-batches keeps the gradients resident through every later backward.
     acc = plan({**tiny, "optim.grad_accum": 4})
@@ -183,7 +183,7 @@ def test_plan_by_hand_zero0_fp32_and_lora(tiny):
     assert lora.weights == (TINY_PARAMS + adapters) * 2  # frozen bf16 base + bf16 adapters
     assert lora.gradients == adapters * 2 and lora.optimizer == adapters * 12
     assert lora.reference_on_the_fly == 0  # the reference is the base model with adapters disabled
-    assert lora.logits_fused == 512 * V * 4  # frozen head: no dW accumulator
+    assert lora.logits_fused == 512 * V * 2  # bf16 logits block; frozen head: no dW accumulator
     # Frozen base: norm casts and outputs (4 x 2D) and down's input (2I) are no longer saved; each of the 7
     # adapted linears saves its fp32 input copy (4 x in) and lora_A's fp32 output (4r).
     assert lora.activation_bytes_per_token_layer == 5912 - 4 * 2 * D - 2 * I + 4 * (6 * D + I) + 7 * 4 * 8 == 8952
@@ -192,15 +192,16 @@ def test_plan_by_hand_zero0_fp32_and_lora(tiny):
 def test_device_sets_chunk_attention_and_runtime(tiny):
     """The plan uses the chunk budget of the device it plans for (ddpo_kernels' own function), the
     attention kernel a run there gets, and the device's runtime constant."""
-    from ddpo_kernels.linear_logprob import default_chunk_tokens
+    import torch
+    from ddpo_kernels import default_block_rows
 
     from engine.plan import CPU_RUNTIME_BYTES
 
     big_v = {**tiny, "model.name": "llama-8b"}
     gpu = plan_memory(PlanSettings.of(big_v, device="cuda"))
     cpu = plan_memory(PlanSettings.of(big_v, device="cpu"))
-    assert gpu.chunk_tokens == default_chunk_tokens(128_256, "cuda")
-    assert cpu.chunk_tokens == default_chunk_tokens(128_256, "cpu") < gpu.chunk_tokens
+    assert gpu.block_rows == default_block_rows(128_256, torch.bfloat16, "cuda")
+    assert cpu.block_rows == default_block_rows(128_256, torch.bfloat16, "cpu") < gpu.block_rows
     assert (gpu.runtime, cpu.runtime) == (GIB, CPU_RUNTIME_BYTES)
     assert (gpu.attn_implementation, cpu.attn_implementation) == ("flash_attention_2", "sdpa_varlen")
     # Per-sequence SDPA keeps its outputs and their concatenation (o_proj's input): + 2 bytes x Dq per token-layer.
@@ -213,7 +214,7 @@ def test_settings_are_the_run_config():
 
     fields = [f.name for f in dataclasses.fields(PlanSettings)]
     assert fields == ["config", "nodes", "gpus_per_node", "device", "runtime_overhead_gib"]
-    cfg = load_config(["--config", "configs/llama8b-ddpo.yaml"])
+    cfg = load_config(["--config", "configs/llama8b-dorpo-engine.yaml"])  # llama8b-ddpo.yaml starts from an SFT dir
     s = settings_from_config(cfg, 8, "cuda")
     assert s.config is cfg and s.world_size == 8 and s.tokens == 8192
     p = plan_from_config(cfg, 8, "cuda")  # hub name planned offline through its known shapes
@@ -274,7 +275,8 @@ def test_llama8b_numbers():
     d, dkv, i, h = 4096, 1024, 14336, 32
     assert p.activation_bytes_per_token_layer == 20 * d + 4 * dkv + 8 * i + 4 * h + 8 == 200_840
     assert p.weights == -(-8_030_261_248 * 2 // 32)
-    assert p.chunk_tokens == 1024  # the GPU budget: 512 MiB / (4 bytes x 128,256) -> 1046 -> power of two 1024
+    # 1 GiB / (2 bytes x 128,256) -> 4186 rows, whole 1024-row GEMM chunks (ddpo_kernels.default_block_rows)
+    assert p.block_rows == 4096
     assert p.logits_eager == 8192 * 128_256 * 10
 
 
@@ -407,7 +409,7 @@ def test_cli_table_and_json(capsys):
 
 
 def test_cli_run_config(capsys):
-    assert main(["--config", "configs/llama8b-ddpo.yaml", "--gpus-per-node", "8", "--json"]) == 0
+    assert main(["--config", "configs/llama8b-dorpo-engine.yaml", "--gpus-per-node", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["settings"]["config"]["model"]["lora_r"] == 128 and data["world_size"] == 8
 

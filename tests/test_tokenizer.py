@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.data.build_tokenizer import CHAT_TEMPLATE
+from engine.model import CHAT_TEMPLATE
 from engine.model import load_tokenizer
 
 

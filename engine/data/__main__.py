@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-USAGE = "python -m engine.data prepare --data PATH --pairs MODE --out DIR [--no-weights] [--config FILE] [--section.field VALUE ...]"
+USAGE = ("python -m engine.data prepare --data PATH --pairs MODE --out DIR [--no-weights] [--config FILE] "
+         "[--section.field VALUE ...]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data source (sets data.source)")
     parser.add_argument("--pairs", choices=PAIR_MODES, help="pair mode (sets data.pairs)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--no-weights", action="store_true", help="skip deviation weights even if the objective uses them")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="skip deviation weights even if the objective uses them")
     args, rest = parser.parse_known_args(argv[1:])
     overrides = list(rest)
     if args.data is not None:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.data.loading import DataError
     from engine.data.prepare import prepare_data, write_pairs_jsonl
+    from engine.fileio import atomic_write
     from engine.model import load_tokenizer
 
     out = Path(args.out)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = write_pairs_jsonl(out / "pairs.jsonl", prepared)
     report = {**prepared.load_report.to_dict(), "dropped_after_loading": prepared.counts}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out / "report.json", json.dumps(report, indent=2))
     print(f"wrote {n} pairs to {out / 'pairs.jsonl'}, reports to {out / 'report.json'} and {out / 'data_report.json'}")
     return 0
 

@@ -13,24 +13,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from engine.data.synthetic import sample_corpus
+from engine.model import CHAT_TEMPLATE, TOKENIZER_DIR
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+ASSET_DIR = TOKENIZER_DIR
 VOCAB_SIZE = 2048
 PAD, BOS, EOS, USER, ASSISTANT = "<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, USER, ASSISTANT]
-
-# user = prompt, assistant = response; the generation prompt ends right where the response starts,
-# so the prompt part's tokens are a prefix of the full conversation's tokens (the data pipeline relies on it).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
 
 def build(out_dir: Path = ASSET_DIR, vocab_size: int = VOCAB_SIZE) -> Path:
     from transformers import PreTrainedTokenizerFast

@@ -2,19 +2,26 @@
 
 First step of the data flow (DESIGN.md): rows come from jsonl/json/parquet files, a
 `datasets.save_to_disk` directory, a hub dataset name, or the bundled synthetic generator; every
-row is validated, cleaned as published, and turned into records with content-derived ids.
+row is validated, cleaned (`data.cleaning`), and turned into records with content-derived ids.
 
 Bad input never crashes a run and is never dropped silently: each skipped row is counted under a
 reason in a `LoadReport` (printed and saved); with `strict=True` the first bad row raises a
-`DataError` naming its row index and reason instead.
+`DataError` naming its line (jsonl) or 1-based row and the reason instead.
 
-Cleaning (as in the published recipe):
-- the title loses a leading bracket tag such as `[WP]`; prompt = title + "\\n" + post text
-  (just the title when the post text is empty);
-- responses containing moderator boilerplate, `[deleted]`/`[removed]` and empty texts are dropped
-  (counted per reason in `LoadReport.response_counts`); a response repeated verbatim under the same
-  prompt is kept once (same content id);
-- the token-length limit needs the tokenizer and is applied later (`tokenize.filter_long_responses`).
+Cleaning, `cleaning="authors"` (scripts_dataset_cleaner/0_data_prep_scoring.py:21-30,
+1_data_prep_filtering.py:57-79, 2_data_prep_to_preference.py:51):
+- the title loses its first `^\\[.*?\\]` (a bracket group at the very start, any length) and is then
+  stripped; a title without one is kept as is; prompt = title + "\\n" + post text, even when empty;
+- responses containing moderator boilerplate are dropped, nothing else.
+`cleaning="engine"`:
+- the title loses every leading bracket tag (`[WP]`, `[Writing Prompt]`, stacked `[WP] [EU]`: all
+  meta-data of the subreddit, not part of the prompt); prompt = title + "\\n" + post text, or just the
+  title when the post text is empty;
+- responses containing moderator boilerplate, `[deleted]`/`[removed]` and empty texts are dropped.
+Both: dropped responses are counted per reason in `LoadReport.response_counts`; a response repeated
+verbatim under the same prompt is kept once (ids are content hashes: DESIGN.md, "Identities"), which
+the authors' lists do not do; the token-length limit needs the tokenizer and is applied later
+(`tokenize.filter_long_responses`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.data.records import Pair, Response, make_pair_id, make_prompt_id, make_response_id
+from engine.fileio import atomic_write
 
 WP_REQUIRED = ("post_title", "post_text", "comment_texts", "comment_scores")
 PAIR_REQUIRED = ("chosen", "rejected")
@@ -36,13 +44,23 @@ PAIR_REQUIRED = ("chosen", "rejected")
 # Published cleaning: responses containing any of these are moderator/bot boilerplate.
 BOILERPLATE_MARKERS = ("**Welcome to the Prompt!**", "this submission has been removed", "**Off-Topic Discussion**")
 DELETED_TEXTS = frozenset({"[deleted]", "[removed]"})
-_TAG_RE = re.compile(r"^\s*\[[^\]]{1,10}\]\s*")
+_AUTHORS_TAG_RE = re.compile(r"^\[.*?\]")  # scripts_dataset_cleaner/0_data_prep_scoring.py:23
+_LEADING_TAGS_RE = re.compile(r"^\s*(?:\[[^\]\n]*\]\s*)+")
 
 # Row-level reasons (the whole row is skipped).
 BAD_ROW_REASONS = (
     "invalid_json", "invalid_utf8", "not_a_mapping", "missing_field", "non_string_text",
     "not_a_list", "length_mismatch", "non_numeric_score", "nan_score", "identical_pair", "empty_prompt",
 )
+
+
+# Where a row came from, as users count: "line 3" (physical 1-based line of a jsonl file, blank lines
+# included, so an editor's go-to-line finds it), or a 1-based record number for other sources.
+RowRef = int | str
+
+
+def row_label(where: RowRef) -> str:
+    return f"row {where}" if isinstance(where, int) else where
 
 
 class DataError(ValueError):
@@ -68,9 +86,9 @@ class LoadReport:
     response_counts: dict[str, int] = field(default_factory=dict)  # dropped responses per reason
     examples: dict[str, str] = field(default_factory=dict)  # first occurrence of each reason, for the report
 
-    def bad(self, reason: str, row_index: int, detail: str) -> None:
+    def bad(self, reason: str, where: RowRef, detail: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.examples.setdefault(reason, f"row {row_index}: {detail}")
+        self.examples.setdefault(reason, f"{row_label(where)}: {detail}")
 
     def drop_response(self, reason: str, n: int = 1) -> None:
         if n:
@@ -89,8 +107,10 @@ class LoadReport:
         }
 
     def summary(self) -> str:
-        kept = f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept else f"{self.pairs_kept} pairs"
-        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), {self.rows_skipped} skipped"]
+        kept = (f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept
+                else f"{self.pairs_kept} pairs")
+        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), "
+                 f"{self.rows_skipped} skipped"]
         for reason, n in sorted(self.counts.items()):
             lines.append(f"  skipped row  {reason:<20} {n:>8}   e.g. {self.examples.get(reason, '')[:120]}")
         for reason, n in sorted(self.response_counts.items()):
@@ -98,33 +118,29 @@ class LoadReport:
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2))
 
 
 # ------------------------------------------------------------------------------------ raw rows
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(row index, parsed row or _BadRow) per non-empty line; bytes are decoded per line so one bad line costs one row."""
+def _iter_jsonl(path: Path) -> Iterator[tuple[RowRef, Any]]:
+    """("line N", parsed row or _BadRow) per non-empty line; decoded per line, so one bad line costs one row."""
     with path.open("rb") as f:
-        index = 0
-        for raw in f:
+        for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
+            where = f"line {lineno}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield index, _BadRow("invalid_utf8", f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield where, _BadRow("invalid_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line)")
             else:
                 try:
-                    yield index, json.loads(text)
+                    yield where, json.loads(text)
                 except json.JSONDecodeError as e:
-                    yield index, _BadRow("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
-            index += 1
+                    # colno counts characters from 1, as editors show columns.
+                    yield where, _BadRow("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
 
 
 def _columns_to_rows(data: dict) -> list[dict]:
@@ -133,7 +149,7 @@ def _columns_to_rows(data: dict) -> list[dict]:
     return [{k: data[k][i] for k in keys} for i in range(n)]
 
 
-def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_json(path: Path) -> Iterator[tuple[RowRef, Any]]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,53 +163,46 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
             data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: a JSON data file must hold a list of rows, got {type(data).__name__}")
-    yield from enumerate(data)
+    yield from enumerate(data, start=1)
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_parquet(path: Path) -> Iterator[tuple[RowRef, Any]]:
     import pyarrow.parquet as pq
 
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
+    rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=4096) for row in batch.to_pylist())
+    yield from enumerate(rows, start=1)
 
 
-def _iter_dataset(ds) -> Iterator[tuple[int, Any]]:
+def _iter_dataset(ds) -> Iterator[tuple[RowRef, Any]]:
     from datasets import DatasetDict
 
     if isinstance(ds, DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
-    yield from enumerate(ds)
+    yield from enumerate(ds, start=1)
 
 
 def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-              synthetic_lengths: str = "short") -> Iterator[tuple[int, Any]]:
-    """(row index, row) from any supported source; unreadable lines come as `_BadRow` values."""
+              synthetic_lengths: str = "short") -> Iterator[tuple[RowRef, Any]]:
+    """(where, row) from any supported source (see RowRef); unreadable lines come as `_BadRow` values."""
     if source == "synthetic":
         from engine.data.synthetic import generate_rows
 
-        yield from enumerate(generate_rows(synthetic_prompts, synthetic_seed, lengths=synthetic_lengths))
+        yield from enumerate(generate_rows(synthetic_prompts, synthetic_seed, lengths=synthetic_lengths), start=1)
         return
     path = Path(source)
     if path.is_dir():
         from datasets import load_from_disk
 
         files = sorted(p for ext in ("*.jsonl", "*.parquet", "*.json") for p in path.glob(ext))
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             yield from _iter_dataset(load_from_disk(str(path)))
             return
         if not files:
             raise DataError(f"{path} is a directory without a datasets.save_to_disk layout or jsonl/json/parquet files")
-        offset = 0
         for f in files:
-            last = -1
-            for i, row in iter_rows(str(f)):
-                last = i
-                yield offset + i, row
-            offset += last + 1
+            for where, row in iter_rows(str(f)):
+                yield f"{f.name} {row_label(where)}", row
         return
     if path.is_file():
         suffix = "".join(path.suffixes[-1:]).lower()
@@ -204,7 +213,8 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
         elif suffix == ".parquet":
             yield from _iter_parquet(path)
         else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
+            raise DataError(
+                f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
         return
     if "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
         from datasets import load_dataset
@@ -215,11 +225,13 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
             raise DataError(
                 f"{source!r} is no local file or directory, and loading it as a hub dataset failed "
                 f"({type(e).__name__}: {e}); without hub access save it with "
-                f"datasets.save_to_disk or export jsonl/parquet elsewhere and pass the path, or use data.source synthetic"
+                "datasets.save_to_disk or export jsonl/parquet elsewhere and pass the path, or use data.source "
+                "synthetic"
             ) from None
         yield from _iter_dataset(ds)
         return
-    raise DataError(f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
+    raise DataError(
+        f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -248,29 +260,36 @@ def _check_score(value: Any, what: str) -> float:
     return value
 
 
-def clean_title(title: str) -> str:
-    """Strip a leading bracket tag like `[WP]` (published cleaning)."""
-    return _TAG_RE.sub("", title, count=1).strip()
+def clean_title(title: str, cleaning: str = "engine") -> str:
+    """The title without its bracket tag(s); see the module docstring for the two cleanings."""
+    if cleaning == "authors":
+        found = _AUTHORS_TAG_RE.match(title)
+        return title[found.end():].strip() if found else title
+    return _LEADING_TAGS_RE.sub("", title, count=1).strip()
 
 
-def make_prompt(title: str, text: str) -> str:
-    title, text = clean_title(title), (text or "").strip()
+def make_prompt(title: str, text: str, cleaning: str = "engine") -> str:
+    if cleaning == "authors":
+        return f"{clean_title(title, cleaning)}\n{text or ''}"
+    title, text = clean_title(title, cleaning), (text or "").strip()
     return f"{title}\n{text}" if text else title
 
 
-def response_drop_reason(text: str) -> str | None:
-    """Why a response is dropped by the published cleaning, or None to keep it."""
+def response_drop_reason(text: str, cleaning: str = "engine") -> str | None:
+    """Why a response is dropped by the cleaning, or None to keep it."""
+    if any(m in text for m in BOILERPLATE_MARKERS):
+        return "moderator_response"
+    if cleaning == "authors":
+        return None
     stripped = text.strip()
     if not stripped:
         return "empty_response"
     if stripped in DELETED_TEXTS:
         return "deleted_response"
-    if any(m in text for m in BOILERPLATE_MARKERS):
-        return "moderator_response"
     return None
 
 
-def _wp_row(row: Any) -> tuple[str, list[str], list[float], list[dict]]:
+def _wp_row(row: Any, cleaning: str) -> tuple[str, list[str], list[float], list[dict]]:
     """Validate one WritingPrompts-schema row: (prompt, texts, scores, metas) or raise _BadRow."""
     if not isinstance(row, dict):
         raise _BadRow("not_a_mapping", f"row must be a mapping of fields, got {type(row).__name__}")
@@ -298,8 +317,8 @@ def _wp_row(row: Any) -> tuple[str, list[str], list[float], list[dict]]:
     if times is not None:
         for m, t in zip(metas, times):
             m.setdefault("time", t)
-    prompt = make_prompt(title, text)
-    if not prompt:
+    prompt = make_prompt(title, text, cleaning)
+    if not prompt.strip():
         raise _BadRow("empty_prompt", "post_title is empty after cleaning")
     return prompt, texts, scores, metas
 
@@ -345,38 +364,46 @@ def _pair_row(row: Any) -> Pair:
     pid = make_prompt_id(prompt)
     cid, rid = make_response_id(pid, sides["chosen"]), make_response_id(pid, sides["rejected"])
     return Pair(
-        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"], rejected=sides["rejected"],
-        chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
+        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"],
+        rejected=sides["rejected"], chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
     )
 
 
-def _fail_or_count(report: LoadReport, strict: bool, index: int, bad: _BadRow) -> None:
+def _fail_or_count(report: LoadReport, strict: bool, where: RowRef, bad: _BadRow, strict_off: str) -> None:
     if strict:
         raise DataError(
-            f"{report.source}: row {index} is bad ({bad.reason}): {bad.detail}; fix the row or run with --data.strict false "
+            f"{report.source}: {row_label(where)} is bad ({bad.reason}): {bad.detail}; fix the row, or {strict_off} "
             f"to skip and count bad rows"
         )
-    report.bad(bad.reason, index, bad.detail)
+    report.bad(bad.reason, where, bad.detail)
 
 
-def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tuple[list[Response], LoadReport]:
-    """Validate and clean (index, row) pairs of the WritingPrompts schema into responses."""
+# How a training run turns strict mode off; CLIs with their own switch pass theirs.
+STRICT_OFF = "run with --data.strict false"
+
+
+def responses_from_rows(
+    rows, *, strict: bool = False, source: str = "<rows>", cleaning: str = "engine", strict_off: str = STRICT_OFF
+) -> tuple[list[Response], LoadReport]:
+    """Validate and clean (where, row) pairs of the WritingPrompts schema into responses."""
+    if cleaning not in ("authors", "engine"):
+        raise ValueError(f"cleaning must be 'authors' or 'engine', got {cleaning!r}")
     report = LoadReport(source=source)
     out: list[Response] = []
     seen: set[str] = set()
-    for index, row in rows:
+    for where, row in rows:
         report.rows_seen += 1
         try:
             if isinstance(row, _BadRow):
                 raise row
-            prompt, texts, scores, metas = _wp_row(row)
+            prompt, texts, scores, metas = _wp_row(row, cleaning)
         except _BadRow as bad:
-            _fail_or_count(report, strict, index, bad)
+            _fail_or_count(report, strict, where, bad, strict_off)
             continue
         report.rows_kept += 1
         pid = make_prompt_id(prompt)
         for j, (text, score, meta) in enumerate(zip(texts, scores, metas)):
-            reason = response_drop_reason(text)
+            reason = response_drop_reason(text, cleaning)
             if reason:
                 report.drop_response(reason)
                 continue
@@ -386,24 +413,26 @@ def responses_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -
                 continue
             seen.add(rid)
             out.append(Response(prompt_id=pid, response_id=rid, prompt=prompt, text=text, score=score,
-                                meta={"row": index, "index": j, **meta}))
+                                meta={"row": where, "index": j, **meta}))
     report.responses_kept = len(out)
     return out, report
 
 
-def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tuple[list[Pair], LoadReport]:
-    """Validate (index, row) pairs of ready-made pair data into Pairs (duplicates kept once)."""
+def pairs_from_rows(
+    rows, *, strict: bool = False, source: str = "<rows>", strict_off: str = STRICT_OFF
+) -> tuple[list[Pair], LoadReport]:
+    """Validate (where, row) pairs of ready-made pair data into Pairs (duplicates kept once)."""
     report = LoadReport(source=source)
     out: list[Pair] = []
     seen: set[str] = set()
-    for index, row in rows:
+    for where, row in rows:
         report.rows_seen += 1
         try:
             if isinstance(row, _BadRow):
                 raise row
             pair = _pair_row(row)
         except _BadRow as bad:
-            _fail_or_count(report, strict, index, bad)
+            _fail_or_count(report, strict, where, bad, strict_off)
             continue
         report.rows_kept += 1
         if pair.pair_id in seen:
@@ -415,12 +444,14 @@ def pairs_from_rows(rows, *, strict: bool = False, source: str = "<rows>") -> tu
     return out, report
 
 
-def load_responses(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-                   synthetic_lengths: str = "short"):
+def load_responses(
+    source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
+    synthetic_lengths: str = "short", cleaning: str = "engine", strict_off: str = STRICT_OFF,
+):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
     rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed,
                      synthetic_lengths=synthetic_lengths)
-    return responses_from_rows(rows, strict=strict, source=source)
+    return responses_from_rows(rows, strict=strict, source=source, cleaning=cleaning, strict_off=strict_off)
 
 
 def load_pairs(source: str, *, strict: bool = False):
@@ -448,7 +479,7 @@ def detect_schema(row: Any) -> str | None:
 
 
 def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-             synthetic_lengths: str = "short") -> LoadedData:
+             synthetic_lengths: str = "short", cleaning: str = "engine") -> LoadedData:
     """Load a source of either schema, detected from its first row that has either schema's fields."""
     rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed,
                      synthetic_lengths=synthetic_lengths)
@@ -465,7 +496,7 @@ def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240,
         )
     everything = itertools.chain(head, rows)
     if kind == "responses":
-        responses, report = responses_from_rows(everything, strict=strict, source=source)
+        responses, report = responses_from_rows(everything, strict=strict, source=source, cleaning=cleaning)
         return LoadedData("responses", responses, [], report)
     pairs, report = pairs_from_rows(everything, strict=strict, source=source)
     return LoadedData("pairs", [], pairs, report)

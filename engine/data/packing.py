@@ -12,6 +12,11 @@ from `position_ids` when called with `attention_mask=None` and `use_cache=False`
 Targets are already shifted: `targets[t] = input_ids[t + 1]` when t + 1 is in the same sequence and
 is a response token (any token of the sequence with `nll_on_prompt`), else `ignore_index`; so the
 last token of every sequence and all padding are ignored.
+
+`collate` also builds the batch's loss schedule (ddpo_kernels.schedule.LossSchedule) from its CPU
+tensors, before the move to the device: which rows feed which sequence, grouped by pairs, with the
+chosen prompts as segments of their own under `nll_on_prompt`; the fused loss then never reads a
+device value back to the host.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from ddpo_kernels.schedule import LossSchedule
 
 from engine.data.tokenize import TokenizedPair
 
@@ -74,12 +80,16 @@ class PackedBatch:
     # Only with nll_on_prompt (then `targets` also covers prompt tokens, for the NLL term): the
     # response-only targets, for the preference log-probs (the published ORPO code masks them so).
     response_targets: torch.Tensor | None = None  # [R, L] or None
+    # The fused loss's walk over this batch (ddpo_kernels.schedule), built from the CPU tensors by
+    # collate and moved with the batch, so the loss never reads a device value back to the host.
+    schedule: LossSchedule | None = None
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            movable = isinstance(v, (torch.Tensor, LossSchedule))
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if movable else v
         return PackedBatch(**moved)
 
     @property
@@ -258,12 +268,22 @@ def padded_pairs_padding_fraction(tokenized: Sequence[TokenizedPair], pairs_per_
     return pad / (real + pad) if real + pad else 0.0
 
 
-def collate(rows: Sequence[PackedRow], *, device: str | torch.device = "cpu") -> PackedBatch:
+def collate(
+    rows: Sequence[PackedRow],
+    *,
+    device: str | torch.device = "cpu",
+    vocab_size: int | None = None,
+    with_rejected: bool = True,
+) -> PackedBatch:
     """One micro-batch: rows padded on the right to the longest row; segments numbered across the batch.
 
     cu_seqlens index the flattened [R * L] stream; a row's tail padding is absorbed into the span of
     that row's last sequence (causal attention keeps the real tokens from seeing it, and its targets
     are ignored), so the spans tile the stream and FlashAttention varlen can run on it directly.
+
+    The batch's loss schedule is built here, on the CPU, before the move to `device`: `vocab_size`
+    (the LM head's V) checks every target against the vocabulary (a clear error here rather than a
+    NaN loss later); `with_rejected=False` leaves the rejected sequences out of the walk (SFT).
     """
     if not rows:
         raise ValueError("collate needs at least one packed row")
@@ -305,6 +325,23 @@ def collate(rows: Sequence[PackedRow], *, device: str | torch.device = "cpu") ->
         seg0 += len(row.seq_lens)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     real = sum(r.num_tokens for r in rows)
+    # With nll_on_prompt, `targets` covers prompt + response: the preference walk takes the response
+    # targets, and the prompt targets become the chosen sequences' prompt segments (their NLL term).
+    flat_targets, prompt_targets = targets.reshape(-1), None
+    if response_targets is not None:
+        flat_response = response_targets.reshape(-1)
+        prompt_targets = torch.from_numpy(np.where(flat_response == ignore, flat_targets, ignore))
+        flat_targets = flat_response
+    schedule = LossSchedule.for_pairs(
+        torch.from_numpy(flat_targets),
+        torch.from_numpy(segment_ids.reshape(-1)),
+        torch.tensor(chosen, dtype=torch.long),
+        torch.tensor(rejected, dtype=torch.long),
+        prompt_targets=prompt_targets,
+        vocab_size=vocab_size,
+        ignore_index=ignore,
+        with_rejected=with_rejected,
+    )
     batch = PackedBatch(
         input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
         targets=torch.from_numpy(targets), segment_ids=torch.from_numpy(segment_ids),
@@ -313,6 +350,7 @@ def collate(rows: Sequence[PackedRow], *, device: str | torch.device = "cpu") ->
         pair_ids=pair_ids, chosen_weights=torch.tensor(cw, dtype=torch.float32), rejected_weights=torch.tensor(rw, dtype=torch.float32),
         ref_chosen_logps=None, ref_rejected_logps=None, num_real_tokens=real, num_pad_tokens=R * L - real, sequence_keys=keys,
         response_targets=torch.from_numpy(response_targets) if response_targets is not None else None,
+        schedule=schedule,
     )
     return batch if torch.device(device).type == "cpu" else batch.to(device)
 

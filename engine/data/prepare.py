@@ -4,8 +4,12 @@ The trainer, the reference-cache builder and `python -m engine.data prepare` all
 see the same pairs, split, weights, token ids and rows:
 
     load + validate + clean (loading.py) -> drop over-long responses (tokenize.py)
-    -> [deviation, for divpo] -> pairs (pairs.py) -> [deviation, for weights] -> split by prompt
+    -> [deviation, for divpo] -> pairs (pairs.py) -> [deviation groups + weights] -> split by prompt
     -> attach weights -> tokenise, cached (tokenize.py) -> pack (packing.py)
+
+Deviation groups (`deviation.groups`): "all" scores each response against every cleaned response of
+its prompt; "paired" (the authors') against the responses of the prompt's pairs, after
+`pairs.paired_groups` has applied `deviation.max_per_prompt` by dropping the later pairs.
 
 Everything skipped on the way is counted by reason in `PreparedData.counts` and, with `out_dir`,
 written to `data_report.json` next to the run's other outputs.
@@ -27,10 +31,25 @@ from engine.data.packing import (
     packing_padding_fraction,
     padded_pairs_padding_fraction,
 )
-from engine.data.sampler import RowSampler
-from engine.data.pairs import attach_weights, build_pairs, pair_skip_counts, response_pair_counts, split_by_prompt
+from engine.data.pairs import (
+    attach_weights,
+    build_pairs,
+    pair_skip_counts,
+    paired_groups,
+    response_pair_counts,
+    responses_of_pairs,
+    split_by_prompt,
+)
 from engine.data.records import Pair, Response, content_id
-from engine.data.tokenize import TokenizedPair, filter_long_responses, tokenization_fingerprint, tokenize_pairs_with_counts
+from engine.data.sampler import RowSampler
+from engine.data.tokenize import (
+    TokenizedPair,
+    filter_long_responses,
+    tokenization_fingerprint,
+    tokenize_pairs_with_counts,
+)
+from engine.deviation import compute_deviation
+from engine.fileio import atomic_write
 
 
 @dataclass
@@ -53,32 +72,22 @@ class PreparedData:
     report: dict = field(default_factory=dict)
 
 
-def _responses_of_pairs(pairs: list[Pair]) -> list[Response]:
-    """Distinct responses of pair-form data, so the deviation pipeline can weight them."""
-    seen: dict[str, Response] = {}
-    for p in pairs:
-        for rid, text, score in ((p.chosen_id, p.chosen, p.chosen_score), (p.rejected_id, p.rejected, p.rejected_score)):
-            if rid not in seen:
-                seen[rid] = Response(prompt_id=p.prompt_id, response_id=rid, prompt=p.prompt, text=text, score=score)
-    return list(seen.values())
-
-
-def _deviation(responses, cfg, pair_counts=None):
-    from engine.deviation import compute_deviation  # heavy (embedders): only when weights or divpo need it
-
-    return compute_deviation(responses, cfg.deviation, cache_dir=cfg.deviation.cache_dir, pair_counts=pair_counts)
+def _deviation(responses, cfg, pair_counts=None, keep_embeddings=False):
+    return compute_deviation(responses, cfg.deviation, cache_dir=cfg.deviation.cache_dir, pair_counts=pair_counts,
+                             keep_embeddings=keep_embeddings)
 
 
 def train_fingerprint(pairs: list[Pair], tok_fp: str) -> str:
     return content_id("train-set", tok_fp, *(p.pair_id for p in pairs))
 
 
-def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None, verbose: bool = True) -> PreparedData:
+def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None,
+                 verbose: bool = True) -> PreparedData:
     """Load, clean, pair, weight, split, tokenise and pack the data of `cfg` (an engine.config.Config)."""
     d = cfg.data
     t0 = time.perf_counter()
     loaded = load_any(d.source, strict=d.strict, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed,
-                      synthetic_lengths=d.synthetic_lengths)
+                      synthetic_lengths=d.synthetic_lengths, cleaning=d.cleaning)
     if verbose:
         print(loaded.report.summary(), flush=True)
     counts: dict[str, int] = {}
@@ -86,14 +95,16 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     deviation = None
 
     if loaded.kind == "responses":
-        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens)
+        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens,
+                                                  count=d.length_filter)
         if n_long:
             counts["response_too_long"] = n_long
         if d.pairs == "divpo":
-            deviation = _deviation(responses, cfg)
+            # The authors' sampler scores subsets of a prompt's responses: it needs the embeddings.
+            deviation = _deviation(responses, cfg, keep_embeddings=d.divpo_sampler == "authors")
         pairs = build_pairs(
             responses, d.pairs, min_gap=d.min_gap, max_pairs_per_prompt=d.max_pairs_per_prompt, rho=d.divpo_rho,
-            seed=d.seed, deviation=deviation,
+            seed=d.seed, deviation=deviation, gap_sampler=d.gap_sampler, divpo_sampler=d.divpo_sampler,
         )
         counts.update(pair_skip_counts(responses, pairs))
     else:
@@ -103,19 +114,27 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
                 f"WritingPrompts-schema source or another data.pairs mode"
             )
         pairs = loaded.pairs
-        responses = _responses_of_pairs(pairs)
+        responses = responses_of_pairs(pairs)
 
-    if needs_weights and (deviation is None or cfg.deviation.count_duplicates):
-        # count_duplicates weights each response once per pair that uses it, so it needs the pairs.
-        pc = response_pair_counts(pairs) if cfg.deviation.count_duplicates else None
-        deviation = _deviation(responses, cfg, pair_counts=pc)
     if needs_weights:
+        if cfg.deviation.groups == "paired":
+            n_before = len(pairs)
+            pairs, group, usage = paired_groups(pairs, cfg.deviation.max_per_prompt)
+            if len(pairs) < n_before:
+                counts["pair_beyond_max_per_prompt"] = n_before - len(pairs)
+        else:
+            group, usage = responses, response_pair_counts(pairs)
+        # count_duplicates counts a response once per pair that uses it, so the groups need the pairs.
+        usage = usage if cfg.deviation.count_duplicates else None
+        if deviation is None or cfg.deviation.groups != "all" or usage is not None:  # else divpo's is the same
+            deviation = _deviation(group, cfg, pair_counts=usage)
         pairs = attach_weights(pairs, deviation)
     train_pairs, val_pairs = split_by_prompt(pairs, d.val_fraction, d.seed)
 
     tok_kw = dict(
         max_prompt_length=d.max_prompt_length, max_length=d.max_length, nll_on_prompt=cfg.loss.nll_on_prompt,
-        max_response_tokens=d.max_response_tokens, cache_dir=d.cache_dir, num_workers=d.num_workers,
+        max_response_tokens=d.max_response_tokens, truncation=d.truncation, cache_dir=d.cache_dir,
+        num_workers=d.num_workers,
     )
     train_tok, dropped_t = tokenize_pairs_with_counts(train_pairs, tokenizer, **tok_kw)
     val_tok, dropped_v = tokenize_pairs_with_counts(val_pairs, tokenizer, **tok_kw)
@@ -133,11 +152,12 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     val_rows = pack_pairs(val_tok, d.max_tokens_per_row, **pack_kw) if val_tok else []
     tok_fp = tokenization_fingerprint(
         tokenizer, max_prompt_length=d.max_prompt_length, max_length=d.max_length,
-        max_response_tokens=d.max_response_tokens, nll_on_prompt=cfg.loss.nll_on_prompt,
+        max_response_tokens=d.max_response_tokens, nll_on_prompt=cfg.loss.nll_on_prompt, truncation=d.truncation,
     )
     cap_frac = packing_padding_fraction(train_rows, d.max_tokens_per_row)
     # The padding the trainer actually computes on: epoch-0 micro-batches of one rank, as sampled.
-    plan = RowSampler([r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed)
+    plan = RowSampler([r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch,
+                      seed=d.seed)
     pad_frac = microbatch_padding_fraction(train_rows, list(plan))
     report = {
         "load": loaded.report.to_dict(),
@@ -162,17 +182,14 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     if verbose:
         print(
             f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs -> {len(train_rows)} rows of <= "
-            f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of {d.rows_per_batch} row(s), "
+            f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of "
+            f"{d.rows_per_batch} row(s), "
             f"{100 * cap_frac:.2f}% if padded to the row size (padded pair batches of 8: "
             f"{100 * report['padding_fraction_padded_pairs']:.1f}%); dropped {report['dropped'] or 'nothing'}",
             flush=True,
         )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "data_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out / "data_report.json")
+        write_data_report(out_dir, report)
     return PreparedData(
         train_pairs=train_pairs, val_pairs=val_pairs, train_tokenized=train_tok, val_tokenized=val_tok,
         train_rows=train_rows, val_rows=val_rows, load_report=loaded.report, counts=counts, padding_fraction=pad_frac,
@@ -182,21 +199,21 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     )
 
 
+def write_data_report(out_dir: str | Path, report: dict) -> None:
+    """<out_dir>/data_report.json, written atomically."""
+    atomic_write(Path(out_dir) / "data_report.json", json.dumps(report, indent=2))
+
+
 def write_pairs_jsonl(path: str | Path, prepared: PreparedData) -> int:
     """pairs.jsonl: one pair a line (prompt, chosen, rejected, upvotes, ids, split; weights when computed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
-            for p in pairs:
-                row = p.to_dict()
-                if not prepared.weights_attached:
-                    row.pop("chosen_weight")
-                    row.pop("rejected_weight")
-                row["split"] = split
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    tmp.replace(path)
-    return n
+    lines = []
+    for split, pairs in (("train", prepared.train_pairs), ("val", prepared.val_pairs)):
+        for p in pairs:
+            row = p.to_dict()
+            if not prepared.weights_attached:
+                row.pop("chosen_weight")
+                row.pop("rejected_weight")
+            row["split"] = split
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))
+    return len(lines)

@@ -11,12 +11,17 @@ special tokens) the split is exact; otherwise the response part is tokenised sep
 text that follows the rendered prompt and concatenated, so the prompt tokens are identical for the
 chosen and the rejected side and identical to what generation sees.
 
-Truncation policy (documented in the config help too):
+Truncation policy, `truncation="engine"` (documented in the config help too):
 - prompt part longer than `max_prompt_length`: keep its START (bos, user header, beginning of the
   prompt) and re-append the template's closing tokens (end of the user turn + assistant header), so
   the model always sees the generation cue;
 - prompt + response longer than `max_length`: cut the END of the response (a cut response loses its
-  end-of-turn token);
+  end-of-turn token).
+`truncation="trl"`: TRL 0.12's `tokenize_row` as the authors' DORPO trainer runs it
+(models/dorpo_trainer.py:514-532): when prompt + the pair's LONGER response exceeds `max_length`, both
+sides' prompts keep their last `max_prompt_length` tokens; if a side is still too long, both
+responses are cut to `max_length - max_prompt_length` tokens.
+Both policies:
 - a response whose templated length exceeds `max_response_tokens` is dropped (published: 2048);
 - a pair where either side has zero response tokens is dropped (an empty response has log-prob 0,
   which leaves ORPO's odds undefined).
@@ -39,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.data.records import Pair, Response, content_id
+from engine.fileio import load_npz_verified, save_npz_verified
 
 # Bump when the tokenisation or truncation logic changes: invalidates every cached tokenisation and
 # every reference-logprob cache keyed by `tokenization_fingerprint`.
@@ -92,13 +98,15 @@ def tokenization_fingerprint(
     max_length: int,
     max_response_tokens: int | None = None,
     nll_on_prompt: bool = False,
+    truncation: str = "engine",
 ) -> str:
     """Everything the token ids AND targets of a sequence depend on (tokenizer, template, lengths,
-    where targets start, algorithm version); the reference-logprob cache keys on it."""
-    return content_id(
-        "tokenization", TOKENIZATION_VERSION, tokenizer_fingerprint(tokenizer), str(int(max_prompt_length)),
-        str(int(max_length)), str(max_response_tokens), str(bool(nll_on_prompt)),
-    )
+    truncation policy, where targets start, algorithm version); the reference-logprob cache keys on it."""
+    parts = [tokenizer_fingerprint(tokenizer), str(int(max_prompt_length)), str(int(max_length)),
+             str(max_response_tokens), str(bool(nll_on_prompt))]
+    if truncation != "engine":  # appended only when it differs, so the default's caches stay valid
+        parts.append(f"truncation={truncation}")
+    return content_id("tokenization", TOKENIZATION_VERSION, *parts)
 
 
 # ------------------------------------------------------------------------------------- encoder
@@ -116,28 +124,35 @@ def _response_close_ids(tokenizer) -> list[int]:
     """Tokens the template adds after a response (end of turn): part of the templated response length."""
     full = _chat(tokenizer, _SENTINEL_PROMPT, _SENTINEL_RESPONSE)
     if _SENTINEL_RESPONSE not in full:
-        raise ValueError("the chat template does not pass message contents through unchanged; cannot locate the response")
+        raise ValueError("the chat template does not pass message contents through unchanged; cannot locate the "
+                         "response")
     return list(tokenizer([full.split(_SENTINEL_RESPONSE, 1)[1]], add_special_tokens=False)["input_ids"][0])
 
 
 class ChatEncoder:
     """Turns (prompt, response) into (prompt ids, response ids) with the truncation policy above."""
 
-    def __init__(self, tokenizer, *, max_prompt_length: int, max_length: int, max_response_tokens: int | None = None):
+    def __init__(self, tokenizer, *, max_prompt_length: int, max_length: int, max_response_tokens: int | None = None,
+                 truncation: str = "engine"):
+        if truncation not in ("engine", "trl"):
+            raise ValueError(f"truncation must be 'engine' or 'trl', got {truncation!r}")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template; engine.model.load_tokenizer sets a default one")
         if max_length <= max_prompt_length:
             raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
         self.tok = tokenizer
-        self.max_prompt_length, self.max_length, self.max_response_tokens = max_prompt_length, max_length, max_response_tokens
+        self.max_prompt_length, self.max_length = max_prompt_length, max_length
+        self.max_response_tokens = max_response_tokens
+        self.truncation = truncation
         gen = _chat(tokenizer, _SENTINEL_PROMPT, None)
         full = _chat(tokenizer, _SENTINEL_PROMPT, _SENTINEL_RESPONSE)
         if _SENTINEL_PROMPT not in gen or _SENTINEL_RESPONSE not in full:
-            raise ValueError("the chat template does not pass message contents through unchanged; cannot locate prompt/response")
+            raise ValueError("the chat template does not pass message contents through unchanged; cannot locate "
+                             "prompt/response")
         # Tokens after the user content in the generation prompt: re-appended after a truncated prompt.
         self.prompt_tail_ids = self._encode([gen.split(_SENTINEL_PROMPT, 1)[1]])[0]
         self.response_close_ids = _response_close_ids(tokenizer)
-        if len(self.prompt_tail_ids) >= max_prompt_length:
+        if truncation == "engine" and len(self.prompt_tail_ids) >= max_prompt_length:
             raise ValueError(
                 f"max_prompt_length {max_prompt_length} leaves no room for the prompt: the template's assistant header "
                 f"alone is {len(self.prompt_tail_ids)} tokens"
@@ -178,11 +193,26 @@ class ChatEncoder:
         return out
 
     def truncate(self, prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]]:
+        """One sequence under the engine policy."""
         if len(prompt_ids) > self.max_prompt_length:
             keep = self.max_prompt_length - len(self.prompt_tail_ids)
             prompt_ids = prompt_ids[:keep] + list(self.prompt_tail_ids)
         budget = self.max_length - len(prompt_ids)
         return prompt_ids, response_ids[:budget]
+
+    def truncate_pair(self, sides: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        """Both sequences of a pair, [(prompt ids, response ids)] * 2, under the configured policy."""
+        if self.truncation == "engine":
+            return [self.truncate(p, r) for p, r in sides]
+        longer = max(len(r) for _, r in sides)
+        out = []
+        for p, r in sides:
+            if len(p) + longer > self.max_length:
+                p = p[-self.max_prompt_length:]
+            if len(p) + longer > self.max_length:
+                r = r[: self.max_length - self.max_prompt_length]
+            out.append((p, r))
+        return out
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -205,10 +235,10 @@ def _encode_chunk(enc: ChatEncoder, chunk: list[tuple[str, str, str]]):
     for i in range(n):
         drop = 0
         seqs = []
-        for p_ids, r_ids in (sides[i], sides[n + i]):
-            if enc.max_response_tokens is not None and len(r_ids) > enc.max_response_tokens:
-                drop = _DROP_IDS["response_too_long"]
-            p_ids, r_ids = enc.truncate(p_ids, r_ids)
+        pair = [sides[i], sides[n + i]]
+        if enc.max_response_tokens is not None and any(len(r_ids) > enc.max_response_tokens for _, r_ids in pair):
+            drop = _DROP_IDS["response_too_long"]
+        for p_ids, r_ids in enc.truncate_pair(pair):
             if not r_ids and not drop:
                 drop = _DROP_IDS["empty_response_after_truncation"]
             seqs.append((np.asarray(p_ids + r_ids, dtype=np.int32), len(p_ids)))
@@ -224,38 +254,31 @@ def _worker_chunk(chunk):
 
 
 def _save_cache(path: Path, pair_ids: list[str], results) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    c_len = np.array([len(r[1]) for r in results], dtype=np.int64)
-    r_len = np.array([len(r[3]) for r in results], dtype=np.int64)
     empty = np.zeros(0, dtype=np.int32)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            pair_ids=np.array(pair_ids, dtype="U"),
-            drop=np.array([r[0] for r in results], dtype=np.int8),
-            c_ids=np.concatenate([r[1] for r in results]) if results else empty,
-            c_len=c_len,
-            c_plen=np.array([r[2] for r in results], dtype=np.int64),
-            r_ids=np.concatenate([r[3] for r in results]) if results else empty,
-            r_len=r_len,
-            r_plen=np.array([r[4] for r in results], dtype=np.int64),
-        )
-    tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache behind
+    arrays = dict(
+        pair_ids=np.array(pair_ids, dtype="U"),
+        drop=np.array([r[0] for r in results], dtype=np.int8),
+        c_ids=np.concatenate([r[1] for r in results]) if results else empty,
+        c_len=np.array([len(r[1]) for r in results], dtype=np.int64),
+        c_plen=np.array([r[2] for r in results], dtype=np.int64),
+        r_ids=np.concatenate([r[3] for r in results]) if results else empty,
+        r_len=np.array([len(r[3]) for r in results], dtype=np.int64),
+        r_plen=np.array([r[4] for r in results], dtype=np.int64),
+    )
+    # The digest travels inside the file, so a flipped token id is caught on load (then recomputed).
+    save_npz_verified(path, arrays)
 
 
 def _load_cache(path: Path, pair_ids: list[str]):
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if list(z["pair_ids"]) != pair_ids:
-        return None  # a hash collision or a foreign file: recompute rather than trust it
+    z = load_npz_verified(path)
+    if z is None or list(z["pair_ids"]) != pair_ids:
+        return None  # corrupted, a hash collision or a foreign file: recompute rather than trust it
     c_off = np.concatenate([[0], np.cumsum(z["c_len"])])
     r_off = np.concatenate([[0], np.cumsum(z["r_len"])])
     c_ids, r_ids = z["c_ids"], z["r_ids"]
     return [
-        (int(z["drop"][i]), c_ids[c_off[i]:c_off[i + 1]], int(z["c_plen"][i]), r_ids[r_off[i]:r_off[i + 1]], int(z["r_plen"][i]))
+        (int(z["drop"][i]), c_ids[c_off[i]:c_off[i + 1]], int(z["c_plen"][i]), r_ids[r_off[i]:r_off[i + 1]],
+         int(z["r_plen"][i]))
         for i in range(len(pair_ids))
     ]
 
@@ -271,6 +294,7 @@ def tokenize_pairs_with_counts(
     max_length: int,
     nll_on_prompt: bool = False,
     max_response_tokens: int | None = None,
+    truncation: str = "engine",
     cache_dir: str | Path | None = None,
     num_workers: int = 1,
     chunk_size: int = 256,
@@ -280,19 +304,22 @@ def tokenize_pairs_with_counts(
     `nll_on_prompt` does not change token ids (targets are made at packing); it enters the
     fingerprint only, so caches keyed on it are separate for the two target conventions.
     """
-    kwargs = dict(max_prompt_length=max_prompt_length, max_length=max_length, max_response_tokens=max_response_tokens)
+    kwargs = dict(max_prompt_length=max_prompt_length, max_length=max_length, max_response_tokens=max_response_tokens,
+                  truncation=truncation)
     pair_ids = [p.pair_id for p in pairs]
     cache_path = None
     if cache_dir is not None:
         fp = tokenization_fingerprint(tokenizer, max_prompt_length=max_prompt_length, max_length=max_length,
-                                      max_response_tokens=max_response_tokens, nll_on_prompt=nll_on_prompt)
+                                      max_response_tokens=max_response_tokens, nll_on_prompt=nll_on_prompt,
+                                      truncation=truncation)
         cache_path = Path(cache_dir) / f"tokenized-{content_id('tokcache', fp, *pair_ids)}.npz"
     results = _load_cache(cache_path, pair_ids) if cache_path is not None and cache_path.exists() else None
     if results is None:
         items = [(p.prompt, p.chosen, p.rejected) for p in pairs]
         chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
         if num_workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker, initargs=(tokenizer, kwargs)) as ex:
+            pool = ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker, initargs=(tokenizer, kwargs))
+            with pool as ex:
                 parts = list(ex.map(_worker_chunk, chunks))
         else:
             enc = ChatEncoder(tokenizer, **kwargs)
@@ -322,28 +349,40 @@ def tokenize_pairs(
     max_length: int,
     nll_on_prompt: bool = False,
     max_response_tokens: int | None = None,
+    truncation: str = "engine",
     cache_dir: str | Path | None = None,
     num_workers: int = 1,
 ) -> tuple[list[TokenizedPair], int]:
     """(tokenized pairs in input order, number of pairs dropped); see the module docstring for the policy."""
     out, dropped = tokenize_pairs_with_counts(
         pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, nll_on_prompt=nll_on_prompt,
-        max_response_tokens=max_response_tokens, cache_dir=cache_dir, num_workers=num_workers,
+        max_response_tokens=max_response_tokens, truncation=truncation, cache_dir=cache_dir, num_workers=num_workers,
     )
     return out, sum(dropped.values())
 
 
 def filter_long_responses(
-    responses: Sequence[Response], tokenizer, max_response_tokens: int, *, batch_size: int = 1024
+    responses: Sequence[Response], tokenizer, max_response_tokens: int, *, count: str = "response",
+    batch_size: int = 1024,
 ) -> tuple[list[Response], int]:
-    """(responses whose templated length is <= max_response_tokens, number dropped): the published
-    length filter, applied before pairing so long responses never take part in any pair."""
+    """(responses of at most max_response_tokens tokens, number dropped), applied before pairing so long
+    responses never take part in any pair. What is counted (`data.length_filter`):
+    - "prompt_and_response": the whole chat-templated conversation (user = prompt, assistant = response)
+      encoded by the tokenizer with its default special tokens, as the authors' filter does
+      (scripts_dataset_cleaner/1_data_prep_filtering.py:26-49; a tokenizer whose post-processor adds a
+      BOS in front of the template's own counts it twice there and here);
+    - "response": the response text plus the template's end-of-turn tokens.
+    """
+    if count not in ("prompt_and_response", "response"):
+        raise ValueError(f"count must be 'prompt_and_response' or 'response', got {count!r}")
     n_close = len(_response_close_ids(tokenizer))
     kept: list[Response] = []
     for i in range(0, len(responses), batch_size):
         batch = responses[i:i + batch_size]
-        ids = tokenizer([r.text for r in batch], add_special_tokens=False)["input_ids"]
-        for r, n in zip(batch, (len(x) + n_close for x in ids)):
-            if n <= max_response_tokens:
-                kept.append(r)
+        if count == "response":
+            ids = tokenizer([r.text for r in batch], add_special_tokens=False)["input_ids"]
+            lengths = [len(x) + n_close for x in ids]
+        else:
+            lengths = [len(x) for x in tokenizer([_chat(tokenizer, r.prompt, r.text) for r in batch])["input_ids"]]
+        kept.extend(r for r, n in zip(batch, lengths) if n <= max_response_tokens)
     return kept, len(responses) - len(kept)

@@ -25,9 +25,7 @@ from .embedders import (
 from .pipeline import DeviationResult, compute_deviation, weight_summary
 from .scores import deviation_scores, group_codes
 from .weights import (
-    PUBLISHED_REJECTED_WEIGHT_FLOOR,
     WeightDetails,
-    apply_rejected_floor,
     combine_geometric,
     deviation_weights,
     minmax_scale_groups,
@@ -37,6 +35,6 @@ from .weights import (
 __all__ = [
     "Embedder", "EmbeddingCache", "CorruptCacheError", "SentenceTransformerEmbedder", "StylometricEmbedder",
     "embed_cached", "get_embedder", "text_key", "DeviationResult", "compute_deviation", "weight_summary",
-    "deviation_scores", "group_codes", "PUBLISHED_REJECTED_WEIGHT_FLOOR", "WeightDetails",
-    "apply_rejected_floor", "combine_geometric", "deviation_weights", "minmax_scale_groups", "normalise_weights",
+    "deviation_scores", "group_codes", "WeightDetails", "combine_geometric", "deviation_weights",
+    "minmax_scale_groups", "normalise_weights",
 ]

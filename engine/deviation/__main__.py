@@ -9,7 +9,7 @@ chosen_id, rejected_id, prompt_id, chosen_score, rejected_score), whose pair usa
 - <out>: one row per distinct response: response_id, prompt_id, score, weight, considered,
   score[<embedder id>] per model (parquet when <out> ends in .parquet, else jsonl);
 - <out stem>.pairs.<ext> (pairs input only): pair_id, chosen_id, rejected_id, chosen/rejected
-  score and weight, the rejected weight floored as training uses it;
+  score and weight;
 - <out stem>.summary.json: weight histogram per prompt size, also printed.
 Embeddings go through the same cache training uses (--cache-dir), so a later run reuses them.
 """
@@ -23,19 +23,17 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
-
-def _default_cfg():
-    try:
-        from engine.config import DeviationConfig
-
-        return DeviationConfig()
-    except ImportError:  # config module absent: the same fields, duck-typed
-        return SimpleNamespace(enabled=True, semantic_model="builtin:minilm", style_model="builtin:stylometric",
-                               metric="cosine", mode="mean", k=10, scope="group", max_per_prompt=None,
-                               rejected_weight_floor=0.2, count_duplicates=False, batch_size=64, device="auto",
-                               cache_dir=".cache/embeddings")
+from engine.config import (
+    DEVIATION_MODES,
+    DISTANCE_METRICS,
+    KNN_SCOPES,
+    ConfigError,
+    DeviationConfig,
+)
+from engine.data.loading import DataError, load_responses
+from engine.data.records import Response, make_pair_id, make_prompt_id, make_response_id
+from engine.fileio import atomic_write
 
 
 def _is_pairs_file(path: Path) -> bool:
@@ -51,8 +49,6 @@ def _is_pairs_file(path: Path) -> bool:
 
 def load_pairs(path: Path):
     """Responses (each distinct response once), pair rows, and pair usage count per response id."""
-    from engine.data.records import Response, make_pair_id, make_prompt_id, make_response_id
-
     responses: dict[str, Response] = {}
     pairs, usage = [], Counter()
     with open(path, encoding="utf-8") as f:
@@ -81,33 +77,30 @@ def load_pairs(path: Path):
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     if path.suffix == ".parquet":
         import pandas as pd
 
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        atomic_write(path, lambda f: pd.DataFrame(rows).to_parquet(f, index=False))
     else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = _default_cfg()
+    cfg = DeviationConfig()
     p = argparse.ArgumentParser(prog="python -m engine.deviation", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset source (see engine.data.loading) or a pairs.jsonl")
     p.add_argument("--out", required=True, help="output file: .parquet or .jsonl")
     p.add_argument("--semantic-model", default=cfg.semantic_model, help="'' drops it")
     p.add_argument("--style-model", default=cfg.style_model, help="'' drops it")
-    p.add_argument("--metric", default=cfg.metric, choices=("cosine", "euclidean"))
-    p.add_argument("--mode", default=cfg.mode, choices=("mean", "knn"))
+    p.add_argument("--metric", default=cfg.metric, choices=DISTANCE_METRICS)
+    p.add_argument("--mode", default=cfg.mode, choices=DEVIATION_MODES)
     p.add_argument("--k", type=int, default=cfg.k)
-    p.add_argument("--scope", default=cfg.scope, choices=("group", "global"))
-    p.add_argument("--max-per-prompt", type=int, default=cfg.max_per_prompt)
-    p.add_argument("--rejected-weight-floor", type=float, default=cfg.rejected_weight_floor)
+    p.add_argument("--scope", default=cfg.scope, choices=KNN_SCOPES)
+    p.add_argument("--max-per-prompt", type=int, default=cfg.max_per_prompt,
+                   help="responses per prompt scored, the first ones in input order (deviation.groups all)")
     p.add_argument("--count-duplicates", action="store_true", default=cfg.count_duplicates)
+    p.add_argument("--trust-remote-code", action="store_true", default=cfg.trust_remote_code,
+                   help="let sentence-transformers run the model's own code (jinaai/jina-embeddings-v3)")
     p.add_argument("--batch-size", type=int, default=cfg.batch_size)
     p.add_argument("--device", default=cfg.device)
     p.add_argument("--cache-dir", default=cfg.cache_dir)
@@ -115,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     fields = dict(semantic_model=a.semantic_model, style_model=a.style_model, metric=a.metric, mode=a.mode, k=a.k,
-                  scope=a.scope, max_per_prompt=a.max_per_prompt, rejected_weight_floor=a.rejected_weight_floor,
-                  count_duplicates=a.count_duplicates, batch_size=a.batch_size, device=a.device, cache_dir=a.cache_dir)
+                  scope=a.scope, max_per_prompt=a.max_per_prompt, count_duplicates=a.count_duplicates,
+                  trust_remote_code=a.trust_remote_code, batch_size=a.batch_size, device=a.device,
+                  cache_dir=a.cache_dir)
     try:
-        cfg = dataclasses.replace(cfg, **fields) if dataclasses.is_dataclass(cfg) else SimpleNamespace(**{**vars(cfg), **fields})
-    except ValueError as exc:  # the config's own validation: say which flag to change
+        cfg = dataclasses.replace(cfg, **fields)
+    except ConfigError as exc:  # the config's own validation: say which flag to change
         p.error(str(exc))
 
     from .pipeline import compute_deviation, weight_summary
@@ -131,11 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         responses, pairs, usage = load_pairs(data)
     else:
         try:
-            from engine.data.loading import load_responses
-        except ImportError as exc:
-            p.error(f"--data {a.data!r} is not a pairs.jsonl and engine.data.loading is unavailable ({exc}); "
-                    "pass a pairs.jsonl (prompt, chosen, rejected per line)")
-        responses, report = load_responses(a.data, strict=a.strict)
+            responses, report = load_responses(a.data, strict=a.strict, strict_off="run without --strict")
+        except DataError as exc:
+            p.error(str(exc))
     if not responses:
         p.error(f"--data {a.data!r} gave no responses")
 
@@ -147,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in pairs:
             row["chosen_score"] = result.score_of(row["chosen_id"])
             row["rejected_score"] = result.score_of(row["rejected_id"])
-            row["chosen_weight"] = result.chosen_weight_of(row["chosen_id"])
-            row["rejected_weight"] = result.rejected_weight_of(row["rejected_id"])
+            row["chosen_weight"] = result.weight_of(row["chosen_id"])
+            row["rejected_weight"] = result.weight_of(row["rejected_id"])
         ppath = out.with_name(f"{out.stem}.pairs{out.suffix}")
         _write_rows(pairs, ppath)
         written.append(str(ppath))
@@ -157,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    pairs=len(pairs) if pairs is not None else None,
                    data_report=dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report)
     spath = out.with_name(f"{out.stem}.summary.json")
-    spath.write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write(spath, json.dumps(summary, indent=2, default=str))
     written.append(str(spath))
     print(json.dumps(summary, indent=2, default=str))
     print("wrote " + ", ".join(written), file=sys.stderr)

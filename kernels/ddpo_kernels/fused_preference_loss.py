@@ -1,296 +1,156 @@
 """Preference loss fused with the LM head: hidden states in, scalar loss out, no [N, V] logits.
 
 Where this sits in the flow: the trainer calls `fused_preference_loss(hidden [N, D], lm_head.weight
-[V, D], targets, segment_ids, chosen_segments, rejected_segments, objective=..., beta=...)` on a
-flattened packed batch; the reference log-probs come from engine.refcache. The loss is exactly
-`engine.losses.preference_loss` (the single source of truth for every formula) applied to the
-per-sequence log-prob sums and token counts; this module only decides how those sums and their
-gradients are computed.
+[V, D], targets, segment_ids, chosen_segments, rejected_segments, epilogue, schedule=batch.schedule)`
+on a flattened packed batch, with `epilogue = engine.losses.loss_epilogue(objective, beta=..., ...)`
+(the single source of truth for every formula; the reference log-probs in it come from
+engine.refcache). This module knows no formula: it computes the per-sequence log-prob sums and
+their gradients, and asks the epilogue for the loss and for d loss / d sums.
 
 Why the gradients can be formed in the forward pass: the loss depends on the tokens only through
 the per-sequence sums, so once a sequence's sum is final, g_s = d loss / d seq_logp_s is known, and
     dlogits_t = g_{segment_t} * (onehot(target_t) - softmax(logits_t)),  dH = dlogits @ W,  dW = dlogits.T @ H.
 The forward therefore returns the loss and keeps dH [N, D] and dW [V, D]; backward only scales them
-by grad_output (Liger-Kernel's trick). Two schedules:
-- Pair-aligned (default for "torch" and "triton"; 3 matmuls, like Liger): selected tokens (those
-  with a target, of a sequence the objective reads) are permuted so every pair's tokens are
-  contiguous (one stable argsort of the pair index per token, one gather of hidden per chunk), and
-  chunks are made of whole pairs. Every objective of engine.losses is a sum over pairs of a
-  function of that pair's sums, plus terms linear in the sums with coefficients fixed by the
-  counts and weights (1/P, mean weight / total chosen tokens): so g for a chunk's pairs is exact
-  as soon as the chunk's logits are reduced, and `preference_loss` is asked for it on the [P]
-  vectors (other pairs hold placeholder values that, by that separability, do not change the
-  chunk's gradients; the tests check every objective against eager). A chunk's logits are made
-  once by a GEMM and overwritten in place by their gradient, then dH and dW are two more GEMMs:
-  "torch" does the per-row work with kernels.chunk_ops on fp32 logits; "triton" keeps the logits
-  in the input dtype and uses the two row kernels below (Liger's fused linear cross-entropy layout:
-  cuBLAS for the FLOPs, Triton for the memory-bound softmax pass, no atomics).
-- Two-pass (fallback when a segment is used by more than one pair slot, or a single pair is larger
-  than MAX_PAIR_CHUNKS chunks, which would break the O(chunk x V) memory bound): pass 1 computes
-  lse and token log-probs, `preference_loss` runs once under autograd on the [P] sums to give g,
-  pass 2 recomputes the logits and accumulates dH and dW: kernels.linear_logprob's chunked torch
-  loop, or its CCE-style Triton tile kernels (logits never leave SRAM). 4 matmul-equivalents.
-Extra memory beyond inputs and gradients: dH, the dW accumulator, one chunk of logits (pair-aligned,
-chunked torch) or O(N) vectors (Triton tiles).
-Measured (bench/bench_kernels.py -> bench/results/kernels.csv; 2 CPU cores shared with other
-jobs, DPO, fp32, 8 pairs x 2 x 512 tokens = N 8192, D=512, V=32000, forward + backward): extra
-peak memory eager 3005 MB, "torch" 172 MB (5.7% of eager), Liger's LigerFusedLinearDPOLoss 449 MB;
-time 42.9 s, 35.0 s, 47.8 s (one rep each). At N=2048, D=256, V=8000 (10 reps): eager 1.31 s,
-"torch" 1.37 s, Liger 1.97 s; 187 / 60 / 141 MB. The "gpu-8b" config (Llama-3-8B head, bf16)
-needs a CUDA machine and has no rows yet.
+by grad_output (Liger-Kernel's trick; Liger's chunked preference losses likewise take the loss as a
+function). The epilogue must be separable (see fused_preference_loss): then g for the sequences of
+a group of pairs (pairs that share a sequence form one group, schedule.py) is exact as soon as the
+group's sums are reduced, whatever placeholder values the other pairs hold.
+
+The walk (_common.py, the same one `linear_logprob` takes, hence the same bits): groups are packed
+into blocks of at most `block_rows` tokens. A block's logits are made once by fixed-shape GEMMs in
+the input dtype and kept (the GEMM chunk at a block boundary is shared with the next block); the row kernels (`chunk_logprob`) reduce them to lse and token
+log-probs, `segment_sum` adds each sequence's tokens in order, the epilogue gives g, the row
+kernels overwrite the logits with their gradient in place, and two more GEMMs give the block's dH
+rows and its dW share (3 matmuls in all, like Liger's chunked loss). A group larger than
+`block_rows` is a block of its own walked in windows: the forward keeps only lse, the backward
+recomputes each window's logits (4 matmuls for that group, the O(block x V) memory bound kept). No
+float atomics anywhere: dH rows are written once each, dW accumulates in fp32 (DwAccumulator),
+gradients are the same bits on every run. Extra memory beyond the inputs and gradients: one block
+of logits, the fp32 dW accumulator, O(N) vectors.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from typing import Any, Callable
 
 import torch
-import triton
-import triton.language as tl
 
-from engine.losses import LossOutput, preference_loss
-from ddpo_kernels.chunk_ops import chunk_logprob_backward_, chunk_logprob_forward
-from ddpo_kernels.linear_logprob import (
-    accumulate_chunk_grads,
+from ddpo_kernels._common import (
+    Backend,
+    DwAccumulator,
+    Launch,
+    Walk,
+    backward_window,
     check_inputs,
-    default_chunk_tokens,
-    finish_dw,
-    linear_logprob_ref,
-    new_dw_accumulator,
-    select_tokens,
-    torch_chunked_backward,
-    torch_chunked_forward,
-    triton_backward,
-    triton_forward,
+    check_schedule,
+    forward_window,
+    resolve_backend,
+    sequence_sums,
+    walk_forward,
+    windows,
 )
+from ddpo_kernels.linear_logprob import linear_logprob_ref
+from ddpo_kernels.schedule import LossSchedule
+from ddpo_kernels.segment_sum import segment_sums
 
-# A pair larger than this many chunks switches the "torch" schedule to two-pass, keeping the
-# logits block bounded by O(chunk x V) whatever the sequence lengths.
-MAX_PAIR_CHUNKS = 4
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton row kernels for the pair-aligned schedule: the chunk's logits come from one cuBLAS GEMM
-# (h_c @ W.T, kept in the input dtype as eager and Liger do); these kernels reduce them to lse and
-# target log-probs, then overwrite them in place with their gradient (Liger's fused linear
-# cross-entropy layout), so dH and dW are two more GEMMs and nothing is atomically accumulated.
-# ---------------------------------------------------------------------------------------------
+# epilogue(chosen_logps, rejected_logps, chosen_counts, rejected_counts) -> object with a scalar .loss
+Epilogue = Callable[..., Any]
 
 
-@triton.jit
-def _chunk_logprob_fwd_kernel(
-    logits_ptr, targets_ptr, lse_ptr, logp_ptr, V, stride_c, BLOCK_V: tl.constexpr,
-):  # fmt: skip
-    """One program per row: online max / sum-exp over vocab blocks; the target logit by one load."""
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_c
-    tgt = tl.load(targets_ptr + row).to(tl.int64)
-    # Per-lane running max / sum, merged once at the end: one exp per element, no per-block reduction.
-    m_i = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s_i = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_i, x)
-        # Lanes that have seen only padding keep m = -inf: shift by 0 there, so exp(-inf) = 0, not nan.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_i = s_i * tl.exp(m_i - m_safe) + tl.exp(x - m_safe)
-        m_i = m_new
-    m = tl.max(m_i, 0)
-    lse = m + tl.log(tl.sum(s_i * tl.exp(m_i - m), 0))
-    x_t = tl.load(base + tgt).to(tl.float32)
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, x_t - lse)
+def _pair_inputs(seq: torch.Tensor, sched: LossSchedule) -> tuple[tuple, dict]:
+    """The epilogue's arguments for per-segment sums `seq` [K]: (chosen sums, rejected sums or None,
+    chosen counts, rejected counts or None), all [P], plus chosen_prompt_logps / chosen_prompt_counts
+    when the schedule has prompt segments."""
+    counts = sched.segment_counts
+    c, r, p = sched.chosen, sched.rejected, sched.chosen_prompt
+    args = (seq[c], None if r is None else seq[r], counts[c], None if r is None else counts[r])
+    kwargs = {} if p is None else dict(chosen_prompt_logps=seq[p], chosen_prompt_counts=counts[p])
+    return args, kwargs
 
 
-@triton.jit
-def _chunk_logprob_bwd_kernel(
-    logits_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride_c, BLOCK_V: tl.constexpr,
-):  # fmt: skip
-    """One program per row: logits := g * (onehot(target) - exp(logits - lse)), in place, fp32 math."""
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_c
-    tgt = tl.load(targets_ptr + row).to(tl.int64)
-    lse = tl.load(lse_ptr + row)
-    g = tl.load(grad_ptr + row)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        mask = offs < V
-        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        d = g * (tl.where(offs == tgt, 1.0, 0.0) - tl.exp(x - lse))
-        tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+def _segment_grads(epilogue: Epilogue, seq: torch.Tensor, sched: LossSchedule, launch: Launch) -> torch.Tensor:
+    """g = d loss / d seq [K] (fp32, walk order) for the sums `seq`, through the epilogue's autograd.
 
-
-def _row_launch(logits: torch.Tensor) -> dict:
-    """Vocab block per loop step (<= 4096 lanes) and, on GPUs, 8 warps to spread them."""
-    opts = dict(BLOCK_V=min(4096, triton.next_power_of_2(logits.shape[1])))
-    if logits.device.type == "cuda":
-        opts["num_warps"] = 8
-    return opts
-
-
-def triton_chunk_forward(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse [C] fp32, token logp [C] fp32) of a [C, V] logits chunk whose rows all have a target."""
-    c, v = logits.shape
-    lse = torch.empty(c, dtype=torch.float32, device=logits.device)
-    logp = torch.empty(c, dtype=torch.float32, device=logits.device)
-    if c:
-        _chunk_logprob_fwd_kernel[(c,)](logits, tgt, lse, logp, v, logits.stride(0), **_row_launch(logits))
-    return lse, logp
-
-
-def triton_chunk_backward_(logits: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor, grad_tok: torch.Tensor) -> None:
-    """Overwrite the chunk with grad_tok[:, None] * (onehot(target) - softmax), in its own dtype."""
-    c, v = logits.shape
-    if c:
-        grad_tok = grad_tok.float().contiguous()
-        _chunk_logprob_bwd_kernel[(c,)](logits, tgt, lse, grad_tok, v, logits.stride(0), **_row_launch(logits))
-
-
-def _check_pairs(chosen_segments: torch.Tensor, rejected_segments: torch.Tensor, hidden: torch.Tensor) -> None:
-    for name, t in (("chosen_segments", chosen_segments), ("rejected_segments", rejected_segments)):
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [P]; got shape {tuple(t.shape)}")
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor of segment ids; got dtype {t.dtype}")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move them to one device")
-    if chosen_segments.shape != rejected_segments.shape:
-        raise ValueError(
-            f"chosen_segments {tuple(chosen_segments.shape)} and rejected_segments {tuple(rejected_segments.shape)} "
-            "must both be [P] (one entry per pair)"
-        )
-    if chosen_segments.numel() == 0:
-        raise ValueError("no pairs: chosen_segments is empty; a batch needs at least one pair")
-
-
-def _num_segments(segment_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> int:
-    """S = 1 + the largest segment id seen in the tokens or the pairs (one host sync)."""
-    parts = [chosen.max(), rejected.max()]
-    if segment_ids.numel():
-        parts.append(segment_ids.max().to(chosen.dtype))
-    lo = torch.stack([chosen.min(), rejected.min()]).min()
-    hi, lo = torch.stack(parts).max().item(), lo.item()
-    if lo < 0:
-        raise ValueError(f"pair segment ids must be >= 0; got {lo} in chosen_segments/rejected_segments")
-    return int(hi) + 1
-
-
-def _epilogue(
-    objective: str,
-    seq: torch.Tensor,
-    counts: torch.Tensor,
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    loss_kwargs: dict,
-    want_grad: bool,
-) -> tuple[LossOutput, torch.Tensor | None]:
-    """preference_loss on the [P] gathers of the sums; with want_grad also g = d loss / d seq [S] (fp32)."""
+    A sequence read by several pair slots gets the sum of their gradients, added in a fixed order.
+    """
+    (c, r, nc, nr), kwargs = _pair_inputs(seq.detach(), sched)
+    prompt = kwargs.get("chosen_prompt_logps")
+    inputs = [x.requires_grad_() for x in (c, r, prompt) if x is not None]  # the schedule's slot order
     with torch.enable_grad():
-        c = seq[chosen].detach().requires_grad_(want_grad)
-        r = seq[rejected].detach().requires_grad_(want_grad)
-        out = preference_loss(objective, c, r, counts[chosen], counts[rejected], **loss_kwargs)
-        if not want_grad:
-            return out, None
-        gc, gr = torch.autograd.grad(out.loss, [c, r], allow_unused=True)
-    grad = torch.zeros_like(seq, dtype=torch.float32)
-    if gc is not None:
-        grad.index_add_(0, chosen, gc.float())
-    if gr is not None:
-        grad.index_add_(0, rejected, gr.float())
-    return out, grad
-
-
-def _pair_chunks(tokens_per_pair: list[int], chunk_tokens: int) -> list[tuple[int, int]]:
-    """Greedy [token_start, token_end) chunks made of whole pairs, each about chunk_tokens long."""
-    chunks, start, size = [], 0, 0
-    for n in tokens_per_pair:
-        if size and size + n > chunk_tokens:
-            chunks.append((start, start + size))
-            start, size = start + size, 0
-        size += n
-    if size:
-        chunks.append((start, start + size))
-    return chunks
+        out = epilogue(c, r, nc, nr, **kwargs)
+        grads = torch.autograd.grad(out.loss, inputs, allow_unused=True)
+    slots = torch.cat([torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]).float()
+    k = sched.num_walk_segments
+    grad = torch.zeros(k, dtype=torch.float32, device=seq.device)
+    use_triton = launch.backend == "triton" or seq.device.type == "cuda"
+    segment_sums(slots[sched.slot_order], sched.slot_offsets, (0, k), (0, slots.shape[0]), grad, use_triton=use_triton)
+    return grad
 
 
 class FusedPreferenceLossFunction(torch.autograd.Function):
-    """Forward: loss and its gradients w.r.t. hidden and weight; backward: scale them by grad_output."""
+    """Forward: the loss, per-sequence sums, and the loss's gradients w.r.t. hidden and weight;
+    backward: those gradients scaled by grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, plan):
-        objective, kw = plan["objective"], plan["loss_kwargs"]
-        chosen, rejected = plan["chosen"], plan["rejected"]
-        rows, tgt, seg, counts = plan["rows"], plan["tgt"], plan["seg"], plan["counts"]
-        s, ignore_index, chunk = plan["num_segments"], plan["ignore_index"], plan["chunk_tokens"]
-        need_dh, need_dw = plan["need_dh"], plan["need_dw"]
-        want_grad = need_dh or need_dw
-
-        if plan["schedule"] == "pair_aligned":
-            dh = torch.zeros_like(hidden) if need_dh else None
-            dw_acc = new_dw_accumulator(weight) if need_dw else None
-            seq = torch.zeros(s, dtype=torch.float32, device=hidden.device)
-            scratch_counts = torch.zeros(s, dtype=torch.int64, device=hidden.device)
-            done = torch.zeros(s, dtype=torch.bool, device=hidden.device)
-            # Placeholder sums for pairs not reduced yet: an average log-prob of -1 keeps every
-            # objective's terms finite (0 would sit on ORPO's log(1 - exp(0)) clamp). Empty
-            # sequences get 0, their true (final) value, since no chunk ever marks them done.
-            placeholder = -counts.float()
-            on_triton = plan["backend"] == "triton"
-            for a, b in plan["chunks"]:
-                h = hidden[rows[a:b]]
-                if on_triton:
-                    # Logits stay in the input dtype: one GEMM, half the bytes of fp32 for bf16.
-                    logits = h @ weight.t()
-                    lse, logp = triton_chunk_forward(logits, tgt[a:b])
-                    seq.index_add_(0, seg[a:b], logp)
-                else:
-                    logits = (h @ weight.t()).float()
-                    lse = chunk_logprob_forward(
-                        logits, tgt[a:b], seg[a:b], seq, scratch_counts, ignore_index=ignore_index
-                    )
-                if not want_grad:
-                    continue
-                done[seg[a:b]] = True
-                _, grad_seq = _epilogue(
-                    objective, torch.where(done, seq, placeholder), counts, chosen, rejected, kw, True
-                )
-                if on_triton:
-                    triton_chunk_backward_(logits, tgt[a:b], lse, grad_seq[seg[a:b]])
-                else:
-                    chunk_logprob_backward_(logits, tgt[a:b], seg[a:b], lse, grad_seq, ignore_index=ignore_index)
-                accumulate_chunk_grads(logits, h, weight, rows[a:b], dh, dw_acc)
-                del logits
-            out, _ = _epilogue(objective, seq, counts, chosen, rejected, kw, False)
-            dw = finish_dw(dw_acc, weight)
+    def forward(ctx, hidden, weight, sched: LossSchedule, launch: Launch, epilogue: Epilogue, need: tuple):
+        need_dh, need_dw = need
+        if not (need_dh or need_dw):
+            seq, _ = walk_forward(hidden, weight, sched, launch)
+            ctx.grads = (None, None)
         else:
-            if plan["backend"] == "triton":
-                lse, logp = triton_forward(hidden, weight, rows, tgt)
-                seq = torch.zeros(s, dtype=torch.float32, device=hidden.device).index_add_(0, seg, logp)
-            else:
-                lse, seq, _ = torch_chunked_forward(hidden, weight, rows, tgt, seg, s, chunk, ignore_index)
-            out, grad_seq = _epilogue(objective, seq, counts, chosen, rejected, kw, want_grad)
-            dh = dw = None
-            if want_grad:
-                if plan["backend"] == "triton":
-                    dh, dw = triton_backward(hidden, weight, rows, tgt, lse, grad_seq[seg], need_dh, need_dw)
-                else:
-                    dh, dw = torch_chunked_backward(
-                        hidden, weight, rows, tgt, seg, lse, grad_seq, chunk, ignore_index, need_dh, need_dw
-                    )
-        plan["output"] = out
-        plan["seq_logps"] = seq
-        ctx.save_for_backward(dh, dw)
-        return out.loss.detach().clone()
+            seq, grads = _forward_with_grads(hidden, weight, sched, launch, epilogue, need_dh, need_dw)
+            ctx.grads = grads
+        args, kwargs = _pair_inputs(seq, sched)
+        loss = epilogue(*args, **kwargs).loss.detach().float()
+        ctx.mark_non_differentiable(seq)
+        return loss, seq
 
     @staticmethod
-    def backward(ctx, grad_out):
-        dh, dw = ctx.saved_tensors
-        # Skip the [N, D] and [V, D] multiplies in the common case of a plain loss.backward().
-        if grad_out.item() != 1.0:
-            dh = None if dh is None else dh * grad_out.to(dh.dtype)
-            dw = None if dw is None else dw * grad_out.to(dw.dtype)
-        return dh, dw, None
+    def backward(ctx, grad_loss, _grad_seq):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_preference_loss forms its gradients in the forward pass and hands them out once; "
+                "a second backward through the same loss (retain_graph=True) is not supported"
+            )
+        dh, dw = ctx.grads
+        ctx.grads = None
+        # In place (these are ours): no second [N, D] / [V, D] buffer; one rounding of g * grad_out.
+        for g in (dh, dw):
+            if g is not None:
+                g.mul_(grad_loss)
+        return dh, dw, None, None, None, None
+
+
+def _forward_with_grads(hidden, weight, sched, launch, epilogue, need_dh, need_dw):
+    """The block walk of the module docstring: (seq [K] fp32, (dH or None, dW or None))."""
+    dev = hidden.device
+    m, k = sched.num_tokens, sched.num_walk_segments
+    lse = torch.empty(m, dtype=torch.float32, device=dev)
+    logp = torch.empty(m, dtype=torch.float32, device=dev)
+    seq = torch.zeros(k, dtype=torch.float32, device=dev)
+    done = torch.zeros(k, dtype=torch.bool, device=dev)
+    # Placeholder sums for pairs not reduced yet: an average log-prob of -1 keeps every
+    # objective's terms finite (0 would sit on ORPO's log(1 - exp(0)) clamp).
+    placeholder = -sched.segment_counts.float()
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = DwAccumulator(weight) if need_dw else None
+    walk = Walk(hidden, weight, sched, launch)
+    for ta, tb, sa, sb in sched.blocks(launch.block_rows):
+        block_windows = windows(ta, tb, launch)
+        for window in block_windows:
+            kept = forward_window(walk, launch, window, lse, logp)
+        sequence_sums(sched, launch, logp, seq, (sa, sb), (ta, tb))
+        done[sa:sb] = True
+        grad_seg = _segment_grads(epilogue, torch.where(done, seq, placeholder), sched, launch)
+        grad_tok = grad_seg[sched.token_segment[ta:tb]]
+        if len(block_windows) > 1:
+            walk.restart()  # a group larger than a block: its logits are recomputed window by window
+        for a, b in block_windows:
+            h, logits = kept if len(block_windows) == 1 else walk.window(a, b)
+            backward_window(walk, launch, (a, b), lse, grad_tok[a - ta : b - ta], h, logits, dh, dw)
+    return seq, (dh, None if dw is None else dw.result())
 
 
 def fused_preference_loss(
@@ -300,87 +160,69 @@ def fused_preference_loss(
     segment_ids: torch.Tensor,
     chosen_segments: torch.Tensor,
     rejected_segments: torch.Tensor,
+    epilogue: Epilogue,
     *,
-    objective: str,
-    beta: float,
-    chosen_weights: torch.Tensor | None = None,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
+    prompt_targets: torch.Tensor | None = None,
+    schedule: LossSchedule | None = None,
     ignore_index: int = -100,
-    backend: str = "auto",
+    backend: Backend = "auto",
     return_output: bool = False,
-    chunk_tokens: int | None = None,
-) -> torch.Tensor | LossOutput:
-    """The preference loss of engine.losses computed from hidden states and the LM head.
+    chunk_rows: int | None = None,
+    block_rows: int | None = None,
+):
+    """A preference loss computed from hidden states and the LM head, without the [N, V] logits.
 
     hidden [N, D], weight [V, D], targets [N] (shifted, ignore_index where there is no target),
     segment_ids [N] (sequence of each token; unsorted runs allowed; -1 allowed on ignored tokens),
     chosen_segments / rejected_segments [P] (segment of each pair's chosen / rejected response).
-    Returns the scalar loss (differentiable w.r.t. hidden and weight), or with return_output=True
-    the full LossOutput whose .loss is that differentiable scalar and whose .metrics are TRL-style.
+
+    `epilogue(chosen_logps, rejected_logps, chosen_counts, rejected_counts)` maps the [P] per-sequence
+    sums of token log-probs and token counts to an object with a scalar `.loss` (engine.losses's
+    `loss_epilogue(objective, beta=..., ...)` is the engine's). The rejected arguments are None when
+    the schedule leaves the rejected side out. `prompt_targets` [N] (targets on prompt tokens,
+    ignore_index elsewhere; `targets` then covers the response tokens only): the prompt tokens of each
+    chosen sequence are reduced as a sequence of their own, passed to the epilogue as the keyword
+    arguments chosen_prompt_logps / chosen_prompt_counts [P] (the authors' ORPO/DORPO NLL covers
+    prompt and response; the odds ratio the response only). Contract (what lets the kernel form gradients in the
+    forward, group by group): the epilogue is deterministic, differentiable in the sums, and separable
+    -- loss = sum over pairs of f_p(that pair's sums) + sum over sequences of a_s * sum_s, with every
+    a_s fixed by counts and constants, never by other sums -- so that a group's gradient does not
+    depend on the placeholder values the other pairs hold while the group is reduced. It is called
+    on fp32 [P] tensors, once per block under autograd, once for the value.
+
+    Returns the scalar loss (differentiable w.r.t. hidden and weight), or with return_output=True the
+    epilogue's object for the final sums with its .loss replaced by that differentiable scalar.
+    `schedule`: a `LossSchedule.for_pairs` of these tensors built on the CPU beforehand (engine.data's
+    collate does), so that nothing in the loss reads a device value back to the host; built here
+    otherwise (a host copy of targets and segment ids). `chunk_rows` / `block_rows`: see linear_logprob.
     """
-    from ddpo_kernels import resolve_backend
-
-    check_inputs(hidden, weight, targets, segment_ids)
-    _check_pairs(chosen_segments, rejected_segments, hidden)
+    check_inputs(hidden, weight)
     backend = resolve_backend(backend, hidden.device)
-    loss_kwargs = dict(
-        beta=beta,
-        chosen_weights=chosen_weights,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
     if backend == "eager":
-        out = fused_preference_loss_ref(
-            hidden, weight, targets, segment_ids, chosen_segments, rejected_segments,
-            objective=objective, ignore_index=ignore_index, return_output=True, **loss_kwargs,
-        )  # fmt: skip
+        tensors = (hidden, weight, targets, segment_ids, chosen_segments, rejected_segments)
+        ref_kw = dict(prompt_targets=prompt_targets, ignore_index=ignore_index, return_output=True)
+        out = fused_preference_loss_ref(*tensors, epilogue, **ref_kw)
         return out if return_output else out.loss
-
-    chosen, rejected = chosen_segments.long(), rejected_segments.long()
-    s = _num_segments(segment_ids, chosen, rejected)
-    keep = torch.zeros(s, dtype=torch.bool, device=hidden.device)
-    keep[chosen] = True
-    if objective != "sft":  # SFT reads only the chosen side: skip the rejected tokens' matmuls
-        keep[rejected] = True
-    rows, tgt, seg = select_tokens(targets, segment_ids, s, weight.shape[0], ignore_index, keep_segment=keep)
-    counts = torch.bincount(seg, minlength=s)[:s]
-    # Let engine.losses validate objective, reference log-probs and weights on placeholder sums
-    # now, so a bad argument fails before any [chunk, V] matmul rather than after the first one.
+    if schedule is None:
+        pairs = (targets, segment_ids, chosen_segments, rejected_segments)
+        schedule_kw = dict(prompt_targets=prompt_targets, vocab_size=weight.shape[0], ignore_index=ignore_index)
+        schedule = LossSchedule.for_pairs(*pairs, **schedule_kw).to(hidden.device)
+    check_schedule(schedule, hidden, weight)
+    # Let the epilogue validate its own arguments (objective, reference log-probs, weights) on
+    # placeholder sums now, so a bad one fails before any [chunk, V] matmul rather than after it.
     with torch.no_grad():
-        zeros = torch.zeros(chosen.numel(), dtype=torch.float32, device=hidden.device)
-        preference_loss(objective, zeros, zeros, counts[chosen], counts[rejected], **loss_kwargs)
-    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.device))
-    if chunk < 1:
-        raise ValueError(f"chunk_tokens must be >= 1; got {chunk_tokens}")
-
+        args, kwargs = _pair_inputs(torch.zeros(schedule.num_walk_segments, device=hidden.device), schedule)
+        epilogue(*args, **kwargs)
+    launch = Launch.make(backend, hidden, weight, chunk_rows, block_rows)
     grad_on = torch.is_grad_enabled()
-    plan = dict(
-        objective=objective, loss_kwargs=loss_kwargs, chosen=chosen, rejected=rejected, counts=counts,
-        num_segments=s, ignore_index=ignore_index, chunk_tokens=chunk, backend=backend, schedule="two_pass",
-        need_dh=grad_on and hidden.requires_grad, need_dw=grad_on and weight.requires_grad,
-    )  # fmt: skip
-
-    if backend in ("torch", "triton"):
-        p = chosen.numel()
-        pair_of_seg = torch.full((s,), -1, dtype=torch.int64, device=hidden.device)
-        pair_of_seg[chosen] = torch.arange(p, device=hidden.device)
-        pair_of_seg[rejected] = torch.arange(p, device=hidden.device)
-        slots = torch.bincount(torch.cat([chosen, rejected]), minlength=s)
-        pair_tok = pair_of_seg[seg]
-        tokens_per_pair = torch.bincount(pair_tok, minlength=p)
-        unique_slots, biggest = (slots.max() <= 1).item(), int(tokens_per_pair.max().item()) if p else 0
-        if unique_slots and biggest <= MAX_PAIR_CHUNKS * chunk:
-            order = torch.argsort(pair_tok, stable=True)
-            rows, tgt, seg = rows[order], tgt[order], seg[order]
-            plan["schedule"] = "pair_aligned"
-            plan["chunks"] = _pair_chunks(tokens_per_pair.tolist(), chunk)
-    plan.update(rows=rows, tgt=tgt, seg=seg)
-
-    loss = FusedPreferenceLossFunction.apply(hidden, weight, plan)
+    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    loss, seq = FusedPreferenceLossFunction.apply(hidden, weight, schedule, launch, epilogue, need)
     if not return_output:
         return loss
-    return dataclasses.replace(plan["output"], loss=loss)
+    with torch.no_grad():
+        args, kwargs = _pair_inputs(seq, schedule)
+        out = epilogue(*args, **kwargs)
+    return _with_loss(out, loss)
 
 
 def fused_preference_loss_ref(
@@ -390,23 +232,39 @@ def fused_preference_loss_ref(
     segment_ids: torch.Tensor,
     chosen_segments: torch.Tensor,
     rejected_segments: torch.Tensor,
+    epilogue: Epilogue,
     *,
-    objective: str,
-    beta: float,
-    chosen_weights: torch.Tensor | None = None,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
+    prompt_targets: torch.Tensor | None = None,
     ignore_index: int = -100,
     return_output: bool = False,
-) -> torch.Tensor | LossOutput:
-    """Eager reference: full logits via linear_logprob_ref, then engine.losses.preference_loss."""
-    check_inputs(hidden, weight, targets, segment_ids)
-    _check_pairs(chosen_segments, rejected_segments, hidden)
+):
+    """Eager reference: full logits via linear_logprob_ref, then the epilogue under ordinary autograd."""
+    check_inputs(hidden, weight)
+    if chosen_segments.shape != rejected_segments.shape or chosen_segments.dim() != 1:
+        raise ValueError(
+            f"chosen_segments {tuple(chosen_segments.shape)} and rejected_segments {tuple(rejected_segments.shape)} "
+            "must both be [P] (one entry per pair)"
+        )
     chosen, rejected = chosen_segments.long(), rejected_segments.long()
-    s = _num_segments(segment_ids, chosen, rejected)
+    # The reference may sync: S is the largest segment id seen in the pairs or the targeted tokens, + 1.
+    all_targets = targets if prompt_targets is None else torch.where(targets != ignore_index, targets, prompt_targets)
+    seen = torch.cat([chosen, rejected, segment_ids[all_targets != ignore_index].long()])
+    s = int(seen.max()) + 1
     seq, counts = linear_logprob_ref(hidden, weight, targets, segment_ids, s, ignore_index=ignore_index)
-    out = preference_loss(
-        objective, seq[chosen], seq[rejected], counts[chosen], counts[rejected], beta=beta,
-        chosen_weights=chosen_weights, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-    )  # fmt: skip
+    kwargs = {}
+    if prompt_targets is not None:
+        prompt, prompt_counts = linear_logprob_ref(
+            hidden, weight, prompt_targets, segment_ids, s, ignore_index=ignore_index
+        )
+        kwargs = dict(chosen_prompt_logps=prompt[chosen], chosen_prompt_counts=prompt_counts[chosen])
+    out = epilogue(seq[chosen], seq[rejected], counts[chosen], counts[rejected], **kwargs)
     return out if return_output else out.loss
+
+
+def _with_loss(out, loss: torch.Tensor):
+    """The epilogue's output with .loss replaced (a copy: the epilogue's object is left as it was)."""
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, loss=loss)
+    out = copy.copy(out)
+    out.loss = loss
+    return out
