@@ -284,3 +284,13 @@ def test_attention_routes_agree_and_rows_are_written(tmp_path):
     by = {r["impl"]: r for r in common.read_csv(out)}
     assert float(by["sdpa_varlen"]["time_ms_median"]) > 0 and by["sdpa_varlen"]["reps"] == "10"
     assert all(r["reps"] == "10" or r["notes"].startswith("not measured: ") for r in by.values())
+
+
+def test_readme_performance_summary_is_generated_from_the_results():
+    """The README's performance table is what bench.report renders from the committed CSVs (no figure typed
+    by hand); `python -m bench.report` rewrites it."""
+    from bench import report
+
+    readme = (ROOT / "README.md").read_text()
+    begin, end = readme.index(report.README_BEGIN), readme.index(report.README_END) + len(report.README_END)
+    assert readme[begin:end] == "\n".join(report.readme_summary(report.RESULTS_DIR))

@@ -173,7 +173,7 @@ def test_recipe_sets_every_field_it_drives():
     fields = _recipe_fields()
     assert {f"{s}.{n}" for s, n, _ in fields} == {
         "data.cleaning", "data.length_filter", "data.gap_sampler", "data.divpo_sampler", "data.max_pairs_per_prompt",
-        "data.truncation", "deviation.groups", "deviation.count_duplicates", "loss.nll_on_prompt"}
+        "data.truncation", "deviation.groups", "deviation.count_duplicates", "deviation.precision", "loss.nll_on_prompt"}
     argv = ["--loss.objective", "ddpo", "--data.pairs", "gap"]
     for recipe in ("authors", "engine"):
         cfg = load_config(["--recipe", recipe, *argv])

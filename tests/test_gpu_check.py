@@ -354,7 +354,7 @@ def test_make_gpu_check_dry_run(tmp_path):
     train = common.read_csv(out / "train.csv")
     assert [(r["system"], r["variant"]) for r in train] == [("ddpo-engine", "packed+cache"), ("trl", "precomputed_ref")]
     assert all(r["bench"] == "dryrun-cpu-tiny-smoke" and float(r["tokens_per_s"]) > 0 for r in train), train
-    assert "attention sdpa; 2 decoder layers" in train[0]["notes"] and "cache built once" in train[0]["notes"]
+    assert "attention sdpa_varlen; 2 decoder layers" in train[0]["notes"] and "cache built once" in train[0]["notes"]
     doc = (out / "BENCHMARKS.md").read_text()
     assert "Dry-run preview" in doc and "## GPU targets (issue #16)" in doc and "dryrun-cpu-head" in doc
     summary = (out / "summary.md").read_text()
