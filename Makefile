@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test bench bench-full experiment gpu-check gpu-wheels clean
+.PHONY: venv demo test lint format bench bench-full experiment gpu-check gpu-wheels clean
 
 $(DEPS_STAMP): requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,17 @@ venv: $(PKG_STAMP)
 demo: venv
 	$(PY) -m engine.train
 
-test: venv
+test: lint
 	$(PY) -m pytest tests -q
+
+# ruff (pinned in requirements.lock, configured in pyproject.toml): lint and format check; `make format` fixes.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 bench: venv
 	$(PY) -m bench.run --quick

@@ -38,9 +38,7 @@ def _native_extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    with_cuda = (
-        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and not _flag("SKIP_CUDA_BUILD")
-    )
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and not _flag("SKIP_CUDA_BUILD")
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             name="ddpo_kernels._C",

@@ -37,9 +37,28 @@ if str(REPO) not in sys.path:
 from bench import common  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "attention.csv"
-FIELDS = ["bench", "impl", "heads", "head_dim", "sequences", "row_tokens", "dtype", "device", "time_ms_median",
-          "time_ms_p10", "time_ms_p90", "reps", "tokens_per_s", "peak_mem_mb", "hardware", "torch", "commit", "run_id",
-          "timestamp", "notes"]
+FIELDS = [
+    "bench",
+    "impl",
+    "heads",
+    "head_dim",
+    "sequences",
+    "row_tokens",
+    "dtype",
+    "device",
+    "time_ms_median",
+    "time_ms_p10",
+    "time_ms_p90",
+    "reps",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "hardware",
+    "torch",
+    "commit",
+    "run_id",
+    "timestamp",
+    "notes",
+]
 # Sequence lengths of one packed row: 8 sequences of WritingPrompts-length stories (prompt + response, as in
 # the cpu-gpt2-stories benchmark) and 8 of the short default data.
 CONFIGS = {
@@ -88,7 +107,7 @@ def route(impl: str, lengths: list[int], q, k, v, positions):
             # every real token's view.
             return torch.cat([F.pad(part, (0, 0, 0, lmax - part.shape[2])) for part in t.split(lengths, dim=2)])
 
-        real = (torch.arange(lmax, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None])
+        real = torch.arange(lmax, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
         real = real[:, None, :, None]  # [S, 1, L_max, 1]: padding rows do not enter the loss
 
         def fn():
@@ -96,15 +115,21 @@ def route(impl: str, lengths: list[int], q, k, v, positions):
     elif impl == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        block = create_block_mask(lambda b, h, qi, ki: (seg[qi] == seg[ki]) & (qi >= ki), None, None, L, L,
-                                  device=str(q.device))
+        block = create_block_mask(
+            lambda b, h, qi, ki: (seg[qi] == seg[ki]) & (qi >= ki), None, None, L, L, device=str(q.device)
+        )
 
         def fn():
             flex_attention(q, k, v, block_mask=block).sum().backward()
     elif impl == "nested jagged":
+
         def fn():
-            parts = [torch.nested.nested_tensor([p[0].transpose(0, 1) for p in t.split(lengths, dim=2)],
-                                                layout=torch.jagged).transpose(1, 2) for t in (q, k, v)]
+            parts = [
+                torch.nested.nested_tensor(
+                    [p[0].transpose(0, 1) for p in t.split(lengths, dim=2)], layout=torch.jagged
+                ).transpose(1, 2)
+                for t in (q, k, v)
+            ]
             F.scaled_dot_product_attention(*parts, is_causal=True).values().sum().backward()
     else:
         raise ValueError(f"unknown attention route {impl!r}; choose from {', '.join(IMPLS)}")
@@ -119,8 +144,16 @@ def measure(config: str, impl: str, reps: int, device: str = "cpu", heads: int =
 
     lengths = CONFIGS[config]
     q, k, v, positions = _inputs(lengths, heads, head_dim, device, torch.float32)
-    row = {"bench": config, "impl": impl, "heads": heads, "head_dim": head_dim, "sequences": len(lengths),
-           "row_tokens": sum(lengths), "dtype": "float32", "device": device}
+    row = {
+        "bench": config,
+        "impl": impl,
+        "heads": heads,
+        "head_dim": head_dim,
+        "sequences": len(lengths),
+        "row_tokens": sum(lengths),
+        "dtype": "float32",
+        "device": device,
+    }
     try:
         fn = route(impl, lengths, q, k, v, positions)
         fn()  # warm-up: lazy imports and first-call allocations stay out of the memory window
@@ -129,8 +162,13 @@ def measure(config: str, impl: str, reps: int, device: str = "cpu", heads: int =
     except (RuntimeError, NotImplementedError) as e:  # the route does not run here: a recorded outcome
         return {**row, "reps": 0, "notes": f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     timing = common.time_fn(fn, reps=reps, warmup=0)
-    return {**row, **timing.row("time_ms"), "tokens_per_s": round(sum(lengths) / (timing.median / 1e3), 1),
-            "peak_mem_mb": round(mem.peak_mb, 1), "notes": f"peak: {mem.method}"}
+    return {
+        **row,
+        **timing.row("time_ms"),
+        "tokens_per_s": round(sum(lengths) / (timing.median / 1e3), 1),
+        "peak_mem_mb": round(mem.peak_mb, 1),
+        "notes": f"peak: {mem.method}",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < common.MIN_REPS:
         p.error(f"--reps {args.reps}: at least {common.MIN_REPS} timed repetitions are needed for stable quantiles")
     env = common.environment("cpu", packages=("torch",))
-    for config in (("short",) if args.quick else ("short", "stories")):
+    for config in ("short",) if args.quick else ("short", "stories"):
         for impl in IMPLS:
             r = measure(config, impl, args.reps)
             r.update({k: env[k] for k in ("hardware", "torch", "commit", "run_id")}, timestamp=common.timestamp())

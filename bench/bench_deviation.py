@@ -41,11 +41,28 @@ from bench.common import git_commit as _commit
 from bench.common import hardware as _hardware
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deviation.csv"
-COLUMNS = ["bench", "config", "n", "dims", "groups", "backend", "time_s", "time_p10", "time_p90", "reps",
-           "throughput", "throughput_unit", "peak_mem_mb", "hardware", "torch", "faiss", "numpy", "commit",
-           "timestamp", "note"]
-
-
+COLUMNS = [
+    "bench",
+    "config",
+    "n",
+    "dims",
+    "groups",
+    "backend",
+    "time_s",
+    "time_p10",
+    "time_p90",
+    "reps",
+    "throughput",
+    "throughput_unit",
+    "peak_mem_mb",
+    "hardware",
+    "torch",
+    "faiss",
+    "numpy",
+    "commit",
+    "timestamp",
+    "note",
+]
 
 
 def _versions() -> dict:
@@ -58,17 +75,23 @@ def _versions() -> dict:
     return out
 
 
-
-
 def environment(device: str = "cpu") -> dict:
     """The hardware/version/commit/time columns of a row."""
-    return {"hardware": _hardware(device), "commit": _commit(),
-            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **_versions()}
+    return {
+        "hardware": _hardware(device),
+        "commit": _commit(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_versions(),
+    }
 
 
 def _append(row: dict) -> None:
     append_csv(RESULTS, [{k: row.get(k, "") for k in COLUMNS}], COLUMNS)
-    print(", ".join(f"{k}={row.get(k)}" for k in ("bench", "config", "n", "time_s", "throughput", "throughput_unit", "note")))
+    print(
+        ", ".join(
+            f"{k}={row.get(k)}" for k in ("bench", "config", "n", "time_s", "throughput", "throughput_unit", "note")
+        )
+    )
 
 
 def _time(fn, reps: int) -> tuple[np.ndarray, float]:
@@ -93,10 +116,23 @@ def _traced_peak_mb(fn) -> float:
 
 
 def _row(bench, config, n, dims, groups, backend, ts, throughput, unit, peak, note="", common=None) -> dict:
-    return {"bench": bench, "config": config, "n": n, "dims": dims, "groups": groups, "backend": backend,
-            "time_s": f"{np.median(ts):.4f}", "time_p10": f"{np.quantile(ts, 0.1):.4f}",
-            "time_p90": f"{np.quantile(ts, 0.9):.4f}", "reps": len(ts), "throughput": f"{throughput:.1f}",
-            "throughput_unit": unit, "peak_mem_mb": f"{peak:.1f}", "note": note, **(common or {})}
+    return {
+        "bench": bench,
+        "config": config,
+        "n": n,
+        "dims": dims,
+        "groups": groups,
+        "backend": backend,
+        "time_s": f"{np.median(ts):.4f}",
+        "time_p10": f"{np.quantile(ts, 0.1):.4f}",
+        "time_p90": f"{np.quantile(ts, 0.9):.4f}",
+        "reps": len(ts),
+        "throughput": f"{throughput:.1f}",
+        "throughput_unit": unit,
+        "peak_mem_mb": f"{peak:.1f}",
+        "note": note,
+        **(common or {}),
+    }
 
 
 def _unit_rows(rng, n, d) -> np.ndarray:
@@ -132,18 +168,50 @@ def bench_weights(n, d, g, reps, common, rng) -> None:
     gid = rng.integers(0, g, size=n)
     for config, groups in (("grouped", np.sort(gid)), ("shuffled", gid)):
         ngroups = len(np.unique(groups))
-        base_ts, base_peak = _time(lambda: centroid_pass(x, groups, config == "grouped"), reps)
-        _append(_row("weights_mean", config, n, d, ngroups, BASELINE, base_ts, n / np.median(base_ts), "responses/s",
-                     base_peak, "float32, one Python-level sum and matrix-vector product per group", common))
-        ts, peak = _time(lambda: deviation_weights([x], groups), reps)
+        base_ts, base_peak = _time(
+            lambda groups=groups, config=config: centroid_pass(x, groups, config == "grouped"), reps
+        )
+        _append(
+            _row(
+                "weights_mean",
+                config,
+                n,
+                d,
+                ngroups,
+                BASELINE,
+                base_ts,
+                n / np.median(base_ts),
+                "responses/s",
+                base_peak,
+                "float32, one Python-level sum and matrix-vector product per group",
+                common,
+            )
+        )
+        ts, peak = _time(lambda groups=groups: deviation_weights([x], groups), reps)
         ratio = np.median(ts) / np.median(base_ts)
-        note = (f"{ratio:.2f}x the {BASELINE} of this run ({np.median(base_ts):.3f} s); exact mean mode, cosine, "
-                f"float64 in cache-sized blocks of whole groups, then the weight transform; input float32 "
-                f"{x.nbytes / 2**20:.0f} MB")
+        note = (
+            f"{ratio:.2f}x the {BASELINE} of this run ({np.median(base_ts):.3f} s); exact mean mode, cosine, "
+            f"float64 in cache-sized blocks of whole groups, then the weight transform; input float32 "
+            f"{x.nbytes / 2**20:.0f} MB"
+        )
         if reps < 10:
             note += f"; only {reps} reps (each run takes seconds)"
-        _append(_row("weights_mean", config, n, d, ngroups, "engine.deviation", ts, n / np.median(ts),
-                     "responses/s", peak, note, common))
+        _append(
+            _row(
+                "weights_mean",
+                config,
+                n,
+                d,
+                ngroups,
+                "engine.deviation",
+                ts,
+                n / np.median(ts),
+                "responses/s",
+                peak,
+                note,
+                common,
+            )
+        )
 
 
 def _clustered(rng, n, d, clusters=256, spread=0.35) -> np.ndarray:
@@ -173,19 +241,60 @@ def bench_knn(n, d, g, reps, common, rng, flat_n) -> None:
     _, ia = ivf.search(q, k + 1)
     _, ib = flat.search(q, k + 1)
     recall = np.mean([len(set(a) & set(b)) / (k + 1) for a, b in zip(ia, ib)])
-    _append(_row("knn", f"global-ivf k={k} nlist={nlist} nprobe={default_nprobe(nlist)}", n, d, g, backend, ts,
-                 n / np.median(ts), "queries/s", peak,
-                 f"includes IVF training + add; recall@{k + 1} vs flat {recall:.3f} on {len(q)} queries; "
-                 f"clustered data; only {slow_reps} reps (each run takes seconds to minutes)", common))
+    _append(
+        _row(
+            "knn",
+            f"global-ivf k={k} nlist={nlist} nprobe={default_nprobe(nlist)}",
+            n,
+            d,
+            g,
+            backend,
+            ts,
+            n / np.median(ts),
+            "queries/s",
+            peak,
+            f"includes IVF training + add; recall@{k + 1} vs flat {recall:.3f} on {len(q)} queries; "
+            f"clustered data; only {slow_reps} reps (each run takes seconds to minutes)",
+            common,
+        )
+    )
     xf, gf = x[:flat_n], gid[:flat_n]
     fn = lambda: deviation_scores(xf, gf, mode="knn", k=k, scope="global", ivf_min_size=flat_n + 1)  # noqa: E731
     ts, peak = _time(fn, slow_reps)
-    _append(_row("knn", f"global-flat k={k}", flat_n, d, len(np.unique(gf)), backend, ts, flat_n / np.median(ts),
-                 "queries/s", peak, f"exact brute force over all rows; only {slow_reps} reps (each run takes seconds)", common))
+    _append(
+        _row(
+            "knn",
+            f"global-flat k={k}",
+            flat_n,
+            d,
+            len(np.unique(gf)),
+            backend,
+            ts,
+            flat_n / np.median(ts),
+            "queries/s",
+            peak,
+            f"exact brute force over all rows; only {slow_reps} reps (each run takes seconds)",
+            common,
+        )
+    )
     fn = lambda: deviation_scores(x, gid, mode="knn", k=k, scope="group")  # noqa: E731
     ts, peak = _time(fn, reps)
-    _append(_row("knn", f"group-flat k={k}", n, d, g, backend, ts, n / np.median(ts), "queries/s",
-                 peak, "one exact flat index per prompt, single-threaded", common))
+    _append(
+        _row(
+            "knn",
+            f"group-flat k={k}",
+            n,
+            d,
+            g,
+            backend,
+            ts,
+            n / np.median(ts),
+            "queries/s",
+            peak,
+            "one exact flat index per prompt, single-threaded",
+            common,
+        )
+    )
 
 
 def story_texts(n: int) -> list[str]:
@@ -231,15 +340,27 @@ def _encoder_flops(emb, texts: list[str]) -> float:
     tok, auto = model.tokenizer, model[0].auto_model
     cfg = auto.config
     lengths = np.minimum([len(ids) for ids in tok(texts, truncation=False)["input_ids"]], model.max_seq_length)
-    dense = sum(m.weight.numel() for name, m in auto.named_modules()
-                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-                and "embeddings" not in name and "pooler" not in name)
+    dense = sum(
+        m.weight.numel()
+        for name, m in auto.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() == 2
+        and "embeddings" not in name
+        and "pooler" not in name
+    )
     return float(sum(2 * dense * n + 4 * n * n * cfg.hidden_size * cfg.num_hidden_layers for n in lengths.tolist()))
 
 
-def embed_throughput(device: str = "cuda", precision: str = "float16", n_texts: int = 512, batch_size: int = 64,
-                     reps: int = 3, texts: list[str] | None = None, reference: np.ndarray | None = None,
-                     with_vectors: bool = False):
+def embed_throughput(
+    device: str = "cuda",
+    precision: str = "float16",
+    n_texts: int = 512,
+    batch_size: int = 64,
+    reps: int = 3,
+    texts: list[str] | None = None,
+    reference: np.ndarray | None = None,
+    with_vectors: bool = False,
+):
     """builtin:minilm on `device` in `precision`: a deviation.csv row (texts/s over the median of `reps`
     timed passes after a warm-up, the fraction of this device's measured GEMM rate in the same dtype that
     its useful FLOPs reach, and, given `reference` fp32 vectors of the same texts, the smallest cosine
@@ -265,9 +386,11 @@ def embed_throughput(device: str = "cuda", precision: str = "float16", n_texts: 
     rate = gemm_flops(device, emb.precision)
     fraction = _encoder_flops(emb, texts) / float(np.median(ts)) / rate
     words = float(np.mean([len(t.split()) for t in texts]))
-    note = (f"{emb.precision}; {fraction:.1%} of this device's measured {emb.precision} GEMM rate "
-            f"({rate / 1e9:.0f} GFLOP/s); synthetic stories, {words:.0f} words mean; batch {batch_size}, "
-            "length-sorted; peak = process max RSS")
+    note = (
+        f"{emb.precision}; {fraction:.1%} of this device's measured {emb.precision} GEMM rate "
+        f"({rate / 1e9:.0f} GFLOP/s); synthetic stories, {words:.0f} words mean; batch {batch_size}, "
+        "length-sorted; peak = process max RSS"
+    )
     if reference is not None:
         note += f"; min cosine with float32 vectors {float(np.min(np.sum(out * reference, axis=1))):.6f}"
     if device.startswith("cuda"):
@@ -275,8 +398,20 @@ def embed_throughput(device: str = "cuda", precision: str = "float16", n_texts: 
         note = note.replace("peak = process max RSS", "peak = CUDA max_memory_allocated")
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = _row("embed", f"builtin:minilm {emb.precision}", len(texts), emb.dim, "", device, ts,
-               len(texts) / np.median(ts), "texts/s", peak, note, environment(device))
+    row = _row(
+        "embed",
+        f"builtin:minilm {emb.precision}",
+        len(texts),
+        emb.dim,
+        "",
+        device,
+        ts,
+        len(texts) / np.median(ts),
+        "texts/s",
+        peak,
+        note,
+        environment(device),
+    )
     return (row, out) if with_vectors else row
 
 
@@ -297,9 +432,22 @@ def bench_embed(n_texts, reps, common) -> None:
         _append({**row, "backend": device + threads})
     emb = get_embedder("builtin:stylometric")
     ts, _ = _time(lambda: emb.encode(texts), reps)
-    _append(_row("embed", "builtin:stylometric", len(texts), emb.dim, "", "cpu (python)", ts,
-                 len(texts) / np.median(ts), "texts/s", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 "synthetic stories; one text at a time in Python", common))
+    _append(
+        _row(
+            "embed",
+            "builtin:stylometric",
+            len(texts),
+            emb.dim,
+            "",
+            "cpu (python)",
+            ts,
+            len(texts) / np.median(ts),
+            "texts/s",
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "synthetic stories; one text at a time in Python",
+            common,
+        )
+    )
 
 
 def main(argv=None) -> int:

@@ -56,16 +56,40 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
+from ddpo_kernels import LossSchedule, fused_preference_loss, linear_logprob  # noqa: E402
 from engine import flops  # noqa: E402
 from engine.losses import loss_epilogue, preference_loss  # noqa: E402
-from ddpo_kernels import LossSchedule, fused_preference_loss, linear_logprob  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "kernels.csv"
 CSV_FIELDS = [
-    "bench", "op", "backend", "objective", "N", "D", "V", "dtype", "device",
-    "time_ms_median", "time_ms_p10", "time_ms_p90", "reps", "peak_mem_mb", "tokens_per_s", "tflops", "pct_peak",
-    "loss", "hardware", "torch", "triton", "liger", "cce", "commit", "run_id", "timestamp", "notes",
-]  # fmt: skip
+    "bench",
+    "op",
+    "backend",
+    "objective",
+    "N",
+    "D",
+    "V",
+    "dtype",
+    "device",
+    "time_ms_median",
+    "time_ms_p10",
+    "time_ms_p90",
+    "reps",
+    "peak_mem_mb",
+    "tokens_per_s",
+    "tflops",
+    "pct_peak",
+    "loss",
+    "hardware",
+    "torch",
+    "triton",
+    "liger",
+    "cce",
+    "commit",
+    "run_id",
+    "timestamp",
+    "notes",
+]
 IGNORE = -100
 HAS_CUDA = torch.cuda.is_available()
 OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo")
@@ -102,20 +126,60 @@ class Config:
 
 LLAMA3_8B_HEAD = dict(d=4096, v=128256)
 CONFIGS = [
-    Config("cpu-small", pairs=4, seq_len=256, prompt=32, d=256, v=8000, dtype="float32", device="cpu", reps=10,
-           warmup=1),
-    Config("cpu-target", pairs=8, seq_len=512, prompt=64, d=512, v=32000, dtype="float32", device="cpu", reps=1,
-           warmup=0),
+    Config(
+        "cpu-small", pairs=4, seq_len=256, prompt=32, d=256, v=8000, dtype="float32", device="cpu", reps=10, warmup=1
+    ),
+    Config(
+        "cpu-target", pairs=8, seq_len=512, prompt=64, d=512, v=32000, dtype="float32", device="cpu", reps=1, warmup=0
+    ),
     # The Llama-3-8B head at the token counts of the GPU targets (make gpu-check measures these).
-    *[Config(f"gpu-8b-n{2 * p * 1024}", pairs=p, seq_len=1024, prompt=0, **LLAMA3_8B_HEAD, dtype="bfloat16",
-             device="cuda", reps=10, warmup=2) for p in (4, 16)],
+    *[
+        Config(
+            f"gpu-8b-n{2 * p * 1024}",
+            pairs=p,
+            seq_len=1024,
+            prompt=0,
+            **LLAMA3_8B_HEAD,
+            dtype="bfloat16",
+            device="cuda",
+            reps=10,
+            warmup=2,
+        )
+        for p in (4, 16)
+    ],
     # Sweeps for the report's plots (eager vs torch only, to stay inside make bench's budget): tokens N
     # at fixed D, V; then vocabulary V at fixed N, D (the n512 point is also the V=8000 point).
-    *[Config(f"cpu-sweep-n{2 * 4 * t}", pairs=4, seq_len=t, prompt=8, d=128, v=8000, dtype="float32", device="cpu",
-             reps=10, warmup=1) for t in (32, 64, 128, 256)],
-    *[Config(f"cpu-sweep-v{v}", pairs=4, seq_len=64, prompt=8, d=128, v=v, dtype="float32", device="cpu",
-             reps=10, warmup=1) for v in (2000, 16000, 32000)],
-]  # fmt: skip
+    *[
+        Config(
+            f"cpu-sweep-n{2 * 4 * t}",
+            pairs=4,
+            seq_len=t,
+            prompt=8,
+            d=128,
+            v=8000,
+            dtype="float32",
+            device="cpu",
+            reps=10,
+            warmup=1,
+        )
+        for t in (32, 64, 128, 256)
+    ],
+    *[
+        Config(
+            f"cpu-sweep-v{v}",
+            pairs=4,
+            seq_len=64,
+            prompt=8,
+            d=128,
+            v=v,
+            dtype="float32",
+            device="cpu",
+            reps=10,
+            warmup=1,
+        )
+        for v in (2000, 16000, 32000)
+    ],
+]
 # The `make gpu-check DRY_RUN=1` head: tiny, so the Triton interpreter runs it in seconds on a CPU.
 # Its name marks its rows as a dry run (bench/report.py leaves them out of BENCHMARKS.md).
 DRY_RUN_CONFIG = Config(
@@ -198,18 +262,35 @@ def loss_schedule(inp: dict) -> LossSchedule:
     ).to(inp["targets"].device)
 
 
-def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, inp: dict, *, objective: str, beta: float, backend: str,
-               schedule: LossSchedule | None = None):
+def fused_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    inp: dict,
+    *,
+    objective: str,
+    beta: float,
+    backend: str,
+    schedule: LossSchedule | None = None,
+):
     """The engine's fused preference loss on a benchmark batch: the single call site of
     ddpo_kernels.fused_preference_loss in bench/, so a change of its signature is fixed here only."""
     epilogue = loss_epilogue(
-        objective, beta=beta, chosen_weights=inp["weights"] if objective in WEIGHTED else None,
+        objective,
+        beta=beta,
+        chosen_weights=inp["weights"] if objective in WEIGHTED else None,
         ref_chosen_logps=inp["ref_chosen"] if objective in WITH_REFERENCE else None,
         ref_rejected_logps=inp["ref_rejected"] if objective in WITH_REFERENCE else None,
     )
     return fused_preference_loss(
-        hidden, weight, inp["targets"], inp["segment_ids"], inp["chosen"], inp["rejected"], epilogue,
-        backend=backend, schedule=schedule,
+        hidden,
+        weight,
+        inp["targets"],
+        inp["segment_ids"],
+        inp["chosen"],
+        inp["rejected"],
+        epilogue,
+        backend=backend,
+        schedule=schedule,
     )
 
 
@@ -244,11 +325,16 @@ def _fused_fn(cfg: Config, inp: dict, backend: str, objective: str):
             c, r = inp["chosen"], inp["rejected"]
             ref = objective in WITH_REFERENCE
             loss = preference_loss(
-                objective, seq[c], seq[r], cnt[c], cnt[r], beta=beta,
+                objective,
+                seq[c],
+                seq[r],
+                cnt[c],
+                cnt[r],
+                beta=beta,
                 chosen_weights=inp["weights"] if objective in WEIGHTED else None,
                 ref_chosen_logps=inp["ref_chosen"] if ref else None,
                 ref_rejected_logps=inp["ref_rejected"] if ref else None,
-            ).loss  # fmt: skip
+            ).loss
             loss.backward()
             return loss.detach()
 
@@ -360,11 +446,25 @@ def make_row(
 ) -> dict:
     """One kernels.csv row; without a timing it records that the case was not measured, and `notes` why."""
     row = dict(
-        bench=cfg.name, op=op, backend=backend, objective=objective, N=cfg.n, D=cfg.d, V=cfg.v, dtype=cfg.dtype,
-        device=cfg.device, hardware=common.hardware(cfg.device), torch=torch.__version__,
-        triton=common.version("triton"), liger=common.version("liger-kernel"), cce=common.version("cut-cross-entropy"),
-        commit=common.git_commit(), run_id=common.run_id(), timestamp=common.timestamp(), notes=notes,
-    )  # fmt: skip
+        bench=cfg.name,
+        op=op,
+        backend=backend,
+        objective=objective,
+        N=cfg.n,
+        D=cfg.d,
+        V=cfg.v,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        hardware=common.hardware(cfg.device),
+        torch=torch.__version__,
+        triton=common.version("triton"),
+        liger=common.version("liger-kernel"),
+        cce=common.version("cut-cross-entropy"),
+        commit=common.git_commit(),
+        run_id=common.run_id(),
+        timestamp=common.timestamp(),
+        notes=notes,
+    )
     if timing is not None:
         med_s = timing.median / 1e3
         rate = flops.lm_head_flops(cfg.n, cfg.v, cfg.d) / med_s

@@ -40,9 +40,22 @@ from ddpo_kernels import chunk_logprob  # noqa: E402
 
 CSV_PATH = ROOT / "bench" / "results" / "native.csv"
 COLUMNS = [
-    "bench", "op", "impl", "C", "V", "dtype", "time_ms", "p10", "p90", "reps",
-    "peak_mem_mb", "hardware", "torch", "commit", "timestamp",
-]  # fmt: skip
+    "bench",
+    "op",
+    "impl",
+    "C",
+    "V",
+    "dtype",
+    "time_ms",
+    "p10",
+    "p90",
+    "reps",
+    "peak_mem_mb",
+    "hardware",
+    "torch",
+    "commit",
+    "timestamp",
+]
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
@@ -80,10 +93,6 @@ def time_ms(fn, reset, reps: int, warmup: int = 3) -> tuple[float, float, float]
     return statistics.median(times), q[0], q[-1]
 
 
-
-
-
-
 def make_inputs(C: int, V: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(C, V, generator=g) * 2).to(dtype)
@@ -115,11 +124,23 @@ def bench_one(C: int, V: int, dtype: torch.dtype, reps: int) -> list[dict]:
             reset()
             mem = peak_extra_mb(fn)
             rows.append(
-                dict(op=op, impl=impl, C=C, V=V, dtype=str(dtype).replace("torch.", ""), time_ms=round(med, 3),
-                     p10=round(p10, 3), p90=round(p90, 3), reps=reps, peak_mem_mb=round(mem, 2))
-            )  # fmt: skip
-            print(f"{op:9s} {impl:6s} C={C:5d} V={V:6d} {rows[-1]['dtype']:8s} "
-                  f"{med:9.2f} ms (p10 {p10:.2f}, p90 {p90:.2f})  peak +{mem:.1f} MiB")  # fmt: skip
+                dict(
+                    op=op,
+                    impl=impl,
+                    C=C,
+                    V=V,
+                    dtype=str(dtype).replace("torch.", ""),
+                    time_ms=round(med, 3),
+                    p10=round(p10, 3),
+                    p90=round(p90, 3),
+                    reps=reps,
+                    peak_mem_mb=round(mem, 2),
+                )
+            )
+            print(
+                f"{op:9s} {impl:6s} C={C:5d} V={V:6d} {rows[-1]['dtype']:8s} "
+                f"{med:9.2f} ms (p10 {p10:.2f}, p90 {p90:.2f})  peak +{mem:.1f} MiB"
+            )
     return rows
 
 
@@ -139,9 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     if not chunk_logprob.native_has_device("cpu"):
         raise SystemExit(f"native CPU ops unavailable ({chunk_logprob.native_error()}); nothing to compare")
     meta = dict(
-        bench="native_chunk_ops", hardware=_hardware(), torch=torch.__version__, commit=_commit(),
+        bench="native_chunk_ops",
+        hardware=_hardware(),
+        torch=torch.__version__,
+        commit=_commit(),
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
+    )
     rows = []
     for shape in args.shapes.split(","):
         C, V = (int(x) for x in shape.lower().split("x"))

@@ -41,23 +41,48 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import git_commit as _commit  # noqa: E402
 from bench.common import append_csv, hardware  # noqa: E402
+from bench.common import git_commit as _commit  # noqa: E402
 
 
 def _hardware() -> str:
     return hardware("cuda" if torch.cuda.is_available() else "cpu")
 
+
 RESULTS_CSV = REPO / "bench" / "results" / "refcache.csv"
 CSV_FIELDS = [
-    "bench", "config", "variant", "device", "model", "dtype", "lora_r", "tokens_per_step",
-    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "ref_time_ms_median", "reps", "peak_mem_mb", "ref_model_mb",
-    "hardware", "torch", "transformers", "commit", "timestamp", "note",
-]  # fmt: skip
+    "bench",
+    "config",
+    "variant",
+    "device",
+    "model",
+    "dtype",
+    "lora_r",
+    "tokens_per_step",
+    "step_time_ms_median",
+    "step_time_ms_p10",
+    "step_time_ms_p90",
+    "ref_time_ms_median",
+    "reps",
+    "peak_mem_mb",
+    "ref_model_mb",
+    "hardware",
+    "torch",
+    "transformers",
+    "commit",
+    "timestamp",
+    "note",
+]
 DEFAULT_OVERRIDES = [
-    "--data.synthetic_prompts", "64", "--loss.objective", "dpo", "--logging.progress", "false",
-    "--eval.enabled", "false",
-]  # fmt: skip
+    "--data.synthetic_prompts",
+    "64",
+    "--loss.objective",
+    "dpo",
+    "--logging.progress",
+    "false",
+    "--eval.enabled",
+    "false",
+]
 
 
 def _config(overrides: list[str], cache_dir: str):
@@ -139,16 +164,18 @@ def worker(variant: str, overrides: list[str], cache_dir: str, reps: int, warmup
         tokens.append(n_tokens)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _status_mb("VmHWM")
     return {
-        "variant": variant, "device": device.type, "model": cfg.model.name, "dtype": cfg.model.dtype,
-        "lora_r": cfg.model.lora_r, "tokens": tokens, "step_ms": times, "ref_ms": ref_times,
-        "peak_mem_mb": round(peak, 1), "ref_model_mb": round(ref_mb, 1), "reference_forwards": forwards,
-    }  # fmt: skip
-
-
-
-
-
-
+        "variant": variant,
+        "device": device.type,
+        "model": cfg.model.name,
+        "dtype": cfg.model.dtype,
+        "lora_r": cfg.model.lora_r,
+        "tokens": tokens,
+        "step_ms": times,
+        "ref_ms": ref_times,
+        "peak_mem_mb": round(peak, 1),
+        "ref_model_mb": round(ref_mb, 1),
+        "reference_forwards": forwards,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10, help="timed steps per variant (after the warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument(
-        "--rounds", type=int, default=2,
+        "--rounds",
+        type=int,
+        default=2,
         help="worker pairs run alternately (cache, on_the_fly, ...), so load drift on a shared machine hits both",
     )
     p.add_argument("--name", default=None, help="config label in the CSV (default: model name + device)")
@@ -167,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--reps and --rounds must be >= 1, got {args.reps} and {args.rounds}")
 
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, overrides, args.cache_dir, args.reps, args.warmup)), flush=True)
+        print(
+            "RESULT " + json.dumps(worker(args.worker, overrides, args.cache_dir, args.reps, args.warmup)), flush=True
+        )
         return 0
 
     from engine import refcache
@@ -183,15 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     refcache.build_cache(cfg, tok, prepared, device=device, progress=False)
     build_s = time.perf_counter() - t0
     common = {
-        "bench": "train_step", "config": args.name or f"{cfg.model.name}-{device.type}", "hardware": _hardware(),
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "commit": _commit(),
+        "bench": "train_step",
+        "config": args.name or f"{cfg.model.name}-{device.type}",
+        "hardware": _hardware(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "commit": _commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
     runs: dict[str, list[dict]] = {"cache": [], "on_the_fly": []}
     for _ in range(args.rounds):
         for variant in runs:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--cache_dir", args.cache_dir,
-                   "--reps", str(args.reps), "--warmup", str(args.warmup), *overrides]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                variant,
+                "--cache_dir",
+                args.cache_dir,
+                "--reps",
+                str(args.reps),
+                "--warmup",
+                str(args.warmup),
+                *overrides,
+            ]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -204,25 +250,41 @@ def main(argv: list[str] | None = None) -> int:
         results[variant] = {
             **{k: rs[0][k] for k in ("variant", "device", "model", "dtype", "lora_r", "ref_model_mb")},
             "tokens_per_step": int(np.mean([x for r in rs for x in r["tokens"]])),
-            "step_time_ms_median": round(float(np.median(t)), 3), "step_time_ms_p10": round(float(np.percentile(t, 10)), 3),
+            "step_time_ms_median": round(float(np.median(t)), 3),
+            "step_time_ms_p10": round(float(np.percentile(t, 10)), 3),
             "step_time_ms_p90": round(float(np.percentile(t, 90)), 3),
             "ref_time_ms_median": round(float(np.median([x for r in rs for x in r["ref_ms"]])), 3),
-            "reps": int(t.size), "peak_mem_mb": max(r["peak_mem_mb"] for r in rs),
+            "reps": int(t.size),
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in rs),
             "reference_forwards": sum(r["reference_forwards"] for r in rs),
-        }  # fmt: skip
+        }
     c, o = results["cache"], results["on_the_fly"]
     notes = {
         "cache": f"cache build {build_s:.1f}s for {len(prepared.train_rows)} rows (once, shared by later runs); "
-                 f"reference forwards {c['reference_forwards']}; {args.rounds} worker rounds",
+        f"reference forwards {c['reference_forwards']}; {args.rounds} worker rounds",
         "on_the_fly": f"{o['step_time_ms_median'] / max(c['step_time_ms_median'], 1e-9):.2f}x the cache step time; "
-                      f"+{o['peak_mem_mb'] - c['peak_mem_mb']:.1f} MB peak; reference forwards {o['reference_forwards']}; "
-                      f"{args.rounds} worker rounds",
-    }  # fmt: skip
+        f"+{o['peak_mem_mb'] - c['peak_mem_mb']:.1f} MB peak; reference forwards {o['reference_forwards']}; "
+        f"{args.rounds} worker rounds",
+    }
     for variant, row in results.items():
         row = {**common, **row, "note": notes[variant]}
         append_csv(RESULTS_CSV, [{k: row.get(k, "") for k in CSV_FIELDS}], CSV_FIELDS)
-        print(", ".join(f"{k}={row[k]}" for k in ("config", "variant", "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90",
-                                                 "ref_time_ms_median", "peak_mem_mb", "ref_model_mb", "note")))
+        print(
+            ", ".join(
+                f"{k}={row[k]}"
+                for k in (
+                    "config",
+                    "variant",
+                    "step_time_ms_median",
+                    "step_time_ms_p10",
+                    "step_time_ms_p90",
+                    "ref_time_ms_median",
+                    "peak_mem_mb",
+                    "ref_model_mb",
+                    "note",
+                )
+            )
+        )
     print(f"appended to {RESULTS_CSV}")
     if tmp is not None:
         tmp.cleanup()

@@ -56,11 +56,40 @@ VARIANTS = {
     "bradley_terry": ["--loss.reward_loss", "bradley_terry", "--optim.epochs", "1"],
 }
 FIELDS = [
-    "bench", "variant", "config", "model", "reward_loss", "labels", "template", "train_responses", "val_responses",
-    "val_pairs", "epochs", "steps", "best_step", "stopped_early_at", "spearman_quality", "spearman_quality_train",
-    "spearman_label", "pairwise_accuracy", "val_loss", "target_spearman_quality", "wall_s", "cpu_s", "threads",
-    "load1_start", "load1_end", "peak_mem_mb", "hardware", "torch", "transformers", "deepspeed", "commit", "run_id",
-    "timestamp", "notes",
+    "bench",
+    "variant",
+    "config",
+    "model",
+    "reward_loss",
+    "labels",
+    "template",
+    "train_responses",
+    "val_responses",
+    "val_pairs",
+    "epochs",
+    "steps",
+    "best_step",
+    "stopped_early_at",
+    "spearman_quality",
+    "spearman_quality_train",
+    "spearman_label",
+    "pairwise_accuracy",
+    "val_loss",
+    "target_spearman_quality",
+    "wall_s",
+    "cpu_s",
+    "threads",
+    "load1_start",
+    "load1_end",
+    "peak_mem_mb",
+    "hardware",
+    "torch",
+    "transformers",
+    "deepspeed",
+    "commit",
+    "run_id",
+    "timestamp",
+    "notes",
 ]
 
 
@@ -99,8 +128,17 @@ def worker(variant: str, out_dir: str) -> dict:
 
     # Subnormals of the tiny fp32 model cost microcode assists on x86 (bench/bench_train.py measured ~10x).
     torch.set_flush_denormal(True)
-    argv = ["--config", str(PRESET), "--logging.output_dir", out_dir, "--logging.progress", "false",
-            "--data.cache_dir", str(Path(out_dir) / "cache"), *VARIANTS[variant]]
+    argv = [
+        "--config",
+        str(PRESET),
+        "--logging.output_dir",
+        out_dir,
+        "--logging.progress",
+        "false",
+        "--data.cache_dir",
+        str(Path(out_dir) / "cache"),
+        *VARIANTS[variant],
+    ]
     cfg = load_config(argv)
     load_start = os.getloadavg()[0]
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -110,14 +148,26 @@ def worker(variant: str, out_dir: str) -> dict:
     exported = score_export(cfg.logging.run_dir / "final", cfg)
     ev = summary.get("eval", {})
     return {
-        "variant": variant, "config": PRESET.name, "model": cfg.model.name, "reward_loss": cfg.loss.reward_loss,
+        "variant": variant,
+        "config": PRESET.name,
+        "model": cfg.model.name,
+        "reward_loss": cfg.loss.reward_loss,
         "labels": cfg.reward.score_transform + (" standardized" if cfg.reward.standardize_labels else ""),
-        "template": cfg.reward.template, "train_responses": summary["responses"], "epochs": cfg.optim.epochs,
-        "steps": summary["steps"], "best_step": summary["best_step"], "stopped_early_at": summary["stopped_early_at"],
-        "spearman_quality_train": ev.get("spearman_quality"), "val_loss": ev.get("loss"),
-        "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "threads": torch.get_num_threads(),
-        "load1_start": round(load_start, 2), "load1_end": round(load_end, 2),
-        "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **exported,
+        "template": cfg.reward.template,
+        "train_responses": summary["responses"],
+        "epochs": cfg.optim.epochs,
+        "steps": summary["steps"],
+        "best_step": summary["best_step"],
+        "stopped_early_at": summary["stopped_early_at"],
+        "spearman_quality_train": ev.get("spearman_quality"),
+        "val_loss": ev.get("loss"),
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "threads": torch.get_num_threads(),
+        "load1_start": round(load_start, 2),
+        "load1_end": round(load_end, 2),
+        "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **exported,
     }
 
 
@@ -139,7 +189,7 @@ def run_worker(variant: str, threads: int, timeout: float | None) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,14 +219,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench_reward] {name}: {result['error']}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        row = {"bench": "reward-tiny-cpu", **result, "target_spearman_quality": TARGET_SPEARMAN,
-               **{k: v for k, v in env.items() if k in FIELDS}, "timestamp": common.timestamp(),
-               "notes": "spearman_quality: the export scored by engine.evaluate.RewardScorer; "
-                        "spearman_quality_train: the trainer's packed forward at the best step"}
+        row = {
+            "bench": "reward-tiny-cpu",
+            **result,
+            "target_spearman_quality": TARGET_SPEARMAN,
+            **{k: v for k, v in env.items() if k in FIELDS},
+            "timestamp": common.timestamp(),
+            "notes": "spearman_quality: the export scored by engine.evaluate.RewardScorer; "
+            "spearman_quality_train: the trainer's packed forward at the best step",
+        }
         common.append_csv(args.csv, [row], FIELDS)
-        print(f"[bench_reward] {name}: Spearman(quality) {row['spearman_quality']:.4f} (train-time "
-              f"{row['spearman_quality_train']:.4f}), {row['steps']} steps in {row['wall_s']} s wall / "
-              f"{row['cpu_s']} s CPU", flush=True)
+        print(
+            f"[bench_reward] {name}: Spearman(quality) {row['spearman_quality']:.4f} (train-time "
+            f"{row['spearman_quality_train']:.4f}), {row['steps']} steps in {row['wall_s']} s wall / "
+            f"{row['cpu_s']} s CPU",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

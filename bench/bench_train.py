@@ -81,11 +81,30 @@ from engine import flops  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "train.csv"
 FIELDS = [
-    "bench", "system", "variant", "model", "pairs_per_step", "tokens_per_step",
-    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "reps", "tokens_per_s", "peak_mem_mb", "plan_mb",
+    "bench",
+    "system",
+    "variant",
+    "model",
+    "pairs_per_step",
+    "tokens_per_step",
+    "step_time_ms_median",
+    "step_time_ms_p10",
+    "step_time_ms_p90",
+    "reps",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "plan_mb",
     "mfu",
-    "hardware", "torch", "transformers", "trl", "deepspeed", "commit", "run_id", "timestamp", "notes",
-]  # fmt: skip
+    "hardware",
+    "torch",
+    "transformers",
+    "trl",
+    "deepspeed",
+    "commit",
+    "run_id",
+    "timestamp",
+    "notes",
+]
 ENGINE = "ddpo-engine"
 TRL = "trl"
 ENGINE_VARIANTS = ("packed+cache", "packed+on_the_fly", "unpacked+cache")
@@ -122,46 +141,159 @@ class Setup:
 
 SETUPS = {
     # Same batch geometry as the default run (configs/tiny-cpu.yaml), fp32 on CPU.
-    "cpu-tiny": Setup("cpu-tiny", "llama-tiny", "float32", "cpu", pairs_per_step=4, max_prompt_length=64, max_length=256,
-                      warmup=3, reps=20),
+    "cpu-tiny": Setup(
+        "cpu-tiny",
+        "llama-tiny",
+        "float32",
+        "cpu",
+        pairs_per_step=4,
+        max_prompt_length=64,
+        max_length=256,
+        warmup=3,
+        reps=20,
+    ),
     # Batch-size sweep around cpu-tiny (bench-full): 2, 4, 8 pairs per step. The synthetic sequences are
     # ~100 tokens, below every max_length, so a max_length sweep would change nothing; the pairs per
     # step set the packed row length (engine) and the padded batch (TRL). BENCHMARKS.md plots time and
     # memory against the resulting tokens per step.
-    "cpu-tiny-p2": Setup("cpu-tiny-p2", "llama-tiny", "float32", "cpu", pairs_per_step=2, max_prompt_length=64,
-                         max_length=256, warmup=3, reps=20),
-    "cpu-tiny-p8": Setup("cpu-tiny-p8", "llama-tiny", "float32", "cpu", pairs_per_step=8, max_prompt_length=64,
-                         max_length=256, warmup=3, reps=20),
+    "cpu-tiny-p2": Setup(
+        "cpu-tiny-p2",
+        "llama-tiny",
+        "float32",
+        "cpu",
+        pairs_per_step=2,
+        max_prompt_length=64,
+        max_length=256,
+        warmup=3,
+        reps=20,
+    ),
+    "cpu-tiny-p8": Setup(
+        "cpu-tiny-p8",
+        "llama-tiny",
+        "float32",
+        "cpu",
+        pairs_per_step=8,
+        max_prompt_length=64,
+        max_length=256,
+        warmup=3,
+        reps=20,
+    ),
     # The smallest size, for the smoke test (tests/test_bench.py).
-    "cpu-tiny-smoke": Setup("cpu-tiny-smoke", "llama-tiny", "float32", "cpu", pairs_per_step=2, max_prompt_length=64,
-                            max_length=128, warmup=1, reps=10),
+    "cpu-tiny-smoke": Setup(
+        "cpu-tiny-smoke",
+        "llama-tiny",
+        "float32",
+        "cpu",
+        pairs_per_step=2,
+        max_prompt_length=64,
+        max_length=128,
+        warmup=1,
+        reps=10,
+    ),
     # The `make bench` size: a few seconds per worker on 2 cores.
-    "cpu-tiny-quick": Setup("cpu-tiny-quick", "llama-tiny", "float32", "cpu", pairs_per_step=4, max_prompt_length=64,
-                            max_length=256, warmup=2, reps=10),
+    "cpu-tiny-quick": Setup(
+        "cpu-tiny-quick",
+        "llama-tiny",
+        "float32",
+        "cpu",
+        pairs_per_step=4,
+        max_prompt_length=64,
+        max_length=256,
+        warmup=2,
+        reps=10,
+    ),
     # The seed recipe's model at WritingPrompts-like response lengths (bench-full): responses of hundreds of
     # tokens with a long tail, cut at 512 tokens per sequence so that TRL's padded batches fit a shared machine.
-    "cpu-gpt2-stories": Setup("cpu-gpt2-stories", "gpt2-small", "float32", "cpu", pairs_per_step=4,
-                              max_prompt_length=64, max_length=512, warmup=1, reps=10, lengths="stories", threads=2,
-                              breakdown=True),
+    "cpu-gpt2-stories": Setup(
+        "cpu-gpt2-stories",
+        "gpt2-small",
+        "float32",
+        "cpu",
+        pairs_per_step=4,
+        max_prompt_length=64,
+        max_length=512,
+        warmup=1,
+        reps=10,
+        lengths="stories",
+        threads=2,
+        breakdown=True,
+    ),
     # gpt2-small at the make-bench size: short responses, the engine's default variant against TRL's faster one.
-    "cpu-gpt2-quick": Setup("cpu-gpt2-quick", "gpt2-small", "float32", "cpu", pairs_per_step=2, max_prompt_length=64,
-                            max_length=256, warmup=1, reps=10, threads=2,
-                            jobs=(("ddpo-engine", "packed+cache"), ("trl", "precomputed_ref"))),
+    "cpu-gpt2-quick": Setup(
+        "cpu-gpt2-quick",
+        "gpt2-small",
+        "float32",
+        "cpu",
+        pairs_per_step=2,
+        max_prompt_length=64,
+        max_length=256,
+        warmup=1,
+        reps=10,
+        threads=2,
+        jobs=(("ddpo-engine", "packed+cache"), ("trl", "precomputed_ref")),
+    ),
     # Llama-3-8B architecture, random init, bf16, LoRA; DDPO (deviation weights are per-pair scalars,
     # 1.0 here: the step's cost is the same as with computed weights).
-    "gpu-8b-lora": Setup("gpu-8b-lora", "llama-8b", "bfloat16", "cuda", pairs_per_step=4, max_prompt_length=256,
-                         max_length=1024, warmup=2, reps=10, lr=5e-6, lora_r=16, gradient_checkpointing=True, objective="ddpo"),
-    "gpu-8b-full": Setup("gpu-8b-full", "llama-8b", "bfloat16", "cuda", pairs_per_step=2, max_prompt_length=256,
-                         max_length=1024, warmup=2, reps=10, lr=5e-6, gradient_checkpointing=True, objective="ddpo"),
+    "gpu-8b-lora": Setup(
+        "gpu-8b-lora",
+        "llama-8b",
+        "bfloat16",
+        "cuda",
+        pairs_per_step=4,
+        max_prompt_length=256,
+        max_length=1024,
+        warmup=2,
+        reps=10,
+        lr=5e-6,
+        lora_r=16,
+        gradient_checkpointing=True,
+        objective="ddpo",
+    ),
+    "gpu-8b-full": Setup(
+        "gpu-8b-full",
+        "llama-8b",
+        "bfloat16",
+        "cuda",
+        pairs_per_step=2,
+        max_prompt_length=256,
+        max_length=1024,
+        warmup=2,
+        reps=10,
+        lr=5e-6,
+        gradient_checkpointing=True,
+        objective="ddpo",
+    ),
     # `make gpu-check` (bench/gpu_check.py): Llama-3-8B shapes with 4 of its 32 decoder layers, so that
     # every worker fits the check's minutes; both setups take the same pairs, so one reference cache
     # serves both. No gradient checkpointing: the 4-layer model fits a 80 GB GPU without it.
-    "gpu-8b4l-lora": Setup("gpu-8b4l-lora", "llama-8b-4layers", "bfloat16", "cuda", pairs_per_step=16,
-                           max_prompt_length=256, max_length=1024, warmup=2, reps=10, lr=5e-6, lora_r=16,
-                           objective="ddpo"),
-    "gpu-8b4l-full": Setup("gpu-8b4l-full", "llama-8b-4layers", "bfloat16", "cuda", pairs_per_step=16,
-                           max_prompt_length=256, max_length=1024, warmup=2, reps=10, lr=5e-6, objective="ddpo"),
-}  # fmt: skip
+    "gpu-8b4l-lora": Setup(
+        "gpu-8b4l-lora",
+        "llama-8b-4layers",
+        "bfloat16",
+        "cuda",
+        pairs_per_step=16,
+        max_prompt_length=256,
+        max_length=1024,
+        warmup=2,
+        reps=10,
+        lr=5e-6,
+        lora_r=16,
+        objective="ddpo",
+    ),
+    "gpu-8b4l-full": Setup(
+        "gpu-8b4l-full",
+        "llama-8b-4layers",
+        "bfloat16",
+        "cuda",
+        pairs_per_step=16,
+        max_prompt_length=256,
+        max_length=1024,
+        warmup=2,
+        reps=10,
+        lr=5e-6,
+        objective="ddpo",
+    ),
+}
 QUICK_SETUPS = ("cpu-tiny-quick", "cpu-gpt2-quick")
 FULL_SETUPS = ("cpu-tiny", "cpu-tiny-p2", "cpu-tiny-p8", "cpu-gpt2-stories")
 
@@ -175,19 +307,67 @@ def engine_overrides(s: Setup, *, cache_dir: str, data_cache: str, ref_mode: str
     prompts = math.ceil(s.steps * s.pairs_per_step / 0.85) + 4
     row_cap = max(1024, 2 * s.max_length)
     return [
-        "--model.name", s.model, "--model.dtype", s.dtype, "--model.seed", "0", "--model.lora_r", str(s.lora_r),
-        "--model.gradient_checkpointing", str(s.gradient_checkpointing).lower(),
-        "--data.source", "synthetic", "--data.synthetic_prompts", str(prompts), "--data.synthetic_lengths", s.lengths,
-        "--data.pairs", "best_vs_worst",
-        "--data.max_prompt_length", str(s.max_prompt_length), "--data.max_length", str(s.max_length),
-        "--data.max_tokens_per_row", str(row_cap), "--data.cache_dir", data_cache, "--data.num_workers", "1",
-        "--loss.objective", s.objective, "--loss.beta", "0.1",
-        "--optim.lr", repr(s.lr), "--optim.weight_decay", "0", "--optim.schedule", "constant", "--optim.warmup_ratio", "0",
-        "--optim.grad_accum", "1", "--optim.max_grad_norm", "1.0",
-        "--ref_cache.mode", ref_mode, "--ref_cache.dir", cache_dir, "--ref_cache.dtype", s.dtype,
-        "--parallel.precision", "bf16" if s.dtype == "bfloat16" else "fp32", "--parallel.zero_stage", "0",
-        "--logging.progress", "false", "--logging.tensorboard", "false", "--eval.enabled", "false",
-    ]  # fmt: skip
+        "--model.name",
+        s.model,
+        "--model.dtype",
+        s.dtype,
+        "--model.seed",
+        "0",
+        "--model.lora_r",
+        str(s.lora_r),
+        "--model.gradient_checkpointing",
+        str(s.gradient_checkpointing).lower(),
+        "--data.source",
+        "synthetic",
+        "--data.synthetic_prompts",
+        str(prompts),
+        "--data.synthetic_lengths",
+        s.lengths,
+        "--data.pairs",
+        "best_vs_worst",
+        "--data.max_prompt_length",
+        str(s.max_prompt_length),
+        "--data.max_length",
+        str(s.max_length),
+        "--data.max_tokens_per_row",
+        str(row_cap),
+        "--data.cache_dir",
+        data_cache,
+        "--data.num_workers",
+        "1",
+        "--loss.objective",
+        s.objective,
+        "--loss.beta",
+        "0.1",
+        "--optim.lr",
+        repr(s.lr),
+        "--optim.weight_decay",
+        "0",
+        "--optim.schedule",
+        "constant",
+        "--optim.warmup_ratio",
+        "0",
+        "--optim.grad_accum",
+        "1",
+        "--optim.max_grad_norm",
+        "1.0",
+        "--ref_cache.mode",
+        ref_mode,
+        "--ref_cache.dir",
+        cache_dir,
+        "--ref_cache.dtype",
+        s.dtype,
+        "--parallel.precision",
+        "bf16" if s.dtype == "bfloat16" else "fp32",
+        "--parallel.zero_stage",
+        "0",
+        "--logging.progress",
+        "false",
+        "--logging.tensorboard",
+        "false",
+        "--eval.enabled",
+        "false",
+    ]
 
 
 def load_inputs(s: Setup, overrides: list[str]):
@@ -205,7 +385,7 @@ def load_inputs(s: Setup, overrides: list[str]):
             f"setup {s.name} needs {need} training pairs, data preparation gave {len(prepared.train_tokenized)}; "
             f"raise the synthetic prompt count in engine_overrides"
         )
-    chunks = [prepared.train_tokenized[i * s.pairs_per_step:(i + 1) * s.pairs_per_step] for i in range(s.steps)]
+    chunks = [prepared.train_tokenized[i * s.pairs_per_step : (i + 1) * s.pairs_per_step] for i in range(s.steps)]
     return cfg, tok, prepared, chunks
 
 
@@ -249,9 +429,12 @@ def _summary(times_ms: list[float], tokens: list[int], seq_lens: list[int], mode
     per_token = flops.ModelFlops.of(model).per_token(flops.attention_context(seq_lens))
     m = flops.mfu(per_token, tok_s, flops.device_name(device))
     return {
-        **timing.row("step_time_ms"), "tokens_per_step": round(sum(tokens) / len(tokens), 1),
-        "tokens_per_s": round(tok_s, 1), "peak_mem_mb": round(peak_mb, 1), "mfu": None if m is None else round(m, 4),
-    }  # fmt: skip
+        **timing.row("step_time_ms"),
+        "tokens_per_step": round(sum(tokens) / len(tokens), 1),
+        "tokens_per_s": round(tok_s, 1),
+        "peak_mem_mb": round(peak_mb, 1),
+        "mfu": None if m is None else round(m, 4),
+    }
 
 
 # ------------------------------------------------------------------------------------- engine worker
@@ -278,8 +461,10 @@ class _EngineRun:
         self.device = self.env.device
         pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         nll = self.cfg.loss.nll_on_prompt
-        self.batches = [collate(step_rows(c, packed=self.packed, pad_id=pad_id, nll_on_prompt=nll), device=self.device)
-                        for c in chunks]
+        self.batches = [
+            collate(step_rows(c, packed=self.packed, pad_id=pad_id, nll_on_prompt=nll), device=self.device)
+            for c in chunks
+        ]
         self.s = s
 
     def warm_imports(self) -> float:
@@ -313,8 +498,9 @@ class _EngineRun:
             # The trainer's cache path: open the cache built before the workers (fingerprint-checked).
             fingerprint = refcache.cache_fingerprint(cfg, self.tok, self.prepared)
             self.cache = refcache.RefCache.open(refcache.cache_dir_for(cfg), fingerprint)
-        self.engine, self.optimizer, _ = parallelize.setup_deepspeed(PolicyWithLoss(self.model, cfg.loss), cfg,
-                                                                     total_steps=self.s.steps)
+        self.engine, self.optimizer, _ = parallelize.setup_deepspeed(
+            PolicyWithLoss(self.model, cfg.loss), cfg, total_steps=self.s.steps
+        )
         self.engine.train()
 
     def step(self, batch) -> None:
@@ -335,9 +521,12 @@ class _EngineRun:
         n = (batch or max(self.batches, key=lambda b: b.input_ids.numel())).input_ids.numel()
         d = self.cfg.data
         # max_length only bounds the config's validation here (a row must hold a pair); the plan does not use it.
-        geometry = {"data.rows_per_batch": 1, "data.max_tokens_per_row": n,
-                    "data.max_length": min(d.max_length, n // 2),
-                    "data.max_prompt_length": min(d.max_prompt_length, n // 2 - 1)}
+        geometry = {
+            "data.rows_per_batch": 1,
+            "data.max_tokens_per_row": n,
+            "data.max_length": min(d.max_length, n // 2),
+            "data.max_prompt_length": min(d.max_prompt_length, n // 2 - 1),
+        }
         return plan_memory(PlanSettings.of(geometry, base=self.cfg, device=self.device.type))
 
 
@@ -365,19 +554,41 @@ def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> di
     mem.__exit__(None, None, None)
     batches = run.batches
     pad = sum(b.num_pad_tokens for b in batches) / max(1, sum(b.num_pad_tokens + b.num_real_tokens for b in batches))
-    notes = [f"padding {100 * pad:.1f}%", f"reference forwards {forwards}", "DeepSpeed ZeRO-0 engine, world of one",
-             model_note(run.model), "subnormals flushed", f"peak: {mem.method}"]
+    notes = [
+        f"padding {100 * pad:.1f}%",
+        f"reference forwards {forwards}",
+        "DeepSpeed ZeRO-0 engine, world of one",
+        model_note(run.model),
+        "subnormals flushed",
+        f"peak: {mem.method}",
+    ]
     row = _summary(times, tokens, seq_lens, run.model, run.device, mem.peak_mb)
     return {**row, "plan_mb": round(run.plan().total / 2**20, 1), "notes": "; ".join(notes)}
 
 
 MEMORY_CSV = common.RESULTS_DIR / "memory.csv"
-MEMORY_FIELDS = ["bench", "model", "variant", "tokens_per_step", "component", "mb", "plan_mb", "note", "hardware",
-                 "torch", "transformers", "deepspeed", "commit", "run_id", "timestamp"]
+MEMORY_FIELDS = [
+    "bench",
+    "model",
+    "variant",
+    "tokens_per_step",
+    "component",
+    "mb",
+    "plan_mb",
+    "note",
+    "hardware",
+    "torch",
+    "transformers",
+    "deepspeed",
+    "commit",
+    "run_id",
+    "timestamp",
+]
 
 
-def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str,
-                     memory_csv: str | Path = MEMORY_CSV) -> dict:
+def breakdown_worker(
+    s: Setup, variant: str, cache_dir: str, data_cache: str, memory_csv: str | Path = MEMORY_CSV
+) -> dict:
     """Where every MB of one engine step goes: what holds how much memory at the step's peak.
 
     The engine's packed+cache step on the setup's largest batch, after the warm-up steps (so Adam's
@@ -428,10 +639,20 @@ def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str,
         elif action == Action.DESTROY:
             live.pop((key, version), None)
     vocab = run.model.config.vocab_size
-    parts = {"weights": 0, "optimizer states (Adam m, v)": 0, "gradients": 0, "activations saved for backward": 0,
-             "fused loss: fp32 logits block [rows, V]": 0, "inputs and temporaries": 0}
-    names = {"PARAMETER": "weights", "OPTIMIZER_STATE": "optimizer states (Adam m, v)", "GRADIENT": "gradients",
-             "ACTIVATION": "activations saved for backward"}
+    parts = {
+        "weights": 0,
+        "optimizer states (Adam m, v)": 0,
+        "gradients": 0,
+        "activations saved for backward": 0,
+        "fused loss: fp32 logits block [rows, V]": 0,
+        "inputs and temporaries": 0,
+    }
+    names = {
+        "PARAMETER": "weights",
+        "OPTIMIZER_STATE": "optimizer states (Adam m, v)",
+        "GRADIENT": "gradients",
+        "ACTIVATION": "activations saved for backward",
+    }
     for (key, version), nbytes in live.items():
         cat = mp._categories.get(key, version)
         name = names.get(cat.name if cat is not None else "", "inputs and temporaries")
@@ -442,24 +663,48 @@ def breakdown_worker(s: Setup, variant: str, cache_dir: str, data_cache: str,
     tensors_mb = sum(parts.values()) / 2**20
     plan = run.plan(biggest)
     head_dw = plan.logits_fused - plan.logits_block  # the head's fp32 gradient, filled by the loss's backward
-    plan_of = {"weights": plan.at_peak.get("weights", 0),
-               "optimizer states (Adam m, v)": plan.at_peak.get("optimizer", 0),
-               "gradients": plan.at_peak.get("gradients", 0) + head_dw,
-               "activations saved for backward": plan.at_peak.get("activations", 0),
-               "fused loss: fp32 logits block [rows, V]": plan.logits_block}
+    plan_of = {
+        "weights": plan.at_peak.get("weights", 0),
+        "optimizer states (Adam m, v)": plan.at_peak.get("optimizer", 0),
+        "gradients": plan.at_peak.get("gradients", 0) + head_dw,
+        "activations saved for backward": plan.at_peak.get("activations", 0),
+        "fused loss: fp32 logits block [rows, V]": plan.logits_block,
+    }
     MB = 2**20
     rows = [(k, v / MB, plan_of[k] / MB if k in plan_of else None, "") for k, v in parts.items()]
-    rows.append(("memory held by no tensor (allocator retention, Python and library heaps)",
-                 mem.peak_mb - tensors_mb, None, "RSS peak rise minus the tensors live at the tensor peak"))
+    rows.append(
+        (
+            "memory held by no tensor (allocator retention, Python and library heaps)",
+            mem.peak_mb - tensors_mb,
+            None,
+            "RSS peak rise minus the tensors live at the tensor peak",
+        )
+    )
     rows.append(("total: RSS peak rise of the step", mem.peak_mb, plan.total / MB, mem.method))
-    rows.append(("before the window (interpreter, imports, tokenizer, prepared data; not in the rise)", before, None,
-                 f"RSS when the window opened; of it {imports_mb:.0f} MB from importing what the step uses (the fused "
-                 "loss's kernels, which import triton also on CPU, their native ops, the trainer, the modeling code)"))
+    rows.append(
+        (
+            "before the window (interpreter, imports, tokenizer, prepared data; not in the rise)",
+            before,
+            None,
+            f"RSS when the window opened; of it {imports_mb:.0f} MB from importing what the step uses (the fused "
+            "loss's kernels, which import triton also on CPU, their native ops, the trainer, the modeling code)",
+        )
+    )
     env = common.environment(run.device.type, packages=("torch", "transformers", "deepspeed"))
-    out = [{"bench": s.name, "model": s.model, "variant": variant, "tokens_per_step": biggest.num_real_tokens,
-            "component": k, "mb": round(v, 1), "plan_mb": None if p is None else round(p, 1), "note": n,
-            **{c: env[c] for c in ("hardware", "torch", "transformers", "deepspeed", "commit", "run_id", "timestamp")}}
-           for k, v, p, n in rows]
+    out = [
+        {
+            "bench": s.name,
+            "model": s.model,
+            "variant": variant,
+            "tokens_per_step": biggest.num_real_tokens,
+            "component": k,
+            "mb": round(v, 1),
+            "plan_mb": None if p is None else round(p, 1),
+            "note": n,
+            **{c: env[c] for c in ("hardware", "torch", "transformers", "deepspeed", "commit", "run_id", "timestamp")},
+        }
+        for k, v, p, n in rows
+    ]
     common.append_csv(memory_csv, out, MEMORY_FIELDS)
     return {"rows": len(out), "peak_mb": mem.peak_mb, "tensors_mb": tensors_mb}
 
@@ -478,7 +723,6 @@ def stock_model(mcfg, device):
     return apply_lora(model, mcfg) if mcfg.lora_r > 0 else model
 
 
-
 def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -490,11 +734,16 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
     by_id = {p.pair_id: p for p in prepared.train_pairs}
     pairs = [by_id[t.pair_id] for c in chunks for t in c]
     # Conversational form: TRL applies the tokenizer's chat template exactly as engine.data does.
-    ds = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": p.prompt}], "chosen": [{"role": "assistant", "content": p.chosen}],
-         "rejected": [{"role": "assistant", "content": p.rejected}]}
-        for p in pairs
-    ])  # fmt: skip
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p.prompt}],
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+            for p in pairs
+        ]
+    )
     ours_tokens = sum(t.num_tokens for c in chunks for t in c)
 
     class StepClock(TrainerCallback):
@@ -524,15 +773,39 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
     out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     bf16 = s.dtype == "bfloat16"
     args = DPOConfig(
-        output_dir=out_dir, beta=0.1, loss_type=["sigmoid"], learning_rate=s.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1],
-        adam_epsilon=cfg.optim.eps, max_grad_norm=1.0, optim="adamw_torch",
-        per_device_train_batch_size=s.pairs_per_step, gradient_accumulation_steps=1, max_steps=s.steps,
-        num_train_epochs=1, max_length=s.max_length, truncation_mode="keep_start", padding_free=False,
-        precompute_ref_log_probs=precompute, gradient_checkpointing=s.gradient_checkpointing,
-        bf16=bf16, fp16=False, use_cpu=device.type == "cpu", report_to="none", eval_strategy="no",
-        save_strategy="no", logging_steps=10, dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=out_dir,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        learning_rate=s.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        per_device_train_batch_size=s.pairs_per_step,
+        gradient_accumulation_steps=1,
+        max_steps=s.steps,
+        num_train_epochs=1,
+        max_length=s.max_length,
+        truncation_mode="keep_start",
+        padding_free=False,
+        precompute_ref_log_probs=precompute,
+        gradient_checkpointing=s.gradient_checkpointing,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device.type == "cpu",
+        report_to="none",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10,
+        dataloader_num_workers=0,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
 
     warm_imports(cfg)
     mem = common.PeakMemory(device.type).__enter__()
@@ -543,27 +816,43 @@ def trl_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dict:
         # TRL would otherwise create (frozen, eval mode, same dtype and attention).
         ref_model = stock_model(cfg.model, device).eval().requires_grad_(False)
     clock = StepClock()
-    trainer = CountingDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
-                                 callbacks=[clock])  # fmt: skip
+    trainer = CountingDPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock]
+    )
     trainer.train()
     mem.__exit__(None, None, None)
     shutil.rmtree(out_dir, ignore_errors=True)
     if len(clock.times) != s.steps or len(trainer.step_tokens) != s.steps:
         raise RuntimeError(f"TRL ran {len(clock.times)} steps ({len(trainer.step_tokens)} batches), expected {s.steps}")
-    tokens = trainer.step_tokens[s.warmup:]
+    tokens = trainer.step_tokens[s.warmup :]
     trl_tokens = sum(trainer.step_tokens)
     notes = [
         f"{trl_tokens} real tokens over all steps vs {ours_tokens} in the engine's tokenization"
-        + ("" if trl_tokens == ours_tokens else " (TRL truncates prompt+completion to max_length, keep_start; "
-           "the engine keeps the prompt start up to max_prompt_length, then truncates the response)"),
+        + (
+            ""
+            if trl_tokens == ours_tokens
+            else " (TRL truncates prompt+completion to max_length, keep_start; "
+            "the engine keeps the prompt start up to max_prompt_length, then truncates the response)"
+        ),
         "batch padded to the longest sequence (TRL 1.16 disables padding_free)",
-        "stock transformers modules", model_note(trainer.model),
-        "reference: " + ("precomputed before training by the policy" if precompute
-                         else "adapters disabled" if cfg.model.lora_r else "frozen same-seed copy passed as ref_model"),
-        "shuffled sampler over the same pairs", "subnormals flushed", f"peak: {mem.method}",
-    ]  # fmt: skip
-    return {**_summary(clock.times[s.warmup:], tokens, trainer.seq_lens, trainer.model, device, mem.peak_mb),
-            "notes": "; ".join(notes)}  # fmt: skip
+        "stock transformers modules",
+        model_note(trainer.model),
+        "reference: "
+        + (
+            "precomputed before training by the policy"
+            if precompute
+            else "adapters disabled"
+            if cfg.model.lora_r
+            else "frozen same-seed copy passed as ref_model"
+        ),
+        "shuffled sampler over the same pairs",
+        "subnormals flushed",
+        f"peak: {mem.method}",
+    ]
+    return {
+        **_summary(clock.times[s.warmup :], tokens, trainer.seq_lens, trainer.model, device, mem.peak_mb),
+        "notes": "; ".join(notes),
+    }
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -580,16 +869,47 @@ def cache_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> dic
     return {"build_s": time.perf_counter() - t0}
 
 
-def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: str, timeout: float | None,
-               min_reps: int = common.MIN_REPS, extra: tuple[str, ...] = (), echo=None) -> dict:
+def run_worker(
+    s: Setup,
+    system: str,
+    variant: str,
+    cache_dir: str,
+    data_cache: str,
+    timeout: float | None,
+    min_reps: int = common.MIN_REPS,
+    extra: tuple[str, ...] = (),
+    echo=None,
+) -> dict:
     """One (system, variant) in a fresh interpreter; its RESULT line, or {"error": ...}.
 
     extra: more worker arguments; echo: called with the worker's whole output (stdout, then stderr) once
     it ends, e.g. to keep a log."""
-    cmd = [sys.executable, "-m", "bench.bench_train", "--worker", f"{system}:{variant}", "--setup", s.name,
-           "--reps", str(s.reps), "--warmup", str(s.warmup), "--min-reps", str(min_reps), "--cache-dir", cache_dir,
-           "--data-cache", data_cache, "--threads", str(s.threads or 1), *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_train",
+        "--worker",
+        f"{system}:{variant}",
+        "--setup",
+        s.name,
+        "--reps",
+        str(s.reps),
+        "--warmup",
+        str(s.warmup),
+        "--min-reps",
+        str(min_reps),
+        "--cache-dir",
+        cache_dir,
+        "--data-cache",
+        data_cache,
+        "--threads",
+        str(s.threads or 1),
+        *extra,
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     if s.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU setup stays on the CPU on a GPU machine too
         # Set before torch starts its OpenMP pool, so the pool has this many threads.
@@ -606,39 +926,59 @@ def run_worker(s: Setup, system: str, variant: str, cache_dir: str, data_cache: 
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 def base_row(s: Setup, system: str, variant: str, env: dict) -> dict:
     """The cells of a (setup, system, variant) row that name it and its environment (`env`: a
     common.environment record); a worker's result, or the reason it has none, fills the rest."""
     keys = ("hardware", "torch", "transformers", "trl", "deepspeed", "commit", "run_id")
-    return {"bench": s.name, "system": system, "variant": variant, "model": s.model, "pairs_per_step": s.pairs_per_step,
-            **{k: env.get(k, "") for k in keys}, "timestamp": common.timestamp()}
+    return {
+        "bench": s.name,
+        "system": system,
+        "variant": variant,
+        "model": s.model,
+        "pairs_per_step": s.pairs_per_step,
+        **{k: env.get(k, "") for k in keys},
+        "timestamp": common.timestamp(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the make-bench size (setups " + ", ".join(QUICK_SETUPS) + ")")
-    p.add_argument("--setup", action="append", choices=sorted(SETUPS), help="setups to run (repeatable); default: "
-                   f"{', '.join(QUICK_SETUPS)} with --quick, else {', '.join(FULL_SETUPS)}, plus gpu-8b-lora and "
-                   "gpu-8b-full on CUDA")
+    p.add_argument(
+        "--setup",
+        action="append",
+        choices=sorted(SETUPS),
+        help="setups to run (repeatable); default: "
+        f"{', '.join(QUICK_SETUPS)} with --quick, else {', '.join(FULL_SETUPS)}, plus gpu-8b-lora and "
+        "gpu-8b-full on CUDA",
+    )
     p.add_argument("--systems", default=f"{ENGINE},{TRL}", help="comma list of systems")
     p.add_argument("--variants", default=None, help="comma list of variants (default: all of each system)")
     p.add_argument("--reps", type=int, default=None, help="timed steps (>= 10; default: the setup's)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: the setup's)")
     p.add_argument("--min-reps", type=int, default=common.MIN_REPS, help=argparse.SUPPRESS)  # smoke tests only
     p.add_argument("--csv", default=str(RESULTS_CSV), help="results file (rows are appended)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each CPU worker of a setup that does not "
-                   "set its own (default 1: the tiny model's ops are too small to gain from intra-op threads, and on a "
-                   "shared machine OpenMP threads that wait for a descheduled peer made steps up to 30x slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each CPU worker of a setup that does not "
+        "set its own (default 1: the tiny model's ops are too small to gain from intra-op threads, and on a "
+        "shared machine OpenMP threads that wait for a descheduled peer made steps up to 30x slower)",
+    )
     p.add_argument("--worker-timeout", type=float, default=None, help="seconds before a worker is stopped")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--data-cache", help=argparse.SUPPRESS)
     p.add_argument("--memory-csv", default=str(MEMORY_CSV), help="memory breakdown results file (rows are appended)")
-    p.add_argument("--breakdown", action="store_true", help="write the memory breakdown for every setup run (default: "
-                   "the setups that ask for it)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="write the memory breakdown for every setup run (default: the setups that ask for it)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -656,8 +996,12 @@ def main(argv: list[str] | None = None) -> int:
         if s.device == "cuda" and not cuda:
             print(f"skip setup {n}: needs a CUDA GPU (torch.cuda.is_available() is False)")
             continue
-        s = dataclasses.replace(s, reps=args.reps or s.reps, warmup=s.warmup if args.warmup is None else args.warmup,
-                                threads=s.threads or args.threads)
+        s = dataclasses.replace(
+            s,
+            reps=args.reps or s.reps,
+            warmup=s.warmup if args.warmup is None else args.warmup,
+            threads=s.threads or args.threads,
+        )
         if s.reps < args.min_reps:
             p.error(f"--reps {s.reps}: at least {args.min_reps} timed steps are needed for stable quantiles")
         setups.append(s)
@@ -690,7 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in setups:
         work = tempfile.mkdtemp(prefix="bench-train-")
         cache_dir, data_cache = os.path.join(work, "ref_cache"), os.path.join(work, "data")
-        jobs = [(ENGINE, v) for v in ENGINE_VARIANTS if ENGINE in systems] + [(TRL, v) for v in TRL_VARIANTS if TRL in systems]
+        jobs = [(ENGINE, v) for v in ENGINE_VARIANTS if ENGINE in systems] + [
+            (TRL, v) for v in TRL_VARIANTS if TRL in systems
+        ]
         jobs = [j for j in jobs if (wanted is None or j[1] in wanted) and (s.jobs is None or j in s.jobs)]
         build_s = None
         if any(sys_ == ENGINE and not v.endswith("on_the_fly") for sys_, v in jobs):
@@ -719,20 +1065,34 @@ def main(argv: list[str] | None = None) -> int:
                     r["notes"] += f"; cache built once before training in {build_s:.1f} s (not in step time)"
                 row.update(r)
                 plan = f", plan {r['plan_mb']:.0f} MB" if r.get("plan_mb") else ""
-                print(f"[bench_train]   {r['step_time_ms_median']:.1f} ms/step (p10 {r['step_time_ms_p10']:.1f}, "
-                      f"p90 {r['step_time_ms_p90']:.1f}), {r['tokens_per_s']:.0f} tok/s, "
-                      f"peak +{r['peak_mem_mb']:.0f} MB{plan}", flush=True)
+                print(
+                    f"[bench_train]   {r['step_time_ms_median']:.1f} ms/step (p10 {r['step_time_ms_p10']:.1f}, "
+                    f"p90 {r['step_time_ms_p90']:.1f}), {r['tokens_per_s']:.0f} tok/s, "
+                    f"peak +{r['peak_mem_mb']:.0f} MB{plan}",
+                    flush=True,
+                )
             common.append_csv(args.csv, [row], FIELDS)
         if (s.breakdown or args.breakdown) and build_s is not None:
             print(f"[bench_train] {s.name} memory breakdown of one engine step ...", flush=True)
-            r = run_worker(s, "breakdown", "packed+cache", cache_dir, data_cache, args.worker_timeout, args.min_reps,
-                           ("--memory-csv", args.memory_csv))
+            r = run_worker(
+                s,
+                "breakdown",
+                "packed+cache",
+                cache_dir,
+                data_cache,
+                args.worker_timeout,
+                args.min_reps,
+                ("--memory-csv", args.memory_csv),
+            )
             if "error" in r:
                 print(f"[bench_train]   failed: {r['error']}", flush=True)
                 crashes += 1
             else:
-                print(f"[bench_train]   {r['rows']} rows appended to {args.memory_csv}: "
-                      f"RSS peak +{r['peak_mb']:.0f} MB, live tensors {r['tensors_mb']:.0f} MB", flush=True)
+                print(
+                    f"[bench_train]   {r['rows']} rows appended to {args.memory_csv}: "
+                    f"RSS peak +{r['peak_mb']:.0f} MB, live tensors {r['tensors_mb']:.0f} MB",
+                    flush=True,
+                )
         shutil.rmtree(work, ignore_errors=True)
     print(f"[bench_train] rows appended to {args.csv}")
     return 1 if crashes else 0

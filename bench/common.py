@@ -21,9 +21,9 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -46,8 +46,16 @@ def git_commit() -> str:
     by whoever sent the copy, names the commit; "unknown" when neither is there.
     """
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = dirty = ""
     if not sha:
@@ -118,7 +126,10 @@ def _pyproject_version() -> str:
     return m.group(1) if m else ""
 
 
-def environment(device: str = "cpu", packages: Sequence[str] = ("torch", "triton", "transformers", "trl", "deepspeed", "liger-kernel")) -> dict:
+def environment(
+    device: str = "cpu",
+    packages: Sequence[str] = ("torch", "triton", "transformers", "trl", "deepspeed", "liger-kernel"),
+) -> dict:
     """The record every row carries: hardware, versions (keys as given, "-" replaced by "_"), commit, run id, time."""
     env = {"hardware": hardware(device), "commit": git_commit(), "run_id": run_id(), "timestamp": timestamp()}
     env["package"] = version("ddpo-engine") or _pyproject_version()
@@ -158,8 +169,12 @@ class Timing:
         return self.quantile(0.9)
 
     def row(self, prefix: str = "time_ms") -> dict:
-        return {f"{prefix}_median": round(self.median, 3), f"{prefix}_p10": round(self.p10, 3),
-                f"{prefix}_p90": round(self.p90, 3), "reps": self.reps}  # fmt: skip
+        return {
+            f"{prefix}_median": round(self.median, 3),
+            f"{prefix}_p10": round(self.p10, 3),
+            f"{prefix}_p90": round(self.p90, 3),
+            "reps": self.reps,
+        }
 
 
 def cuda_sync() -> None:
@@ -169,15 +184,24 @@ def cuda_sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], *, reps: int = MIN_REPS, warmup: int = 1, sync: Callable[[], None] | None = None,
-            setup: Callable[[], None] | None = None, min_reps: int = MIN_REPS) -> Timing:  # fmt: skip
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    reps: int = MIN_REPS,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+    setup: Callable[[], None] | None = None,
+    min_reps: int = MIN_REPS,
+) -> Timing:
     """Run `fn` `warmup` times untimed, then `reps` timed times; `setup` runs before each call, untimed.
 
     `sync` (default: CUDA synchronize when CUDA is present) runs before the clock is read on both
     sides, so asynchronous GPU work is inside the measured interval.
     """
     if reps < min_reps:
-        raise ValueError(f"reps={reps}: at least {min_reps} timed repetitions are needed for stable quantiles; raise reps")
+        raise ValueError(
+            f"reps={reps}: at least {min_reps} timed repetitions are needed for stable quantiles; raise reps"
+        )
     sync = sync or cuda_sync
     for _ in range(warmup):
         if setup is not None:
@@ -215,7 +239,7 @@ class PeakMemory:
         self.method = "CUDA max_memory_allocated" if device.startswith("cuda") else ""
         self._rss = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.startswith("cuda"):
             import torch

@@ -382,8 +382,15 @@ class Child:
 
     def __init__(self, cmd: list[str], env: dict, sink):
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-            bufsize=1, start_new_session=True,
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
         )
         Child.live.add(self)
         self.lines: queue.Queue = queue.Queue()
@@ -525,10 +532,17 @@ class Check:
     def record(self, part: str, res: PartResult, start: str) -> None:
         self.results[part] = res
         row = {
-            "run_id": self.run_id, "mode": self.mode, "job": part,
-            "csv": {"kernels": "kernels.csv", "train": "train.csv"}.get(part, ""), "status": res.status,
-            "reason": res.reason, "start": start, "end": common.timestamp(), "seconds": round(res.seconds, 1),
-            "commit": self.env_record.get("commit", ""), "hardware": self.env_record.get("hardware", ""),
+            "run_id": self.run_id,
+            "mode": self.mode,
+            "job": part,
+            "csv": {"kernels": "kernels.csv", "train": "train.csv"}.get(part, ""),
+            "status": res.status,
+            "reason": res.reason,
+            "start": start,
+            "end": common.timestamp(),
+            "seconds": round(res.seconds, 1),
+            "commit": self.env_record.get("commit", ""),
+            "hardware": self.env_record.get("hardware", ""),
         }
         common.append_csv(self.out / report.RUNS_CSV, [row], report.RUNS_FIELDS)
         self.say(f"{part}: {res.status} in {res.seconds:.0f} s" + (f": {res.reason}" if res.reason else ""))
@@ -604,7 +618,8 @@ class Check:
         detail = [
             f"torch {found['torch']} (CUDA {found['torch_cuda']}), triton {pkgs['triton']['version']}",
             f"{gpu['name']} ({gpu['capability']}, {gpu['sms']} SMs, {gpu['memory_gib']} GiB, driver {gpu['driver']})"
-            if gpu else "no CUDA GPU",
+            if gpu
+            else "no CUDA GPU",
             f"attention {found['attention']}",
             f"wheels: {len(wheels.get('installed', []))} installed, {len(wheels.get('kept', []))} kept",
             f"{ceil['matmul']} matmul {ceil['matmul_tflops']} TFLOP/s, copy {ceil['copy_gbps']} GB/s "
@@ -951,12 +966,18 @@ class Check:
         """Rows first, then the targets and the parts: the device tool keeps the end of the output."""
         kind = " DRY RUN (plumbing on a CPU; nothing here is a measurement)" if self.dry else ""
         md = [f"# make gpu-check{kind}: run {self.run_id}", ""]
-        md += [f"{self.env_record.get('hardware', '?')}; commit {self.env_record.get('commit', '?')}; "
-               f"{self.elapsed():.0f} s of the {self.deadline:.0f} s deadline."]
+        md += [
+            f"{self.env_record.get('hardware', '?')}; commit {self.env_record.get('commit', '?')}; "
+            f"{self.elapsed():.0f} s of the {self.deadline:.0f} s deadline."
+        ]
         kernel_rows, train_rows = self.this_run_rows("kernels"), self.this_run_rows("train")
         if kernel_rows:
-            md += ["", "Kernel rows, fused loss forward + backward (loss vs eager: relative difference from the eager "
-                   "row's loss for the same config and objective):", ""]
+            md += [
+                "",
+                "Kernel rows, fused loss forward + backward (loss vs eager: relative difference from the eager "
+                "row's loss for the same config and objective):",
+                "",
+            ]
             md += ["| config | objective | method | ms | TFLOP/s | % peak | peak MB | loss vs eager | notes |"]
             md += ["|---|---|---|---|---|---|---|---|---|"]
             md += [self.kernel_line(r, kernel_rows) for r in kernel_rows]
@@ -1044,8 +1065,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds for everything (default 480; --dry-run: 900)")
     p.add_argument("--parts", default=None, help="comma list of parts after setup: tests, kernels, train (default all)")
     p.add_argument("--budget", default=None, help="nominal part budgets in seconds, e.g. kernels=200,train=150")
-    p.add_argument("--import", dest="import_dir", default=None, help="append the rows of a finished check's output "
-                   "folder to bench/results and regenerate BENCHMARKS.md")
+    p.add_argument(
+        "--import",
+        dest="import_dir",
+        default=None,
+        help="append the rows of a finished check's output folder to bench/results and regenerate BENCHMARKS.md",
+    )
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: comma list of installed wheels
     args = p.parse_args(argv)
     if args.probe is not None:

@@ -66,66 +66,121 @@ class Spec:
 
 SPECS = [
     Spec(
-        "train", "End-to-end training: this engine vs TRL DPOTrainer",
+        "train",
+        "End-to-end training: this engine vs TRL DPOTrainer",
         "Same model (random init, same seed), same preference pairs in the same number per step, same "
         "optimizer, precision and hardware; one worker process per row (bench/bench_train.py). Ratios are "
         "tokens/s (real tokens) of the row over TRL's, and peak memory of the row over TRL's, from the same run.",
-        group=("bench", "model", "pairs_per_step"), member=("system", "variant"),
-        time="step_time_ms_median", time_unit="ms/step", p10="step_time_ms_p10", p90="step_time_ms_p90",
-        throughput="tokens_per_s", baseline={"system": "trl", "variant": "ref_forward"},
-        baseline_label="TRL (ref forward)", ratio_by="throughput",
+        group=("bench", "model", "pairs_per_step"),
+        member=("system", "variant"),
+        time="step_time_ms_median",
+        time_unit="ms/step",
+        p10="step_time_ms_p10",
+        p90="step_time_ms_p90",
+        throughput="tokens_per_s",
+        baseline={"system": "trl", "variant": "ref_forward"},
+        baseline_label="TRL (ref forward)",
+        ratio_by="throughput",
         others=(("TRL (precomputed ref)", {"system": "trl", "variant": "precomputed_ref"}),),
-        extra=("tokens_per_step", "reps", "mfu"), versions=("torch", "transformers", "trl", "deepspeed"), notes_col="notes",
+        extra=("tokens_per_step", "reps", "mfu"),
+        versions=("torch", "transformers", "trl", "deepspeed"),
+        notes_col="notes",
         sweeps=(("tokens_per_step", ("model",), "real tokens per step (pairs per step x 2 x mean sequence length)"),),
-        others_mem=True, plan="plan_mb",
+        others_mem=True,
+        plan="plan_mb",
     ),
     Spec(
-        "attention", "Attention over packed rows: per-sequence routes, forward + backward",
+        "attention",
+        "Attention over packed rows: per-sequence routes, forward + backward",
         "One packed row of 8 sequences with gpt2-small's heads (bench/bench_attention.py). Speed-up = the time of "
         "transformers' stock route for packed rows (SDPA with the row's block-diagonal mask) / the row's time, same "
         "run. sdpa_varlen is the engine's default on CPU (engine/attention.py).",
-        group=("bench", "heads", "head_dim", "sequences", "row_tokens", "dtype", "device"), member=("impl",),
-        time="time_ms_median", time_unit="ms", p10="time_ms_p10", p90="time_ms_p90", throughput="tokens_per_s",
-        baseline={"impl": "sdpa masked"}, baseline_label="masked SDPA", extra=("reps",), notes_col="notes",
+        group=("bench", "heads", "head_dim", "sequences", "row_tokens", "dtype", "device"),
+        member=("impl",),
+        time="time_ms_median",
+        time_unit="ms",
+        p10="time_ms_p10",
+        p90="time_ms_p90",
+        throughput="tokens_per_s",
+        baseline={"impl": "sdpa masked"},
+        baseline_label="masked SDPA",
+        extra=("reps",),
+        notes_col="notes",
     ),
     Spec(
-        "kernels", "Kernel microbenchmarks: fused LM-head ops, forward + backward",
+        "kernels",
+        "Kernel microbenchmarks: fused LM-head ops, forward + backward",
         "Per backend on identical packed batches (bench/bench_kernels.py); N tokens, D hidden, V vocabulary. "
         "Speed-up = eager time / row time; memory ratio = row peak / eager peak; both from the same run.",
-        group=("bench", "op", "objective", "N", "D", "V", "dtype", "device"), member=("backend",),
-        time="time_ms_median", time_unit="ms", p10="time_ms_p10", p90="time_ms_p90", throughput="tokens_per_s",
-        baseline={"backend": "eager"}, baseline_label="eager PyTorch",
+        group=("bench", "op", "objective", "N", "D", "V", "dtype", "device"),
+        member=("backend",),
+        time="time_ms_median",
+        time_unit="ms",
+        p10="time_ms_p10",
+        p90="time_ms_p90",
+        throughput="tokens_per_s",
+        baseline={"backend": "eager"},
+        baseline_label="eager PyTorch",
         others=(("Liger", {"backend": "liger"}), ("CCE", {"backend": "cce"})),
-        extra=("reps", "tflops", "pct_peak", "loss"), notes_col="notes",
-        sweeps=(("N", ("op", "objective", "D", "V", "dtype", "device"), "tokens N (sequence length x sequences)"),
-                ("V", ("op", "objective", "N", "D", "dtype", "device"), "vocabulary size V")),
+        extra=("reps", "tflops", "pct_peak", "loss"),
+        notes_col="notes",
+        sweeps=(
+            ("N", ("op", "objective", "D", "V", "dtype", "device"), "tokens N (sequence length x sequences)"),
+            ("V", ("op", "objective", "N", "D", "dtype", "device"), "vocabulary size V"),
+        ),
         versions=("torch", "triton", "liger"),
-    ),  # fmt: skip
+    ),
     Spec(
-        "native", "Native CPU chunk ops vs PyTorch",
+        "native",
+        "Native CPU chunk ops vs PyTorch",
         "One [C, V] logits chunk per call (bench/bench_native.py). Speed-up = torch time / native time, same run.",
-        group=("bench", "op", "C", "V", "dtype"), member=("impl",), time="time_ms", time_unit="ms", p10="p10", p90="p90",
-        baseline={"impl": "torch"}, baseline_label="torch", extra=("reps",),
+        group=("bench", "op", "C", "V", "dtype"),
+        member=("impl",),
+        time="time_ms",
+        time_unit="ms",
+        p10="p10",
+        p90="p90",
+        baseline={"impl": "torch"},
+        baseline_label="torch",
+        extra=("reps",),
         sweeps=(("V", ("op", "C", "dtype"), "vocabulary size V"), ("C", ("op", "V", "dtype"), "chunk rows C")),
-    ),  # fmt: skip
+    ),
     Spec(
-        "refcache", "Training step with and without the reference cache",
+        "refcache",
+        "Training step with and without the reference cache",
         "The trainer's micro-step on the same packed rows (bench/bench_refcache.py). Speed-up = on-the-fly "
         "step time / row step time; memory ratio = row peak / on-the-fly peak; same run.",
-        group=("bench", "config", "model", "dtype", "lora_r"), member=("variant",),
-        time="step_time_ms_median", time_unit="ms/step", p10="step_time_ms_p10", p90="step_time_ms_p90",
-        baseline={"variant": "on_the_fly"}, baseline_label="on-the-fly reference",
-        extra=("tokens_per_step", "ref_time_ms_median", "reps"), versions=("torch", "transformers"), notes_col="note",
-    ),  # fmt: skip
+        group=("bench", "config", "model", "dtype", "lora_r"),
+        member=("variant",),
+        time="step_time_ms_median",
+        time_unit="ms/step",
+        p10="step_time_ms_p10",
+        p90="step_time_ms_p90",
+        baseline={"variant": "on_the_fly"},
+        baseline_label="on-the-fly reference",
+        extra=("tokens_per_step", "ref_time_ms_median", "reps"),
+        versions=("torch", "transformers"),
+        notes_col="note",
+    ),
     Spec(
-        "deviation", "Deviation: weights, FAISS knn, embedding throughput",
+        "deviation",
+        "Deviation: weights, FAISS knn, embedding throughput",
         "engine.deviation at scale (bench/bench_deviation.py); times in seconds per call. Weight rows: speed-up vs "
         "the numpy centroid pass of the same run on the same array (< 1: slower than it; target >= 0.5x).",
-        group=("bench", "config", "n", "dims", "groups"), member=("backend",), time="time_s", time_unit="s",
-        p10="time_p10", p90="time_p90", throughput="throughput", throughput_label="throughput",
-        baseline={"backend": "numpy centroid pass"}, baseline_label="numpy centroid pass",
-        extra=("throughput_unit", "reps"), versions=("torch", "faiss", "numpy"), notes_col="note",
-    ),  # fmt: skip
+        group=("bench", "config", "n", "dims", "groups"),
+        member=("backend",),
+        time="time_s",
+        time_unit="s",
+        p10="time_p10",
+        p90="time_p90",
+        throughput="throughput",
+        throughput_label="throughput",
+        baseline={"backend": "numpy centroid pass"},
+        baseline_label="numpy centroid pass",
+        extra=("throughput_unit", "reps"),
+        versions=("torch", "faiss", "numpy"),
+        notes_col="note",
+    ),
 ]
 
 
@@ -187,7 +242,10 @@ def select_comparisons(spec: Spec, rows: list[dict]) -> list[tuple[tuple, str, l
         runs: dict[str, list[dict]] = {}
         for r in rs:
             runs.setdefault(r["_run"], []).append(r)
-        latest = lambda run: max(x["_t"] for x in runs[run])  # noqa: E731
+
+        def latest(run, runs=runs):
+            return max(x["_t"] for x in runs[run])
+
         with_base = [run for run in runs if spec.baseline and any(_matches(x, spec.baseline) for x in runs[run])]
         run = max(with_base or list(runs), key=latest)
         members: OrderedDict[tuple, dict] = OrderedDict()
@@ -253,7 +311,10 @@ def comparison_table(spec: Spec, rows: list[dict]) -> list[str]:
     for r in rows:
         t = _f(r.get(spec.time))
         if t is None:
-            cells = [" ".join(_key(r, spec.member)), "not measured: " + (r.get(spec.notes_col or "", "") or "no timing")]
+            cells = [
+                " ".join(_key(r, spec.member)),
+                "not measured: " + (r.get(spec.notes_col or "", "") or "no timing"),
+            ]
             cells += ["-"] * (len(head) - 2)
             lines.append("| " + " | ".join(cells) + " |")
             continue
@@ -267,8 +328,14 @@ def comparison_table(spec: Spec, rows: list[dict]) -> list[str]:
         if spec.plan:
             pred, peak = _f(r.get(spec.plan)), _f(r.get(spec.mem)) if spec.mem else None
             cells += [fmt(r.get(spec.plan)), fmt_ratio(peak / pred if pred and peak else None)]
-        cells += [fmt(r.get(c), 4) if c == "mfu" else (r.get(c) or "-") if not _f(r.get(c)) else fmt(r.get(c), 0 if c == "reps" else 1)
-                  for c in spec.extra]  # fmt: skip
+        cells += [
+            fmt(r.get(c), 4)
+            if c == "mfu"
+            else (r.get(c) or "-")
+            if not _f(r.get(c))
+            else fmt(r.get(c), 0 if c == "reps" else 1)
+            for c in spec.extra
+        ]
         if base is not None:
             cells.append(fmt_ratio(ratio(spec, r, base, "time")))
             if spec.mem:
@@ -310,7 +377,11 @@ def find_sweeps(spec: Spec, rows: list[dict]) -> list[tuple[str, str, tuple, str
                     series.setdefault(_key(r, spec.member), {})[_f(r[xcol])] = r
                 series = {m: pts for m, pts in series.items() if len(pts) >= 3}
                 if series and (best is None or max(x["_t"] for x in rs) > best[0]):
-                    best = (max(x["_t"] for x in rs), run, {m: [pts[x] for x in sorted(pts)] for m, pts in series.items()})
+                    best = (
+                        max(x["_t"] for x in rs),
+                        run,
+                        {m: [pts[x] for x in sorted(pts)] for m, pts in series.items()},
+                    )
             if best is not None:
                 found.append((xcol, xlabel, fx, best[1], best[2]))
     return found
@@ -361,15 +432,15 @@ def _gpu_rows(stem: str, rows: list[dict]) -> bool:
 
 MISSING_WITHOUT_GPU = {
     "kernels": "the gpu-8b-n8192 / gpu-8b-n32768 rows (Llama-3-8B head: D 4096, V 128256, bf16; DPO, DDPO, ORPO, "
-               "DORPO) for the Triton and eager backends, Liger-Kernel (compiled) and Cut Cross-Entropy "
-               "(reduction='none' + the loss), timed with CUDA events, with TFLOP/s, % of bf16 peak and "
-               "torch.cuda.max_memory_allocated (`make gpu-check` measures them all)",
+    "DORPO) for the Triton and eager backends, Liger-Kernel (compiled) and Cut Cross-Entropy "
+    "(reduction='none' + the loss), timed with CUDA events, with TFLOP/s, % of bf16 peak and "
+    "torch.cuda.max_memory_allocated (`make gpu-check` measures them all)",
     "train": "the 8B-shaped DDPO rows (gpu-8b4l-lora, gpu-8b4l-full from `make gpu-check`; gpu-8b-lora, gpu-8b-full "
-             "from `make bench-full`: packing, fused Triton loss, reference cache) against TRL's DPOTrainer on the "
-             "same GPU, and every MFU figure (MFU is left empty on CPU)",
+    "from `make bench-full`: packing, fused Triton loss, reference cache) against TRL's DPOTrainer on the "
+    "same GPU, and every MFU figure (MFU is left empty on CPU)",
     "refcache": "the GPU step-time and memory rows (e.g. gpt2-small in bf16)",
     "deviation": "the builtin:minilm embedding throughput on a GPU and FAISS on GPU",
-}  # fmt: skip
+}
 
 
 def is_dry_run(row: dict) -> bool:
@@ -518,12 +589,36 @@ def _cpu_train_targets(rows: list[dict]) -> list[dict]:
     trl = _latest(run, system="trl", variant="precomputed_ref")
     unpacked = _latest(run, system="ddpo-engine", variant="unpacked+cache")
     out = [
-        _compare(f"{bench}: tokens/s vs TRL (precomputed ref)", f">= {TARGET_CPU_TOKENS_VS_TRL:g}x", ours, trl,
-                 "tokens_per_s", "tokens/s", lambda x: x >= TARGET_CPU_TOKENS_VS_TRL, "trl precomputed_ref"),
-        _compare(f"{bench}: peak memory vs TRL (precomputed ref)", f"<= {TARGET_CPU_MEM_VS_TRL:g}x", ours, trl,
-                 "peak_mem_mb", "MB", lambda x: x <= TARGET_CPU_MEM_VS_TRL, "trl precomputed_ref"),
-        _compare(f"{bench}: packed tokens/s vs unpacked", ">= 1x", ours, unpacked, "tokens_per_s", "tokens/s",
-                 lambda x: x >= 1.0, "ddpo-engine unpacked+cache"),
+        _compare(
+            f"{bench}: tokens/s vs TRL (precomputed ref)",
+            f">= {TARGET_CPU_TOKENS_VS_TRL:g}x",
+            ours,
+            trl,
+            "tokens_per_s",
+            "tokens/s",
+            lambda x: x >= TARGET_CPU_TOKENS_VS_TRL,
+            "trl precomputed_ref",
+        ),
+        _compare(
+            f"{bench}: peak memory vs TRL (precomputed ref)",
+            f"<= {TARGET_CPU_MEM_VS_TRL:g}x",
+            ours,
+            trl,
+            "peak_mem_mb",
+            "MB",
+            lambda x: x <= TARGET_CPU_MEM_VS_TRL,
+            "trl precomputed_ref",
+        ),
+        _compare(
+            f"{bench}: packed tokens/s vs unpacked",
+            ">= 1x",
+            ours,
+            unpacked,
+            "tokens_per_s",
+            "tokens/s",
+            lambda x: x >= 1.0,
+            "ddpo-engine unpacked+cache",
+        ),
     ]
     for r in [x for x in run if x.get("system") == "ddpo-engine"]:
         measured, planned = _f(r.get("peak_mem_mb")), _f(r.get("plan_mb"))
@@ -532,8 +627,15 @@ def _cpu_train_targets(rows: list[dict]) -> list[dict]:
             out.append(_target(name, f"within {TARGET_PLAN_ERROR:.0%}", "-", None, "the row has no plan_mb"))
             continue
         err = measured / planned - 1
-        out.append(_target(name, f"within {TARGET_PLAN_ERROR:.0%}", f"{err:+.1%} ({fmt(measured)} / {fmt(planned)} MB)",
-                           abs(err) <= TARGET_PLAN_ERROR, f"run `{r['_run']}`"))
+        out.append(
+            _target(
+                name,
+                f"within {TARGET_PLAN_ERROR:.0%}",
+                f"{err:+.1%} ({fmt(measured)} / {fmt(planned)} MB)",
+                abs(err) <= TARGET_PLAN_ERROR,
+                f"run `{r['_run']}`",
+            )
+        )
     return out
 
 
@@ -548,16 +650,31 @@ def _deviation_targets(rows: list[dict]) -> list[dict]:
             out.append(_target(name, goal, "-", None, "no engine.deviation row yet (python -m bench.bench_deviation)"))
             continue
         base = _latest([r for r in mine if r["_run"] == ours["_run"]], backend="numpy centroid pass")
-        out.append(_compare(name, goal, ours, base, "time_s", "s", lambda x: x <= TARGET_DEVIATION_VS_CENTROID,
-                            "numpy centroid pass", digits=3))
+        out.append(
+            _compare(
+                name,
+                goal,
+                ours,
+                base,
+                "time_s",
+                "s",
+                lambda x: x <= TARGET_DEVIATION_VS_CENTROID,
+                "numpy centroid pass",
+                digits=3,
+            )
+        )
     embeds = [r for r in rows if r.get("bench") == "embed" and "minilm" in (r.get("config") or "")]
     if embeds:
         latest_run = max(embeds, key=lambda r: r["_t"])["_run"]
         for r in sorted((r for r in embeds if r["_run"] == latest_run), key=lambda r: r["config"]):
             note = (r.get("note") or "").split(";")[1].strip() if ";" in (r.get("note") or "") else ""
             value = f"{fmt(r.get('throughput'))} texts/s" + (f", {note}" if note else "")
-            out.append({**_target(f"embedding throughput, {r['config']}", "stated", value, None, f"run `{r['_run']}`"),
-                        "status": "stated"})
+            out.append(
+                {
+                    **_target(f"embedding throughput, {r['config']}", "stated", value, None, f"run `{r['_run']}`"),
+                    "status": "stated",
+                }
+            )
     return out
 
 
@@ -588,8 +705,11 @@ def cpu_targets_section(train_rows: list[dict], deviation_rows: list[dict]) -> l
 
 def readme_summary(results_dir: Path) -> list[str]:
     """The README's performance summary: the CPU target table from the committed CSVs."""
-    data = {stem: read_rows(results_dir / f"{stem}.csv") for stem in ("train", "deviation")
-            if (results_dir / f"{stem}.csv").exists()}
+    data = {
+        stem: read_rows(results_dir / f"{stem}.csv")
+        for stem in ("train", "deviation")
+        if (results_dir / f"{stem}.csv").exists()
+    }
     data = {stem: [r for r in rows if not is_dry_run(r)] for stem, rows in data.items()}
     jobs = read_rows(results_dir / RUNS_CSV) if (results_dir / RUNS_CSV).exists() else []
     for stem, rows in data.items():
@@ -648,13 +768,16 @@ def render(
         "",
         "Ratios: *speed-up vs X* = X's median time / the row's median time (> 1: the row is faster); *tokens/s vs X* = "
         "the row's tokens/s / X's; *memory vs X* = the row's peak memory / X's (< 1: the row uses less). Times are the "
-        "median of the timed repetitions with the 10th-90th percentile range in brackets; `reps` is the number of timed "
+        "median of the timed repetitions with the 10th-90th percentile range in brackets; `reps` is the number of "
+        "timed "
         "repetitions after warm-up.",
         "",
     ]
     if include_dry_run and dry:
-        md.append(f"**Dry-run preview**: {dry} rows marked `{DRY_RUN_PREFIX}` come from `make gpu-check DRY_RUN=1` "
-                  "on a CPU; they check the plumbing and measure nothing, and never belong in bench/results.")
+        md.append(
+            f"**Dry-run preview**: {dry} rows marked `{DRY_RUN_PREFIX}` come from `make gpu-check DRY_RUN=1` "
+            "on a CPU; they check the plumbing and measure nothing, and never belong in bench/results."
+        )
         md.append("")
     elif dry:
         md += [f"{dry} dry-run rows (`{DRY_RUN_PREFIX}`, from `make gpu-check DRY_RUN=1`) were left out.", ""]
@@ -682,7 +805,11 @@ def render(
             label = ", ".join(f"{c}={v}" for c, v in zip(spec.group, g) if v)
             md += [f"### {label}", "", f"Run `{run}`.", ""]
             md += comparison_table(spec, rs)
-            notes = [(" ".join(_key(r, spec.member)), r.get(spec.notes_col)) for r in rs if spec.notes_col and r.get(spec.notes_col)]
+            notes = [
+                (" ".join(_key(r, spec.member)), r.get(spec.notes_col))
+                for r in rs
+                if spec.notes_col and r.get(spec.notes_col)
+            ]
             if notes:
                 md += [""] + [f"- {m}: {n}" for m, n in notes]
             md.append("")
@@ -698,20 +825,40 @@ def render(
             md.append("")
         else:
             if spec.sweeps:
-                md += [f"No plot: no run of `{stem}.csv` holds a sweep (>= 3 values of "
-                       f"{' or '.join(x for x, _, _ in spec.sweeps)} with the other dimensions fixed).", ""]  # fmt: skip
+                md += [
+                    f"No plot: no run of `{stem}.csv` holds a sweep (>= 3 values of "
+                    f"{' or '.join(x for x, _, _ in spec.sweeps)} with the other dimensions fixed).",
+                    "",
+                ]
         md += ["Hardware and versions of these rows:", ""] + environments(spec, rows) + [""]
         if stem in MISSING_WITHOUT_GPU and not _gpu_rows(stem, rows):
-            missing.append(f"- `{stem}.csv`: no CUDA GPU was available to the runs behind these rows, so {MISSING_WITHOUT_GPU[stem]} are missing.")
+            missing.append(
+                f"- `{stem}.csv`: no CUDA GPU was available to the runs behind these rows, so "
+                f"{MISSING_WITHOUT_GPU[stem]} are missing."
+            )
 
     if jobs:
-        last = max(jobs, key=lambda j: _ts(j.get("start")) or _dt.datetime.min.replace(tzinfo=_dt.timezone.utc))["run_id"]
+        last = max(jobs, key=lambda j: _ts(j.get("start")) or _dt.datetime.min.replace(tzinfo=_dt.timezone.utc))[
+            "run_id"
+        ]
         js = [j for j in jobs if j["run_id"] == last]
-        md += ["## Last orchestrated run", "", f"Run `{last}` ({js[0].get('mode', '')}), commit {js[0].get('commit', '')}, "
-               f"{js[0].get('hardware', '')}:", "", "| job | status | seconds | results | reason |", "|---|---|---|---|---|"]  # fmt: skip
-        md += [f"| {j['job']} | {j['status']} | {fmt(j.get('seconds'))} | {j.get('csv') or '-'} | {j.get('reason') or ''} |" for j in js]
+        md += [
+            "## Last orchestrated run",
+            "",
+            f"Run `{last}` ({js[0].get('mode', '')}), commit {js[0].get('commit', '')}, {js[0].get('hardware', '')}:",
+            "",
+            "| job | status | seconds | results | reason |",
+            "|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {j['job']} | {j['status']} | {fmt(j.get('seconds'))} | {j.get('csv') or '-'} | "
+            f"{j.get('reason') or ''} |"
+            for j in js
+        ]
         md.append("")
-        missing += [f"- job `{j['job']}` of run `{last}`: {j['status']}: {j.get('reason')}" for j in js if j["status"] != "ok"]
+        missing += [
+            f"- job `{j['job']}` of run `{last}`: {j['status']}: {j.get('reason')}" for j in js if j["status"] != "ok"
+        ]
     md += ["## Missing rows", ""] + (missing or ["- none"]) + [""]
     text = "\n".join(md)
     out_path.write_text(text)
@@ -724,12 +871,16 @@ MEMORY_STEM = "memory"
 def _memory_section(rows: list[dict]) -> list[str]:
     """memory.csv (bench/bench_train.py breakdown_worker): per benchmark setup, its latest run's components
     of one step's peak, their share of the RSS peak rise, and engine.plan's figure for each."""
-    md = ["## Memory breakdown of one training step", "",
-          "What holds memory at the peak of one engine step (packed rows, reference cache), measured in its own "
-          "process by bench/bench_train.py: the RSS peak above the window's baseline, and torch.profiler's memory "
-          "categories summed over the tensors live at the moment of the largest total; the fused loss's logits block "
-          "is split out of the activations by its [rows, V] size. `engine.plan MB` is the planner's figure for the "
-          "same component.", ""]
+    md = [
+        "## Memory breakdown of one training step",
+        "",
+        "What holds memory at the peak of one engine step (packed rows, reference cache), measured in its own "
+        "process by bench/bench_train.py: the RSS peak above the window's baseline, and torch.profiler's memory "
+        "categories summed over the tensors live at the moment of the largest total; the fused loss's logits block "
+        "is split out of the activations by its [rows, V] size. `engine.plan MB` is the planner's figure for the "
+        "same component.",
+        "",
+    ]
     by_bench: OrderedDict[str, list[dict]] = OrderedDict()
     for r in rows:
         by_bench.setdefault(r.get("bench", ""), []).append(r)
@@ -739,20 +890,31 @@ def _memory_section(rows: list[dict]) -> list[str]:
         total = next((_f(r["mb"]) for r in rs if r["component"].startswith("total")), None)
         r0 = rs[0]
         tokens = fmt(r0.get("tokens_per_step"), 0)
-        md += [f"### bench={bench}, model={r0.get('model')}, {r0.get('variant')}, {tokens} real tokens", "",
-               f"Run `{last}`.", "", "| component | MB | share of the peak rise | engine.plan MB | note |",
-               "|---|---|---|---|---|"]
+        md += [
+            f"### bench={bench}, model={r0.get('model')}, {r0.get('variant')}, {tokens} real tokens",
+            "",
+            f"Run `{last}`.",
+            "",
+            "| component | MB | share of the peak rise | engine.plan MB | note |",
+            "|---|---|---|---|---|",
+        ]
         for r in rs:
             mb = _f(r.get("mb"))
             counted = total and mb is not None and not r["component"].startswith("before")
             share = f"{100 * mb / total:.1f}%" if counted else "-"
             note = r.get("note") or ""
             md.append(f"| {r['component']} | {fmt(r.get('mb'))} | {share} | {fmt(r.get('plan_mb'))} | {note} |")
-        versions = (f"torch {r0.get('torch')}", f"transformers {r0.get('transformers')}",
-                    f"deepspeed {r0.get('deepspeed')}", f"commit {r0.get('commit')}")
+        versions = (
+            f"torch {r0.get('torch')}",
+            f"transformers {r0.get('transformers')}",
+            f"deepspeed {r0.get('deepspeed')}",
+            f"commit {r0.get('commit')}",
+        )
         env = "; ".join(x for x in (r0.get("hardware"), *versions) if x)
         md += ["", f"- {env}", ""]
     return md
+
+
 def _reward_section(rows: list[dict]) -> list[str]:
     """reward.csv (bench/bench_reward.py): held-out quality of the tiny reward preset and its variants, the
     latest row of each variant (quality figures stand alone: no ratio is taken across rows)."""
@@ -760,17 +922,21 @@ def _reward_section(rows: list[dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: r["_t"]):
         latest[r["variant"]] = r
     rs = list(latest.values())
-    md = ["## Reward model: held-out quality of the tiny preset", "",
-          "`configs/reward-tiny-cpu.yaml` trained by `engine.train`, its exported `final/` loaded by transformers "
-          "(engine.evaluate.RewardScorer) and scored on every held-out response of the synthetic data "
-          "(bench/bench_reward.py). *Spearman (quality)*: rank correlation of the export's scores with the "
-          "generator's ground-truth quality; *train-time*: the same from the trainer's packed forward at the best "
-          "step; *Spearman (upvotes)*, *pair accuracy*: against the held-out upvotes and preference pairs. Times: "
-          "the whole train call (data, training, held-out evaluations, exports) in wall and CPU seconds, with the "
-          "machine's 1-minute load average before and after. The latest row of each variant.", "",
-          "| variant | loss | labels | Spearman (quality) | bar | train-time | Spearman (upvotes) | pair accuracy | "
-          "steps (best) | wall s | CPU s | threads | load | run |",
-          "|" + "---|" * 14]  # fmt: skip
+    md = [
+        "## Reward model: held-out quality of the tiny preset",
+        "",
+        "`configs/reward-tiny-cpu.yaml` trained by `engine.train`, its exported `final/` loaded by transformers "
+        "(engine.evaluate.RewardScorer) and scored on every held-out response of the synthetic data "
+        "(bench/bench_reward.py). *Spearman (quality)*: rank correlation of the export's scores with the "
+        "generator's ground-truth quality; *train-time*: the same from the trainer's packed forward at the best "
+        "step; *Spearman (upvotes)*, *pair accuracy*: against the held-out upvotes and preference pairs. Times: "
+        "the whole train call (data, training, held-out evaluations, exports) in wall and CPU seconds, with the "
+        "machine's 1-minute load average before and after. The latest row of each variant.",
+        "",
+        "| variant | loss | labels | Spearman (quality) | bar | train-time | Spearman (upvotes) | pair accuracy | "
+        "steps (best) | wall s | CPU s | threads | load | run |",
+        "|" + "---|" * 14,
+    ]
     for r in rs:
         q, bar = _f(r.get("spearman_quality")), _f(r.get("target_spearman_quality"))
         verdict = "-" if q is None or bar is None else (f">= {bar:g}" if q >= bar else f"< {bar:g}")
@@ -791,8 +957,14 @@ def _generic_section(stem: str, rows: list[dict]) -> list[str]:
     last = max(rows, key=lambda r: r["_t"])["_run"]
     rs = [r for r in rows if r["_run"] == last]
     cols = [c for c in rs[0] if not c.startswith("_")]
-    md = [f"## {stem}", "", f"Rows of run `{last}` from `{stem}.csv` (no comparison defined for this file).", "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+    md = [
+        f"## {stem}",
+        "",
+        f"Rows of run `{last}` from `{stem}.csv` (no comparison defined for this file).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     md += ["| " + " | ".join((r.get(c) or "").replace("|", "/") for c in cols) + " |" for r in rs]
     return md + [""]
 
@@ -805,7 +977,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = Path(args.results)
     if not results.is_dir():
-        raise SystemExit(f"results directory {results} does not exist; run `make bench` (python -m bench.run --quick) first")
+        raise SystemExit(
+            f"results directory {results} does not exist; run `make bench` (python -m bench.run --quick) first"
+        )
     render(results, Path(args.out), Path(args.plots) if args.plots else None)
     print(f"wrote {args.out}")
     if Path(args.out).resolve() == OUT and update_readme(REPO / "README.md", results):

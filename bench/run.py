@@ -47,37 +47,98 @@ class Job:
 
 
 def _pytest_kernels(k: str | None) -> tuple[str, ...]:
-    args = ("-m", "pytest", "bench/bench_kernels.py", "-q", "-p", "no:cacheprovider", "--benchmark-columns=median,iqr,rounds")
+    args = (
+        "-m",
+        "pytest",
+        "bench/bench_kernels.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-columns=median,iqr,rounds",
+    )
     return args + (("-k", k) if k else ())
 
 
 JOBS = [
     # Kernels first: the fused-loss numbers are the engine's core claim. Quick: the cpu-small configs
     # (10 timed reps each); full adds cpu-target and, with CUDA, the Llama-3-8B head shapes.
-    Job("kernels", "bench/bench_kernels.py", "kernels.csv", _pytest_kernels("cpu-small or cpu-sweep"), _pytest_kernels(None),
-        budget_quick_s=330, budget_full_s=3600, needs=("pytest_benchmark",)),
-    Job("native", "bench/bench_native.py", "native.csv",
-        ("bench/bench_native.py", "--shapes", "512x32003", "--dtypes", "float32"), ("bench/bench_native.py",),
-        budget_quick_s=60, budget_full_s=600),
-    Job("refcache", "bench/bench_refcache.py", "refcache.csv",
-        ("bench/bench_refcache.py", "--reps", "10", "--warmup", "2", "--rounds", "1"), ("bench/bench_refcache.py",),
-        budget_quick_s=120, budget_full_s=1200),
-    Job("deviation", "bench/bench_deviation.py", "deviation.csv", ("-m", "bench.bench_deviation", "--quick"),
-        ("-m", "bench.bench_deviation"), budget_quick_s=150, budget_full_s=3600, needs=("faiss",)),
-    Job("attention", "bench/bench_attention.py", "attention.csv", ("-m", "bench.bench_attention", "--quick"),
-        ("-m", "bench.bench_attention"), budget_quick_s=60, budget_full_s=600),
-    Job("train", "bench/bench_train.py", "train.csv", ("-m", "bench.bench_train", "--quick"), ("-m", "bench.bench_train"),
-        budget_quick_s=270, budget_full_s=5400, needs=("trl", "deepspeed")),
+    Job(
+        "kernels",
+        "bench/bench_kernels.py",
+        "kernels.csv",
+        _pytest_kernels("cpu-small or cpu-sweep"),
+        _pytest_kernels(None),
+        budget_quick_s=330,
+        budget_full_s=3600,
+        needs=("pytest_benchmark",),
+    ),
+    Job(
+        "native",
+        "bench/bench_native.py",
+        "native.csv",
+        ("bench/bench_native.py", "--shapes", "512x32003", "--dtypes", "float32"),
+        ("bench/bench_native.py",),
+        budget_quick_s=60,
+        budget_full_s=600,
+    ),
+    Job(
+        "refcache",
+        "bench/bench_refcache.py",
+        "refcache.csv",
+        ("bench/bench_refcache.py", "--reps", "10", "--warmup", "2", "--rounds", "1"),
+        ("bench/bench_refcache.py",),
+        budget_quick_s=120,
+        budget_full_s=1200,
+    ),
+    Job(
+        "deviation",
+        "bench/bench_deviation.py",
+        "deviation.csv",
+        ("-m", "bench.bench_deviation", "--quick"),
+        ("-m", "bench.bench_deviation"),
+        budget_quick_s=150,
+        budget_full_s=3600,
+        needs=("faiss",),
+    ),
+    Job(
+        "attention",
+        "bench/bench_attention.py",
+        "attention.csv",
+        ("-m", "bench.bench_attention", "--quick"),
+        ("-m", "bench.bench_attention"),
+        budget_quick_s=60,
+        budget_full_s=600,
+    ),
+    Job(
+        "train",
+        "bench/bench_train.py",
+        "train.csv",
+        ("-m", "bench.bench_train", "--quick"),
+        ("-m", "bench.bench_train"),
+        budget_quick_s=270,
+        budget_full_s=5400,
+        needs=("trl", "deepspeed"),
+    ),
     # The tiny reward preset trained end to end and its export scored on held-out responses (quality, not time).
-    Job("reward", "bench/bench_reward.py", "reward.csv", ("-m", "bench.bench_reward", "--quick"),
-        ("-m", "bench.bench_reward"), budget_quick_s=240, budget_full_s=3600, needs=("deepspeed", "scipy")),
-]  # fmt: skip
+    Job(
+        "reward",
+        "bench/bench_reward.py",
+        "reward.csv",
+        ("-m", "bench.bench_reward", "--quick"),
+        ("-m", "bench.bench_reward"),
+        budget_quick_s=240,
+        budget_full_s=3600,
+        needs=("deepspeed", "scipy"),
+    ),
+]
 
 
 def job_env(run_id: str) -> dict:
     env = dict(os.environ)
     env[common.RUN_ID_ENV] = run_id
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")]) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")]) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -113,7 +174,11 @@ def run_job(job: Job, args: tuple[str, ...], budget_s: float, env: dict) -> tupl
         rc = proc.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
         _stop_group(proc)
-        return "timeout", f"stopped after its {budget_s:.0f} s budget; rows written before that are kept", time.monotonic() - t0
+        return (
+            "timeout",
+            f"stopped after its {budget_s:.0f} s budget; rows written before that are kept",
+            time.monotonic() - t0,
+        )
     dt = time.monotonic() - t0
     if rc != 0:
         return "failed", f"exit code {rc} (see the output above)", dt
@@ -138,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the quick CPU set (about 12 minutes on 2 cores)")
     p.add_argument("--only", default=None, help="comma list of jobs: " + ", ".join(j.name for j in JOBS))
-    p.add_argument("--budget", type=float, default=None, help="total seconds for all jobs (default: 720 with --quick, none otherwise)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="total seconds for all jobs (default: 720 with --quick, none otherwise)",
+    )
     p.add_argument("--no-report", action="store_true", help="do not regenerate BENCHMARKS.md")
     args = p.parse_args(argv)
 
@@ -159,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.monotonic()
     records = []
-    for i, job in enumerate(jobs):
+    for job in jobs:
         start = common.timestamp()
         reason = missing_reason(job)
         status, seconds = "skipped", 0.0
@@ -175,9 +245,21 @@ def main(argv: list[str] | None = None) -> int:
                 status, reason, seconds = run_job(job, job.quick if args.quick else job.full, budget, env)
         if status != "ok":
             print(f"[bench.run] {job.name}: {status}: {reason}", flush=True)
-        records.append({"run_id": run_id, "mode": mode, "job": job.name, "csv": job.csv, "status": status,
-                        "reason": reason or "", "start": start, "end": common.timestamp(), "seconds": round(seconds, 1),
-                        "commit": commit, "hardware": hw})  # fmt: skip
+        records.append(
+            {
+                "run_id": run_id,
+                "mode": mode,
+                "job": job.name,
+                "csv": job.csv,
+                "status": status,
+                "reason": reason or "",
+                "start": start,
+                "end": common.timestamp(),
+                "seconds": round(seconds, 1),
+                "commit": commit,
+                "hardware": hw,
+            }
+        )
         common.append_csv(common.RESULTS_DIR / report.RUNS_CSV, records[-1:], report.RUNS_FIELDS)
 
     print(f"[bench.run] benchmarks took {time.monotonic() - t_start:.0f} s", flush=True)

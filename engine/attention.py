@@ -40,8 +40,9 @@ VARLEN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", 
 _last_lengths: tuple[weakref.ref, int, tuple, list[list[int]]] | None = None
 
 
-def segment_lengths(batch_size: int, row_len: int, *, cu_seqlens: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None) -> list[list[int]]:
+def segment_lengths(
+    batch_size: int, row_len: int, *, cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+) -> list[list[int]]:
     """Lengths of the sequences in each of `batch_size` rows of `row_len` tokens (they sum to row_len).
 
     From `cu_seqlens` (offsets into the flattened rows; every row end must be a boundary) or else
@@ -62,8 +63,10 @@ def segment_lengths(batch_size: int, row_len: int, *, cu_seqlens: torch.Tensor |
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != batch_size * row_len:
-            raise ValueError(f"cu_seq_lens_q must run from 0 to batch x row length = {batch_size * row_len}; got "
-                             f"{bounds[0]}..{bounds[-1]}")
+            raise ValueError(
+                f"cu_seq_lens_q must run from 0 to batch x row length = {batch_size * row_len}; got "
+                f"{bounds[0]}..{bounds[-1]}"
+            )
         bset = set(bounds)
         missing = [r * row_len for r in range(1, batch_size) if r * row_len not in bset]
         if missing:
@@ -107,8 +110,9 @@ def sdpa_varlen_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     B, _, L, _ = query.shape
     if attention_mask is not None or not causal or key.shape[2] != L or L < 2 or kwargs.get("sliding_window"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     lengths = segment_lengths(B, L, cu_seqlens=kwargs.get("cu_seq_lens_q"), position_ids=kwargs.get("position_ids"))
     extra = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
 
@@ -120,7 +124,7 @@ def sdpa_varlen_attention_forward(
     else:
         rows = []
         for b, lens in enumerate(lengths):
-            q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+            q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
             if len(lens) == 1:
                 rows.append(attend(q, k, v))
                 continue
@@ -131,17 +135,41 @@ def sdpa_varlen_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def sdpa_varlen_mask(*, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                     attention_mask: torch.Tensor | None = None, local_size: int | None = None, **kwargs):
+def sdpa_varlen_mask(
+    *,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs,
+):
     """transformers mask function: None where per-sequence causal attention says it all, else the SDPA mask."""
     from transformers.masking_utils import sdpa_mask
 
-    plain = (attention_mask is None and local_size is None and q_length == kv_length
-             and isinstance(q_offset, int) and q_offset == 0 and isinstance(kv_offset, int) and kv_offset == 0)
+    plain = (
+        attention_mask is None
+        and local_size is None
+        and q_length == kv_length
+        and isinstance(q_offset, int)
+        and q_offset == 0
+        and isinstance(kv_offset, int)
+        and kv_offset == 0
+    )
     if plain:
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, attention_mask=attention_mask, local_size=local_size, **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        **kwargs,
+    )
 
 
 def register() -> None:

@@ -47,7 +47,7 @@ def seed_stats(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 def fmt_mean_std(mean: float, std: float, digits: int = 4) -> str:
-    """"m +- s", or "m" alone when the spread is undefined (one seed); "-" for a missing value."""
+    """ "m +- s", or "m" alone when the spread is undefined (one seed); "-" for a missing value."""
     if mean is None or not math.isfinite(mean):
         return "-"
     return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if std is not None and math.isfinite(std) else "")
@@ -141,12 +141,17 @@ class BootstrapResult:
     point: np.ndarray
     samples: np.ndarray
 
-    def interval(self, k: int = 0, level: float = 0.95) -> "Interval":
+    def interval(self, k: int = 0, level: float = 0.95) -> Interval:
         col = self.samples[:, k]
         col = col[np.isfinite(col)]
-        lo, hi = (np.quantile(col, [(1 - level) / 2, (1 + level) / 2]) if len(col) else (np.nan, np.nan))
-        return Interval(float(self.point[k]), float(lo), float(hi), level, float(np.std(col, ddof=1)) if len(col) > 1
-                        else float("nan"))
+        lo, hi = np.quantile(col, [(1 - level) / 2, (1 + level) / 2]) if len(col) else (np.nan, np.nan)
+        return Interval(
+            float(self.point[k]),
+            float(lo),
+            float(hi),
+            level,
+            float(np.std(col, ddof=1)) if len(col) > 1 else float("nan"),
+        )
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class Interval:
     se: float = float("nan")
 
     def verdict(self, higher_is_better: bool = True) -> str:
-        """"a win" when the whole interval favours the new condition, "a loss" when it favours the
+        """ "a win" when the whole interval favours the new condition, "a loss" when it favours the
         baseline, else "cannot tell at this power" (the interval contains 0)."""
         if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
             return UNDECIDED
@@ -230,7 +235,7 @@ class VarianceComponents:
     n_prompts: float  # mean prompts per seed of the pilot
 
     @classmethod
-    def from_differences(cls, diffs: Sequence[np.ndarray]) -> "VarianceComponents":
+    def from_differences(cls, diffs: Sequence[np.ndarray]) -> VarianceComponents:
         """Method-of-moments (one-way random effects ANOVA) estimate from per-seed arrays of per-prompt
         paired differences: within = pooled variance around each seed's mean; between = variance of
         the seed means minus the part the within variance explains, floored at 0."""
@@ -377,12 +382,26 @@ def plot_frontier(
                         ax.fill(poly_x, poly_y, color=color, alpha=0.15, linewidth=0)
                     xe = np.where(np.isfinite(xs), xs, 0.0)
                     ax.errorbar(x[ok], y[ok], xerr=xe[ok], fmt="none", ecolor=color, elinewidth=0.6, alpha=0.6)
-                    ax.annotate(c.label, (x[ok][-1], y[ok][-1]), textcoords="offset points", xytext=(4, 4),
-                                fontsize=8, color=color)
+                    ax.annotate(
+                        c.label,
+                        (x[ok][-1], y[ok][-1]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                        color=color,
+                    )
                 else:
-                    ax.errorbar(x, y, xerr=np.where(np.isfinite(xs), xs, 0.0), yerr=np.where(np.isfinite(ys), ys, 0.0),
-                                fmt="s" if c.reference else "o", markersize=7, capsize=3, color=color,
-                                label=None if c.reference else c.label)
+                    ax.errorbar(
+                        x,
+                        y,
+                        xerr=np.where(np.isfinite(xs), xs, 0.0),
+                        yerr=np.where(np.isfinite(ys), ys, 0.0),
+                        fmt="s" if c.reference else "o",
+                        markersize=7,
+                        capsize=3,
+                        color=color,
+                        label=None if c.reference else c.label,
+                    )
                     ax.annotate(c.label, (x[0], y[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
                 drawn += 1
             if not drawn:

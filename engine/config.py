@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
+
 from ddpo_kernels import Backend as LossBackend  # declared by the kernels, which know their backends
 
 # ------------------------------------------------------------------------------------- choices
@@ -190,8 +191,10 @@ def _bound_message(meta: dict, nullable: bool) -> str | None:
 
 def _in_bounds(value: Any, meta: dict) -> bool:
     return not (
-        ("ge" in meta and not value >= meta["ge"]) or ("gt" in meta and not value > meta["gt"])
-        or ("le" in meta and not value <= meta["le"]) or ("lt" in meta and not value < meta["lt"])
+        ("ge" in meta and not value >= meta["ge"])
+        or ("gt" in meta and not value > meta["gt"])
+        or ("le" in meta and not value <= meta["le"])
+        or ("lt" in meta and not value < meta["lt"])
     )
 
 
@@ -241,22 +244,28 @@ _CLEAN = "scripts_dataset_cleaner"
 @dataclass
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
-    name: str = _f("llama-tiny", "HF hub name, local directory, or a named random-init architecture: "
-                   + ", ".join(NAMED_ARCHITECTURES))
+    name: str = _f(
+        "llama-tiny",
+        "HF hub name, local directory, or a named random-init architecture: " + ", ".join(NAMED_ARCHITECTURES),
+    )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub model.")
-    tokenizer: str | None = _f(None, "Tokenizer name/path; default: the model's own, or the bundled tokenizer for "
-                               "named architectures.")
+    tokenizer: str | None = _f(
+        None, "Tokenizer name/path; default: the model's own, or the bundled tokenizer for named architectures."
+    )
     dtype: ModelDtype = _f("float32", "Parameter dtype when loading.")
     attn_implementation: AttnImplementation = _f(
-        "auto", "auto: flash_attention_2 on CUDA when installed, else sdpa_varlen. sdpa_varlen: per-sequence SDPA "
+        "auto",
+        "auto: flash_attention_2 on CUDA when installed, else sdpa_varlen. sdpa_varlen: per-sequence SDPA "
         "over packed rows (engine.attention); sdpa: transformers' SDPA with a row-sized mask.",
     )
     disable_dropout: bool = _f(
-        True, "Set the model's dropout probabilities to 0 (as TRL does): policy and reference log-probs stay "
+        True,
+        "Set the model's dropout probabilities to 0 (as TRL does): policy and reference log-probs stay "
         "comparable; LoRA dropout is separate.",
     )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (about 30% more "
-                                      "compute).")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in backward to save memory (about 30% more compute)."
+    )
     lora_r: int = _f(0, "LoRA rank; 0 trains all weights.", ge=0, note="0 disables LoRA")
     lora_alpha: int = _f(16, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
@@ -268,19 +277,24 @@ class ModelConfig(_Section):
     seed: int = _f(0, "Seed for random initialisation of named architectures.")
 
     def check(self):
-        _check(self.lora_r == 0 or self.lora_alpha > 0,
-               f"model.lora_alpha must be > 0 with LoRA, got {self.lora_alpha}")
+        _check(
+            self.lora_r == 0 or self.lora_alpha > 0, f"model.lora_alpha must be > 0 with LoRA, got {self.lora_alpha}"
+        )
 
 
 @dataclass
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
-    source: str = _f("synthetic", "jsonl/json/parquet file, a datasets.save_to_disk directory, a hub dataset name, "
-                     "or 'synthetic' (bundled generator).")
+    source: str = _f(
+        "synthetic",
+        "jsonl/json/parquet file, a datasets.save_to_disk directory, a hub dataset name, "
+        "or 'synthetic' (bundled generator).",
+    )
     synthetic_prompts: int = _f(240, "Number of prompts the synthetic generator makes (source: synthetic).", ge=1)
     synthetic_seed: int = _f(0, "Seed of the synthetic generator.")
     synthetic_lengths: SyntheticLengths = _f(
-        "short", "Response lengths of the synthetic generator: short (4-7 sentences, ~100 tokens: the default "
+        "short",
+        "Response lengths of the synthetic generator: short (4-7 sentences, ~100 tokens: the default "
         "data) or stories (WritingPrompts-like: hundreds of tokens with a long tail; for benchmarks).",
     )
     cleaning: Cleaning = _r(
@@ -288,23 +302,29 @@ class DataConfig(_Section):
         "title + '\\n' + post text (even when empty), drop only moderator boilerplate. engine: strip every leading "
         "bracket tag ([WP], [Writing Prompt], stacked [WP][EU]), no trailing newline for an empty post, also drop "
         "[deleted]/[removed]/empty responses. Both keep a response repeated verbatim under a prompt once.",
-        authors="authors", engine="engine",
+        authors="authors",
+        engine="engine",
         cite=f"{_CLEAN}/0_data_prep_scoring.py:21-30, 1_data_prep_filtering.py:57-79, 2_data_prep_to_preference.py:51",
     )
     length_filter: LengthFilter = _r(
         "What data.max_response_tokens counts. prompt_and_response: the chat-templated prompt and response as "
         "the tokenizer encodes the whole conversation (special tokens it adds included); response: the templated "
         "response alone (its end-of-turn tokens included), so a long prompt never costs a response.",
-        authors="prompt_and_response", engine="response", cite=f"{_CLEAN}/1_data_prep_filtering.py:26-49",
+        authors="prompt_and_response",
+        engine="response",
+        cite=f"{_CLEAN}/1_data_prep_filtering.py:26-49",
     )
-    max_response_tokens: int = _f(2048, "Responses longer than this (see data.length_filter) are dropped before "
-                                  "pairing (published: 2048).", ge=1)
+    max_response_tokens: int = _f(
+        2048, "Responses longer than this (see data.length_filter) are dropped before pairing (published: 2048).", ge=1
+    )
     pairs: PairMode = _f("best_vs_worst", "Pair construction: " + ", ".join(PAIR_MODES) + ".")
     gap_sampler: GapSampler = _r(
         "gap mode's sampler. authors: repeatedly draw uniformly among the disjoint pairs whose upvotes differ by "
         ">= min_gap, falling back to any pair with different upvotes when none is left. engine: greedy over a "
         "seeded shuffle, then a maximum matching of the leftovers (more pairs when equal upvotes are common).",
-        authors="authors", engine="engine", cite="models/utils.py:294-347",
+        authors="authors",
+        engine="engine",
+        cite="models/utils.py:294-347",
     )
     min_gap: float = _f(5.0, "gap mode: minimum upvote difference between chosen and rejected.", ge=0)
     divpo_sampler: DivpoSampler = _r(
@@ -312,24 +332,31 @@ class DataConfig(_Section):
         "int(min(max(max_pairs_per_prompt, rho n), n / 2)) by upvotes, each re-ranked by deviation within the set, "
         "the top/bottom max_pairs_per_prompt paired at random. engine: sets of round(rho n) from all responses, "
         "ranked by their deviation within the whole prompt, paired in rank order, pairs with equal upvotes skipped.",
-        authors="authors", engine="engine", cite=f"{_CLEAN}/4_data_prep_for_divpo.py:106-171",
+        authors="authors",
+        engine="engine",
+        cite=f"{_CLEAN}/4_data_prep_for_divpo.py:106-171",
     )
-    divpo_rho: float = _f(0.25, "divpo mode: top/bottom fraction of responses by upvotes forming the high/low sets.",
-                          gt=0, le=0.5)
+    divpo_rho: float = _f(
+        0.25, "divpo mode: top/bottom fraction of responses by upvotes forming the high/low sets.", gt=0, le=0.5
+    )
     max_pairs_per_prompt: int | None = _r(
         "At most this many pairs per prompt (null: no cap); divpo authors: also the least set size.",
-        authors=ByField("pairs", {"gap": None, "all": 100, "divpo": 2}, None), engine=100,
+        authors=ByField("pairs", {"gap": None, "all": 100, "divpo": 2}, None),
+        engine=100,
         cite=f"{_CLEAN}/2_data_prep_to_preference.py:61-66, 4_data_prep_for_divpo.py:18",
         ge=1,
     )
-    val_fraction: float = _f(0.1, "Fraction of prompts held out for validation/evaluation (split by prompt).",
-                             ge=0, lt=1)
+    val_fraction: float = _f(
+        0.1, "Fraction of prompts held out for validation/evaluation (split by prompt).", ge=0, lt=1
+    )
     truncation: Truncation = _r(
         "Sequence truncation. engine: a prompt longer than max_prompt_length keeps its start (the template's "
         "assistant header re-appended); the response is cut to what max_length leaves. trl: TRL 0.12's rule as "
         "the authors' trainers ran it: only when prompt + the pair's longer response exceed max_length, the prompt "
         "keeps its last max_prompt_length tokens, then responses are cut to max_length - max_prompt_length.",
-        authors="trl", engine="engine", cite="models/dorpo_trainer.py:235-252,514-532",
+        authors="trl",
+        engine="engine",
+        cite="models/dorpo_trainer.py:235-252,514-532",
     )
     max_prompt_length: int = _f(256, "Prompt tokens kept (see data.truncation).", ge=1)
     max_length: int = _f(512, "Prompt + response tokens per sequence (see data.truncation).")
@@ -338,8 +365,9 @@ class DataConfig(_Section):
     strict: bool = _f(False, "Raise on the first bad input row instead of skipping and counting it.")
     seed: int = _f(0, "Seed for pair sampling, splits and shuffling.")
     num_workers: int = _f(1, "Processes for tokenisation.", ge=1)
-    cache_dir: str = _f(".cache/data", "Where tokenised data is cached (keyed by data, tokenizer, template, lengths "
-                        "and truncation).")
+    cache_dir: str = _f(
+        ".cache/data", "Where tokenised data is cached (keyed by data, tokenizer, template, lengths and truncation)."
+    )
 
     def check(self):
         _check(
@@ -363,13 +391,20 @@ class DeviationConfig(_Section):
     section: ClassVar[str] = "deviation"
     enabled: bool = _f(True, "Compute deviation weights (needed by ddpo/dorpo and divpo pairs).")
     semantic_model: str = _f(
-        "builtin:minilm", "Semantic embedder: 'builtin:minilm' (all-MiniLM-L6-v2, shipped for offline use; NOT the "
-        "published jinaai/jina-embeddings-v3), a sentence-transformers name or local directory, or '' to drop it.")
+        "builtin:minilm",
+        "Semantic embedder: 'builtin:minilm' (all-MiniLM-L6-v2, shipped for offline use; NOT the "
+        "published jinaai/jina-embeddings-v3), a sentence-transformers name or local directory, or '' to drop it.",
+    )
     style_model: str = _f(
-        "builtin:stylometric", "Style embedder: 'builtin:stylometric' (a fixed hand-made stylometric vector; NOT the "
-        "published AnnaWegmann/Style-Embedding), a sentence-transformers name or local directory, or '' to drop it.")
-    trust_remote_code: bool = _f(False, "Let sentence-transformers run a model's own code (jina-embeddings-v3 needs "
-                                 "it; the authors load both embedders with it).")
+        "builtin:stylometric",
+        "Style embedder: 'builtin:stylometric' (a fixed hand-made stylometric vector; NOT the "
+        "published AnnaWegmann/Style-Embedding), a sentence-transformers name or local directory, or '' to drop it.",
+    )
+    trust_remote_code: bool = _f(
+        False,
+        "Let sentence-transformers run a model's own code (jina-embeddings-v3 needs "
+        "it; the authors load both embedders with it).",
+    )
     metric: DistanceMetric = _f("cosine", "Distance between embeddings.")
     mode: DeviationMode = _f("mean", "mean (published: mean distance to the prompt's other responses) or knn.")
     k: int = _f(10, "knn mode: number of neighbours.", ge=1)
@@ -379,21 +414,27 @@ class DeviationConfig(_Section):
         "in sampling order; max_per_prompt stops after the pair that reaches it and drops the later pairs. all: "
         "every cleaned response of the prompt; max_per_prompt scores the first ones in input order and leaves the "
         "rest at weight 1.",
-        authors="paired", engine="all", cite=f"{_CLEAN}/3_data_prep_for_diversified_training.py:52-87",
+        authors="paired",
+        engine="all",
+        cite=f"{_CLEAN}/3_data_prep_for_diversified_training.py:52-87",
     )
-    max_per_prompt: int | None = _f(None, "At most this many responses per prompt enter the scores (null: all); "
-                                    "see deviation.groups.", ge=2)
+    max_per_prompt: int | None = _f(
+        None, "At most this many responses per prompt enter the scores (null: all); see deviation.groups.", ge=2
+    )
     count_duplicates: bool = _r(
         "A response used by several pairs counts once per pair in the mean distance (its copies at distance 0); "
         "the min-max scaling and the weight normalisation still count each distinct response once.",
-        authors=True, engine=False, cite=f"{_CLEAN}/3_data_prep_for_diversified_training.py:62-67,84-111,140-145",
+        authors=True,
+        engine=False,
+        cite=f"{_CLEAN}/3_data_prep_for_diversified_training.py:62-67,84-111,140-145",
     )
     batch_size: int = _f(64, "Embedding batch size.", ge=1)
     device: str = _f("auto", "Embedding device: auto, cpu or cuda.")
     precision: EmbedPrecision = _r(
         "Transformer embedders' compute precision. auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else "
         "float32 (half-precision vectors get cache entries of their own).",
-        authors="float32", engine="auto",
+        authors="float32",
+        engine="auto",
         cite="models/diversity_model.py:9-13 (SentenceTransformer loaded and encoding without a dtype)",
     )
     cache_dir: str = _f(".cache/embeddings", "On-disk embedding cache keyed by (model id, text hash).")
@@ -409,23 +450,31 @@ class DeviationConfig(_Section):
 class LossConfig(_Section):
     section: ClassVar[str] = "loss"
     objective: Objective = _f("ddpo", "Training objective: " + ", ".join(OBJECTIVES) + ".")
-    beta: float = _f(0.1, "DPO/DDPO: KL strength beta. ORPO/DORPO: the odds-ratio weight lambda (published DORPO: "
-                     "0.25).", gt=0)
-    backend: LossBackend = _f("auto", "Fused loss backend: auto (triton on CUDA, torch chunks on CPU), triton, torch, "
-                              "or eager (full logits, for debugging).")
+    beta: float = _f(
+        0.1, "DPO/DDPO: KL strength beta. ORPO/DORPO: the odds-ratio weight lambda (published DORPO: 0.25).", gt=0
+    )
+    backend: LossBackend = _f(
+        "auto",
+        "Fused loss backend: auto (triton on CUDA, torch chunks on CPU), triton, torch, "
+        "or eager (full logits, for debugging).",
+    )
     nll_on_prompt: bool = _r(
         "Also put loss targets on prompt tokens (the authors' ORPO/DORPO NLL and SFT do).",
-        authors=ByField("objective", {"orpo": True, "dorpo": True, "sft": True}, False), engine=False,
+        authors=ByField("objective", {"orpo": True, "dorpo": True, "sft": True}, False),
+        engine=False,
         cite="models/dorpo_trainer.py:815-819",
     )
     reward_loss: RewardLoss = _f(
-        "l1", "objective reward: l1 or mse (regression on each response's transformed score; l1 = the authors') or "
+        "l1",
+        "objective reward: l1 or mse (regression on each response's transformed score; l1 = the authors') or "
         "bradley_terry (preference pairs, TRL's RewardTrainer).",
     )
-    reward_margin: float = _f(0.0, "bradley_terry: margin = this x (chosen label - rejected label), TRL's margin; "
-                              "0 = none.", ge=0)
-    center_rewards_coefficient: float | None = _f(None, "bradley_terry: TRL's center_rewards_coefficient (e.g. 0.01); "
-                                                  "null = off.", ge=0)
+    reward_margin: float = _f(
+        0.0, "bradley_terry: margin = this x (chosen label - rejected label), TRL's margin; 0 = none.", ge=0
+    )
+    center_rewards_coefficient: float | None = _f(
+        None, "bradley_terry: TRL's center_rewards_coefficient (e.g. 0.01); null = off.", ge=0
+    )
 
     @property
     def needs_reference(self) -> bool:
@@ -451,17 +500,24 @@ class OptimConfig(_Section):
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables.", ge=0, note="0 disables clipping")
 
     def check(self):
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-               f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
 
 
 @dataclass
 class RefCacheConfig(_Section):
     section: ClassVar[str] = "ref_cache"
-    mode: RefCacheMode = _f("auto", "auto: build the reference log-prob cache when missing and use it; require: fail "
-                            "without a valid cache; off: reference forward on the fly.")
-    dir: str | None = _f(None, "Cache directory; default: <output_dir>/ref_cache. Share it between runs over the same "
-                         "data and reference.")
+    mode: RefCacheMode = _f(
+        "auto",
+        "auto: build the reference log-prob cache when missing and use it; require: fail "
+        "without a valid cache; off: reference forward on the fly.",
+    )
+    dir: str | None = _f(
+        None,
+        "Cache directory; default: <output_dir>/ref_cache. Share it between runs over the same data and reference.",
+    )
     model: str | None = _f(None, "Reference model; default: the initial policy (model.name).")
     dtype: RefDtype = _f("float32", "Dtype of the reference forward.")
 
@@ -474,20 +530,24 @@ class ParallelConfig(_Section):
     offload_params: bool = _f(False, "Offload parameters to CPU (ZeRO-3).")
     precision: Precision = _f("fp32", "Training precision (bf16/fp16: mixed, fp32 master weights).")
     backend: ProcessGroupBackend = _f("auto", "Process-group backend: auto (nccl on CUDA, gloo on CPU).")
-    deepspeed_config: str | None = _f(None, "A DeepSpeed JSON to pass through; its keys override the ones derived "
-                                      "from this config.")
+    deepspeed_config: str | None = _f(
+        None, "A DeepSpeed JSON to pass through; its keys override the ones derived from this config."
+    )
 
     def check(self):
-        _check(not self.offload_optimizer or self.zero_stage >= 1,
-               "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        _check(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "parallel.offload_optimizer needs parallel.zero_stage >= 1",
+        )
         _check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params needs parallel.zero_stage 3")
 
 
 @dataclass
 class CheckpointConfig(_Section):
     section: ClassVar[str] = "checkpoint"
-    every_steps: int = _f(0, "Save a checkpoint every this many optimizer steps (0: only at the end and on SIGTERM).",
-                          ge=0)
+    every_steps: int = _f(
+        0, "Save a checkpoint every this many optimizer steps (0: only at the end and on SIGTERM).", ge=0
+    )
     keep_last: int = _f(2, "Checkpoints kept; older ones are deleted.", ge=1)
     resume: str = _f("none", "none, auto (the latest checkpoint of this run), or a checkpoint directory.")
     export_final: bool = _f(True, "Write final/ with save_pretrained (loadable by transformers).")
@@ -528,20 +588,29 @@ class EvalConfig(_Section):
     num_prompts: int = _f(32, "Held-out prompts evaluated.", ge=1)
     batch_size: int = _f(16, "Prompts per generate call.", ge=1)
     seed: int = _f(0, "Sampling seed.")
-    semantic_model: str = _f("builtin:minilm", "Embedder for semantic diversity (builtin:minilm is all-MiniLM-L6-v2, "
-                             "not the published jinaai/jina-embeddings-v3).")
-    style_model: str = _f("builtin:stylometric", "Embedder for style diversity (builtin:stylometric is a hand-made "
-                          "stylometric vector, not the published AnnaWegmann/Style-Embedding).")
+    semantic_model: str = _f(
+        "builtin:minilm",
+        "Embedder for semantic diversity (builtin:minilm is all-MiniLM-L6-v2, "
+        "not the published jinaai/jina-embeddings-v3).",
+    )
+    style_model: str = _f(
+        "builtin:stylometric",
+        "Embedder for style diversity (builtin:stylometric is a hand-made "
+        "stylometric vector, not the published AnnaWegmann/Style-Embedding).",
+    )
     trust_remote_code: bool = _f(False, "Let the embedders run their own code (jinaai/jina-embeddings-v3 needs it).")
-    reward_model: str | None = _f(None, "HF sequence-classification model scoring quality; on synthetic data the "
-                                  "ground truth is used too.")
+    reward_model: str | None = _f(
+        None, "HF sequence-classification model scoring quality; on synthetic data the ground truth is used too."
+    )
     metrics_compat: MetricsCompat = _f(
-        "engine", "Definitions of the text diversity metrics (engine.metrics). engine: what each name says. authors: "
+        "engine",
+        "Definitions of the text diversity metrics (engine.metrics). engine: what each name says. authors: "
         "the values of the authors' evaluation, to set beside the paper's figures: compression of the text gzipped "
         "twice, their homogenization walk (last sample left out, n identical samples score n - 1), n-grams split on "
         "single spaces, values rounded to 3 decimals, empty samples scored as 'nan' as their CSV reads them "
         "(diversity/compression.py, homogenization.py, ngram_diversity.py, scripts_eval/generation_eval1_2.py). Not "
-        "set by `recipe`: it changes the report, not the training, and runs compared side by side must share it.")
+        "set by `recipe`: it changes the report, not the training, and runs compared side by side must share it.",
+    )
 
 
 @dataclass
@@ -550,35 +619,49 @@ class RewardConfig(_Section):
 
     section: ClassVar[str] = "reward"
     template: RewardTemplate = _f(
-        "chat", "Reward model input: chat (the tokenizer's chat template, user = prompt, assistant = response) or "
+        "chat",
+        "Reward model input: chat (the tokenizer's chat template, user = prompt, assistant = response) or "
         "authors (<prompt>{prompt}</prompt><response>{response}</response>, models/reward_model.py). The export's "
         "tokenizer carries it as its chat template, so engine.evaluate renders the same text.",
     )
     score_transform: ScoreTransform = _f(
-        "authors", "Labels: authors (the published iterated-log transform of upvotes to about [-1, 1], with the "
+        "authors",
+        "Labels: authors (the published iterated-log transform of upvotes to about [-1, 1], with the "
         "dataset's min/max) or none (raw upvotes).",
     )
-    compression_factor: int = _f(100, "authors transform: how many times log(x + 1) is applied (published: 100).",
-                                 ge=1)
+    compression_factor: int = _f(100, "authors transform: how many times log(x + 1) is applied (published: 100).", ge=1)
     standardize_labels: bool = _f(
-        True, "Z-score the labels with the training split's mean and std (ranks kept; the L1/MSE optimum maps back "
+        True,
+        "Z-score the labels with the training split's mean and std (ranks kept; the L1/MSE optimum maps back "
         "affinely, and the export's config records both). The authors' transform leaves labels within ~0.01 of "
         "each other when the minimum score is 0; Adam's steps then swamp that spread (false: the published labels).",
     )
-    eval_every_steps: int = _f(0, "Held-out metrics every this many optimizer steps (0: once per epoch); always at "
-                               "the end.", ge=0, note="0 means once per epoch")
-    early_stopping_patience: int = _f(3, "Stop after this many evaluations without a lower held-out loss (0: never).",
-                                      ge=0)
+    eval_every_steps: int = _f(
+        0,
+        "Held-out metrics every this many optimizer steps (0: once per epoch); always at the end.",
+        ge=0,
+        note="0 means once per epoch",
+    )
+    early_stopping_patience: int = _f(
+        3, "Stop after this many evaluations without a lower held-out loss (0: never).", ge=0
+    )
     early_stopping_min_delta: float = _f(0.0, "A held-out loss counts as lower when below best - min_delta.", ge=0)
-    lr_plateau_patience: int | None = _f(None, "Multiply the learning rate by lr_plateau_factor after more than this "
-                                         "many evaluations without improvement (ReduceLROnPlateau); null: off.", ge=0)
+    lr_plateau_patience: int | None = _f(
+        None,
+        "Multiply the learning rate by lr_plateau_factor after more than this "
+        "many evaluations without improvement (ReduceLROnPlateau); null: off.",
+        ge=0,
+    )
     lr_plateau_factor: float = _f(0.1, "Learning-rate factor of the plateau schedule.", gt=0, lt=1)
 
 
 @dataclass
 class Config:
-    recipe: Recipe = _f("engine", "Whose choice to take at every point where this engine departs from the authors' "
-                        "code: authors or engine. Fields marked 'set by recipe' follow it unless set explicitly.")
+    recipe: Recipe = _f(
+        "engine",
+        "Whose choice to take at every point where this engine departs from the authors' "
+        "code: authors or engine. Fields marked 'set by recipe' follow it unless set explicitly.",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     deviation: DeviationConfig = field(default_factory=DeviationConfig)
@@ -608,7 +691,8 @@ class Config:
         by_recipe = " (set by recipe authors)" if "nll_on_prompt" in self.loss._from_recipe else ""
         _check(
             not (self.loss.nll_on_prompt and self.loss.objective in ("dpo", "ddpo")),
-            f"loss.nll_on_prompt{by_recipe} adds the chosen prompt tokens to the NLL term, and {self.loss.objective} has "
+            f"loss.nll_on_prompt{by_recipe} adds the chosen prompt tokens to the NLL term, and "
+            f"{self.loss.objective} has "
             "none (it applies to orpo, dorpo and sft); set loss.nll_on_prompt false",
         )
         if self.loss.objective == "reward":
@@ -643,6 +727,7 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------ construction
+
 
 def _section_types() -> dict[str, type]:
     return {k: v for k, v in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(v)}
@@ -738,8 +823,10 @@ def from_dict(data: dict | None) -> Config:
     sections, top = _section_types(), _top_level_types()
     unknown = sorted(set(data) - set(sections) - set(top))
     if unknown:
-        raise ConfigError(f"unknown config section(s) {unknown}; valid sections: {', '.join(sections)} "
-                          f"(and the top-level key(s) {', '.join(top)})")
+        raise ConfigError(
+            f"unknown config section(s) {unknown}; valid sections: {', '.join(sections)} "
+            f"(and the top-level key(s) {', '.join(top)})"
+        )
     built = {k: _coerce(data[k], hint, k) for k, hint in top.items() if k in data}
     for name, cls in sections.items():
         values = data.get(name) or {}
@@ -748,7 +835,9 @@ def from_dict(data: dict | None) -> Config:
         hints = _field_hints(cls)
         bad = sorted(set(values) - set(hints))
         if bad:
-            raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{b}' for b in bad)}; valid keys of {name}: {', '.join(hints)}")
+            raise ConfigError(
+                f"unknown key(s) {', '.join(f'{name}.{b}' for b in bad)}; valid keys of {name}: {', '.join(hints)}"
+            )
         built[name] = cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
     return Config(**built)
 
@@ -797,8 +886,14 @@ _HELP_WIDTH = 118
 
 def _wrap(text: str, first: int, rest: int) -> str:
     # Names such as jinaai/jina-embeddings-v3 or file:line citations must stay whole to be searchable.
-    return textwrap.fill(text, _HELP_WIDTH, initial_indent=" " * first, subsequent_indent=" " * rest,
-                         break_on_hyphens=False, break_long_words=False)
+    return textwrap.fill(
+        text,
+        _HELP_WIDTH,
+        initial_indent=" " * first,
+        subsequent_indent=" " * rest,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def help_text() -> str:
@@ -868,8 +963,9 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict, list[str]]:
 DEFAULT_PRESET = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
 
 
-def load_config(argv: list[str] | None = None, *, default_preset: Path | None = DEFAULT_PRESET,
-                prog: str = "engine") -> Config:
+def load_config(
+    argv: list[str] | None = None, *, default_preset: Path | None = DEFAULT_PRESET, prog: str = "engine"
+) -> Config:
     """Config from `--config file` (or the default preset) plus `--section.field value` overrides.
 
     `--help` prints every field and exits. Anything else unknown is an error.
@@ -882,7 +978,9 @@ def load_config(argv: list[str] | None = None, *, default_preset: Path | None = 
     path, overrides, rest = parse_overrides(argv)
     if rest:
         raise ConfigError(f"unrecognised argument(s) {rest}; settings are given as --section.field value (see --help)")
-    base = load_yaml(path) if path else (load_yaml(default_preset) if default_preset and default_preset.is_file() else {})
+    base = (
+        load_yaml(path) if path else (load_yaml(default_preset) if default_preset and default_preset.is_file() else {})
+    )
     return from_dict(_merge(base, overrides))
 
 

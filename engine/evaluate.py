@@ -128,7 +128,9 @@ def sample(model, tokenizer, prompts: Sequence[str], cfg, *, show_progress: bool
 
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before evaluating")
+            raise ValueError(
+                "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before evaluating"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = sampling_kwargs(cfg, tokenizer, model)
     stop_ids = set(_eos_ids(model, tokenizer)) | {tokenizer.pad_token_id}
@@ -402,11 +404,13 @@ def _embedders_and_reward(cfg, device: str, embedders: dict | None, reward_score
     """The embedders and reward scorer named by cfg, unless the caller passed its own."""
     embedders = dict(embedders) if embedders is not None else {}
     if "semantic" not in embedders:
-        embedders["semantic"] = _load_embedder(getattr(cfg, "semantic_model", None), device,
-                                               trust_remote_code=getattr(cfg, "trust_remote_code", False))
+        embedders["semantic"] = _load_embedder(
+            getattr(cfg, "semantic_model", None), device, trust_remote_code=getattr(cfg, "trust_remote_code", False)
+        )
     if "style" not in embedders:
-        embedders["style"] = _load_embedder(getattr(cfg, "style_model", None), device,
-                                            trust_remote_code=getattr(cfg, "trust_remote_code", False))
+        embedders["style"] = _load_embedder(
+            getattr(cfg, "style_model", None), device, trust_remote_code=getattr(cfg, "trust_remote_code", False)
+        )
     if reward_scorer is None and getattr(cfg, "reward_model", None):
         reward_scorer = RewardScorer(cfg.reward_model, device=device)
     return embedders, reward_scorer
@@ -501,8 +505,13 @@ def evaluate_human(
         synthetic = _is_synthetic_meta([r.meta for c in chosen for r in c])
     embedders, reward_scorer = _embedders_and_reward(cfg, device, embedders, reward_scorer)
     samples = [[{"text": r.text, "response_id": r.response_id, "score": float(r.score)} for r in c] for c in chosen]
-    settings = {"source": "human", "model": "human", "n_samples": int(cfg.n_samples), "human_selection": how,
-                "seed": int(cfg.seed)}
+    settings = {
+        "source": "human",
+        "model": "human",
+        "n_samples": int(cfg.n_samples),
+        "human_selection": how,
+        "seed": int(cfg.seed),
+    }
     return score_samples(
         [c[0].prompt for c in chosen],
         samples,
@@ -609,9 +618,16 @@ def summarize_run(path: str | Path, label: str | None = None) -> dict:
         if n:
             mean[k], std[k] = m, s
     sources = sorted({d.get("settings", {}).get("source", "model") for d in docs})
-    return {"label": label or run_label(path), "source": "/".join(sources), "seeds": len(docs), "mean": mean,
-            "std": std, "files": [str(f) for f in files], "seed_names": [_seed_name(f, path) for f in files],
-            "per_prompt": [d.get("per_prompt") or [] for d in docs]}
+    return {
+        "label": label or run_label(path),
+        "source": "/".join(sources),
+        "seeds": len(docs),
+        "mean": mean,
+        "std": std,
+        "files": [str(f) for f in files],
+        "seed_names": [_seed_name(f, path) for f in files],
+        "per_prompt": [d.get("per_prompt") or [] for d in docs],
+    }
 
 
 def _seed_name(metrics_file: Path, run_path: str | Path) -> str:
@@ -626,8 +642,13 @@ def metric_layout(per_prompt_sets: Sequence[Sequence[dict]]):
 
     rows = [r for rows in per_prompt_sets for r in rows]
     pooled = ("theme_entropy_overall", "style_entropy_overall")
-    scalars = tuple(k for k in REPORT_KEYS if k not in pooled and rows and all(
-        isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows))
+    scalars = tuple(
+        k
+        for k in REPORT_KEYS
+        if k not in pooled
+        and rows
+        and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
+    )
     shares = []
     for name in ("theme", "style"):
         dicts = [r.get(f"{name}_share") for r in rows]
@@ -677,12 +698,16 @@ def paired_differences(run: dict, baseline: dict, *, n_boot: int = 2000, level: 
         return np.stack([(new[k] - base[k]).mean(axis=-1) for k in names], axis=-1)
 
     boot = hierarchical_bootstrap([f for f in feats if len(f)], statistic, n_boot=n_boot, seed=seed)
-    return {"intervals": {k: boot.interval(i, level) for i, k in enumerate(names)},
-            "prompts": [len(f) for f in feats], "unpaired": unpaired}
+    return {
+        "intervals": {k: boot.interval(i, level) for i, k in enumerate(names)},
+        "prompts": [len(f) for f in feats],
+        "unpaired": unpaired,
+    }
 
 
-def comparison_markdown(runs: Sequence[dict], differences: dict[str, dict] | None = None,
-                        baseline: str | None = None) -> str:
+def comparison_markdown(
+    runs: Sequence[dict], differences: dict[str, dict] | None = None, baseline: str | None = None
+) -> str:
     """A markdown table of every report metric per run (columns no run has are left out) and, with a
     baseline, a table of each run's paired difference from it with its bootstrap interval."""
     from engine.compare import fmt_mean_std
@@ -734,21 +759,31 @@ def plot_quality_vs_diversity(runs: Sequence[dict], path: str | Path) -> Path:
     (`engine.compare.plot_frontier`, the plot the method experiment draws for its trajectories)."""
     from engine.compare import Curve, plot_frontier
 
-    panels = [(k, k.replace("_", " ")) for k in ("semantic_diversity", "style_diversity")
-              if any(k in r["mean"] for r in runs)] or [("semantic_diversity", "semantic diversity")]
+    panels = [
+        (k, k.replace("_", " ")) for k in ("semantic_diversity", "style_diversity") if any(k in r["mean"] for r in runs)
+    ] or [("semantic_diversity", "semantic diversity")]
     curves = [
-        Curve(r["label"], [r["mean"].get("quality", float("nan"))],
-              {k: [r["mean"][k]] for k, _ in panels if k in r["mean"]},
-              x_std=[r["std"].get("quality", float("nan"))],
-              y_std={k: [r["std"][k]] for k, _ in panels if k in r["std"]},
-              reference="human" in r["source"])
+        Curve(
+            r["label"],
+            [r["mean"].get("quality", float("nan"))],
+            {k: [r["mean"][k]] for k, _ in panels if k in r["mean"]},
+            x_std=[r["std"].get("quality", float("nan"))],
+            y_std={k: [r["std"][k]] for k, _ in panels if k in r["std"]},
+            reference="human" in r["source"],
+        )
         for r in runs
     ]
     return plot_frontier(curves, panels, path, title="Diversity vs quality (mean +- std over seeds)")
 
 
-def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None, *,
-                 baseline: str | None = None, n_boot: int = 2000) -> dict[str, Path]:
+def compare_runs(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    labels: Sequence[str] | None = None,
+    *,
+    baseline: str | None = None,
+    n_boot: int = 2000,
+) -> dict[str, Path]:
     """Write comparison.md and quality_vs_diversity.png for the given runs into out_dir; with `baseline`
     (a run's label), also each other run's paired difference from it."""
     if not paths:
@@ -761,8 +796,9 @@ def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Seque
         by_label = {r["label"]: r for r in runs}
         if baseline not in by_label:
             raise ValueError(f"--baseline {baseline!r} is not one of the runs' labels {sorted(by_label)}")
-        differences = {r["label"]: paired_differences(r, by_label[baseline], n_boot=n_boot)
-                       for r in runs if r["label"] != baseline}
+        differences = {
+            r["label"]: paired_differences(r, by_label[baseline], n_boot=n_boot) for r in runs if r["label"] != baseline
+        }
     out = Path(out_dir)
     md = out / "comparison.md"
     atomic_write(md, comparison_markdown(runs, differences, baseline))
@@ -774,10 +810,20 @@ def compare_runs(paths: Sequence[str | Path], out_dir: str | Path, labels: Seque
 
 # CLI flag -> EvalConfig field; a flag left unset keeps the config's default.
 _CFG_FLAGS = {
-    "n": "n_samples", "num_prompts": "num_prompts", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
-    "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "batch_size": "batch_size",
-    "seed": "seed", "semantic_model": "semantic_model", "style_model": "style_model", "reward_model": "reward_model",
-    "trust_remote_code": "trust_remote_code", "metrics_compat": "metrics_compat",
+    "n": "n_samples",
+    "num_prompts": "num_prompts",
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "semantic_model": "semantic_model",
+    "style_model": "style_model",
+    "reward_model": "reward_model",
+    "trust_remote_code": "trust_remote_code",
+    "metrics_compat": "metrics_compat",
 }
 
 
@@ -799,16 +845,29 @@ def _eval_parser() -> argparse.ArgumentParser:
         "`python -m engine.evaluate compare RUN [RUN ...]` compares finished evaluations.",
     )
     p.add_argument("--model", help="save_pretrained directory, hub name, or named architecture (e.g. llama-tiny)")
-    p.add_argument("--prompts", default="synthetic", help="data source for prompts (any engine.data source or 'synthetic')")
-    p.add_argument("--split", choices=SPLITS, default="val",
-                   help="which prompts: those training held out (val, default), the training ones, or all")
+    p.add_argument(
+        "--prompts", default="synthetic", help="data source for prompts (any engine.data source or 'synthetic')"
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="val",
+        help="which prompts: those training held out (val, default), the training ones, or all",
+    )
     p.add_argument("--val-fraction", type=float, help="held-out fraction used by training (default: data config's)")
     p.add_argument("--split-seed", type=int, help="split seed used by training (default: data config's data.seed)")
-    p.add_argument("--cleaning", choices=CLEANINGS,
-                   help="data.cleaning used by training: it decides the prompt texts, hence the split (default: engine)")
+    p.add_argument(
+        "--cleaning",
+        choices=CLEANINGS,
+        help="data.cleaning used by training: it decides the prompt texts, hence the split (default: engine)",
+    )
     p.add_argument("--human", action="store_true", help="score the prompts' human responses instead of sampling")
-    p.add_argument("--human-selection", choices=HUMAN_SELECTIONS, default="top",
-                   help="which human responses: the n highest-scored (top) or n at random (seeded)")
+    p.add_argument(
+        "--human-selection",
+        choices=HUMAN_SELECTIONS,
+        default="top",
+        help="which human responses: the n highest-scored (top) or n at random (seeded)",
+    )
     p.add_argument("--out", help="output directory (default: <run>/eval for runs/<run>/final, else eval/<name>)")
     p.add_argument("--n", type=int, help="samples per prompt (default 4)")
     p.add_argument("--num-prompts", type=int, help="prompts evaluated (default 32)")
@@ -821,12 +880,19 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--semantic-model", help="embedder for semantic diversity ('' drops the metric)")
     p.add_argument("--style-model", help="embedder for style diversity ('' drops the metric)")
-    p.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="let the embedders run their own code (jinaai/jina-embeddings-v3 needs it)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="let the embedders run their own code (jinaai/jina-embeddings-v3 needs it)",
+    )
     p.add_argument("--reward-model", help="HF sequence-classification model scoring quality")
-    p.add_argument("--metrics-compat", choices=METRICS_COMPATS,
-                   help="definitions of the text diversity metrics: engine (default) or authors (the values of the "
-                   "authors' evaluation code, to set beside the paper's figures; see engine.metrics)")
+    p.add_argument(
+        "--metrics-compat",
+        choices=METRICS_COMPATS,
+        help="definitions of the text diversity metrics: engine (default) or authors (the values of the "
+        "authors' evaluation code, to set beside the paper's figures; see engine.metrics)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")
@@ -835,8 +901,10 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.evaluate compare",
-                                description="Markdown table and quality-vs-diversity plot across evaluated runs.")
+    p = argparse.ArgumentParser(
+        prog="python -m engine.evaluate compare",
+        description="Markdown table and quality-vs-diversity plot across evaluated runs.",
+    )
     p.add_argument("runs", nargs="+", help="run directories (with eval/metrics.json) or metrics.json files")
     p.add_argument("--out", default=".", help="where comparison.md and quality_vs_diversity.png go")
     p.add_argument("--labels", nargs="+", help="names of the runs in the table and plot (default: directory names)")
@@ -895,23 +963,40 @@ def main(argv: Sequence[str] | None = None) -> EvalResult | dict:
     device = _auto_device(args.device)
     out_dir = Path(args.out) if args.out else default_out_dir(args.model, args.human)
     groups = load_prompt_groups(
-        args.prompts, cfg.num_prompts, split=args.split,
+        args.prompts,
+        cfg.num_prompts,
+        split=args.split,
         val_fraction=data_defaults.val_fraction if args.val_fraction is None else args.val_fraction,
-        split_seed=data_defaults.seed if args.split_seed is None else args.split_seed, strict=args.strict,
+        split_seed=data_defaults.seed if args.split_seed is None else args.split_seed,
+        strict=args.strict,
         cleaning=args.cleaning or data_defaults.cleaning,
     )
     synthetic = True if args.prompts == "synthetic" else None
     if args.human:
-        result = evaluate_human(groups, cfg, out_dir=out_dir, how=args.human_selection, synthetic=synthetic,
-                                device=device, show_progress=not args.no_progress)
+        result = evaluate_human(
+            groups,
+            cfg,
+            out_dir=out_dir,
+            how=args.human_selection,
+            synthetic=synthetic,
+            device=device,
+            show_progress=not args.no_progress,
+        )
     else:
         from engine.model import load_pretrained
 
         model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
         result = evaluate_model(
-            model, tokenizer, [g[0].prompt for g in groups], cfg, out_dir=out_dir,
-            prompt_meta=[g[0].meta for g in groups], prompt_ids=[g[0].prompt_id for g in groups],
-            synthetic=synthetic, model_name=args.model, show_progress=not args.no_progress,
+            model,
+            tokenizer,
+            [g[0].prompt for g in groups],
+            cfg,
+            out_dir=out_dir,
+            prompt_meta=[g[0].meta for g in groups],
+            prompt_ids=[g[0].prompt_id for g in groups],
+            synthetic=synthetic,
+            model_name=args.model,
+            show_progress=not args.no_progress,
         )
     _print_summary(result)
     return result

@@ -15,8 +15,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 _CHUNK = 1 << 22
 
@@ -151,4 +152,3 @@ def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", **savefig_kwargs))
     return path
-

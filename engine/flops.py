@@ -24,8 +24,8 @@ without touching the GPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 # Dense bf16 tensor-core peak (no sparsity) per GPU family, FLOP/s; matched as a substring of the
 # device name, most specific first. Sources: the vendors' data sheets (SXM parts unless named).
@@ -96,7 +96,7 @@ class ModelFlops:
     d_model: int
 
     @classmethod
-    def of(cls, model) -> "ModelFlops":
+    def of(cls, model) -> ModelFlops:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         # ZeRO-3 leaves partitioned parameters empty and records their full size in ds_numel.
         numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
@@ -114,8 +114,12 @@ class ModelFlops:
 
     def per_token(self, context: float) -> float:
         return flops_per_token(
-            self.n_params, self.n_layers, self.d_model, context,
-            n_trainable=self.n_trainable, n_embedding=self.n_embedding,
+            self.n_params,
+            self.n_layers,
+            self.d_model,
+            context,
+            n_trainable=self.n_trainable,
+            n_embedding=self.n_embedding,
         )
 
 

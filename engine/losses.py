@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -229,7 +229,7 @@ def dpo_loss(
 ) -> LossOutput:
     """DPO sigmoid loss (Rafailov et al. 2023, Eq. 7): `ddpo_loss` with every weight 1.
 
-        loss = mean_i( -logsigmoid(beta * ((pc_i - rc_i) - (pr_i - rr_i))) )
+    loss = mean_i( -logsigmoid(beta * ((pc_i - rc_i) - (pr_i - rr_i))) )
     """
     return ddpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_weights=None, beta=beta
@@ -272,7 +272,8 @@ def dorpo_loss(
     if chosen_nll.numel() != 1:
         raise ValueError(
             "chosen_nll must be the scalar token-mean NLL of the chosen responses, "
-            f"got shape {tuple(chosen_nll.shape)}; reduce it with -sum(chosen token log-probs) / number of chosen tokens"
+            f"got shape {tuple(chosen_nll.shape)}; reduce it with -sum(chosen token log-probs) / number of chosen "
+            "tokens"
         )
     dtype = _compute_dtype(policy_chosen_avg_logps, policy_rejected_avg_logps, chosen_nll)
     pc, pr = policy_chosen_avg_logps.to(dtype), policy_rejected_avg_logps.to(dtype)
@@ -316,7 +317,7 @@ def orpo_loss(
 ) -> LossOutput:
     """ORPO (Hong et al. 2024, Eqs. 6-7): `dorpo_loss` with every weight 1.
 
-        loss = chosen_nll - mean_i( beta * logsigmoid(log_odds_i) )
+    loss = chosen_nll - mean_i( beta * logsigmoid(log_odds_i) )
     """
     return dorpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, chosen_nll, chosen_weights=None, beta=beta)
 
@@ -541,7 +542,10 @@ def bradley_terry_loss(
         metrics["accuracy"] = (rc > rr).float().mean()
         metrics["margin"] = (rc - rr).detach().float().mean()
     return LossOutput(
-        loss=loss, metrics=metrics, per_pair_loss=per_pair.detach(), chosen_rewards=rc.detach(),
+        loss=loss,
+        metrics=metrics,
+        per_pair_loss=per_pair.detach(),
+        chosen_rewards=rc.detach(),
         rejected_rewards=rr.detach(),
     )
 

@@ -102,7 +102,7 @@ class RssWindow:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "RssWindow":
+    def __enter__(self) -> RssWindow:
         gc.collect()
         if reset_peak_rss():
             self.method = "kernel high-water mark (VmHWM) reset at the start"

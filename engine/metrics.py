@@ -70,10 +70,29 @@ NONE_LABEL = "none"  # share key for samples the ground truth could not label
 
 # pandas 2.2.3's default `na_values` of read_csv (their requirements.txt pins pandas 2.2.3): a sample
 # equal to one of these comes back from their CSV as NaN, which str() turns into "nan".
-AUTHORS_CSV_MISSING = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
-    "NULL", "NaN", "None", "n/a", "nan", "null",
-})
+AUTHORS_CSV_MISSING = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 # Inner gzip header time of the authors' compression ratio (theirs: the time of the call). The time of their
 # repository's first commit, 2025-03-21 13:28:33 UTC: a second at which they could have run it. Not 0, which
 # gzip.compress(mtime=0) writes with another header on Python >= 3.11.
@@ -86,8 +105,10 @@ _AUTHORS_DECIMALS = 3  # round(..., 3) in all three of their text metrics
 
 def _check_compat(compat: str) -> None:
     if compat not in METRICS_COMPATS:
-        raise ValueError(f"metrics compat must be one of {', '.join(METRICS_COMPATS)}, got {compat!r}; "
-                         "set eval.metrics_compat (--metrics-compat) to one of them")
+        raise ValueError(
+            f"metrics compat must be one of {', '.join(METRICS_COMPATS)}, got {compat!r}; "
+            "set eval.metrics_compat (--metrics-compat) to one of them"
+        )
 
 
 def authors_csv_texts(texts: Sequence[str]) -> list[str]:

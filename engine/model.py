@@ -42,9 +42,16 @@ def _named_config(name: str, vocab_size: int):
     if name == "llama-tiny":
         # Small enough to train on 2 CPU cores in minutes; real Llama block structure (GQA, RoPE, SwiGLU).
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
+            vocab_size=vocab_size,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
         )
     if name == "gpt2-small":
         return GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
@@ -53,10 +60,16 @@ def _named_config(name: str, vocab_size: int):
         # GQA, MLP) with 4 of the 32 decoder layers (1.92e9 parameters): a one-GPU benchmark of the 8B
         # step's per-layer and LM-head costs in minutes (make gpu-check).
         return LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
             num_hidden_layers=32 if name == "llama-8b" else 4,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-            rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
         )
     from engine.config import NAMED_ARCHITECTURES
 
@@ -80,9 +93,12 @@ def load_tokenizer(name_or_path: str | None = None, *, revision: str | None = No
         # Packed training never pads inside a sequence; the pad id only fills row tails and batched generation.
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        tok.chat_template = CHAT_TEMPLATE.replace("<|user|>", "User:").replace("<|assistant|>", "Assistant:").replace(
-            "<|end|>", tok.eos_token or ""
-        ).replace("{{ bos_token }}", "{{ bos_token or '' }}")
+        tok.chat_template = (
+            CHAT_TEMPLATE.replace("<|user|>", "User:")
+            .replace("<|assistant|>", "Assistant:")
+            .replace("<|end|>", tok.eos_token or "")
+            .replace("{{ bos_token }}", "{{ bos_token or '' }}")
+        )
     return tok
 
 
@@ -184,7 +200,11 @@ def _auto_class(num_labels: int | None):
 
 
 def load_model(
-    cfg, *, device: str | torch.device = "cpu", name: str | None = None, for_training: bool = True,
+    cfg,
+    *,
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+    for_training: bool = True,
     num_labels: int | None = None,
 ):
     """Model for a run from a ModelConfig (`name` overrides cfg.name, e.g. a separate reference model).
@@ -196,18 +216,27 @@ def load_model(
     name = name or cfg.name
     if is_named_architecture(name):
         attn = resolve_attn_implementation(cfg.attn_implementation, device, _named_config(name, 64).model_type)
-        model = build_model(name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn,
-                            num_labels=num_labels)
+        model = build_model(
+            name, dtype=cfg.dtype, seed=cfg.seed, device=device, attn_implementation=attn, num_labels=num_labels
+        )
     else:
         from transformers import AutoConfig
 
         hf_cfg = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         attn = resolve_attn_implementation(cfg.attn_implementation, device, hf_cfg.model_type)
         extra = {} if num_labels is None else {"num_labels": num_labels}
-        model = _auto_class(num_labels).from_pretrained(
-            name, revision=cfg.revision, dtype=_DTYPES[cfg.dtype], attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code, **extra,
-        ).to(device)
+        model = (
+            _auto_class(num_labels)
+            .from_pretrained(
+                name,
+                revision=cfg.revision,
+                dtype=_DTYPES[cfg.dtype],
+                attn_implementation=attn,
+                trust_remote_code=cfg.trust_remote_code,
+                **extra,
+            )
+            .to(device)
+        )
     model.config.use_cache = False  # packed rows rely on attention_mask=None and no KV cache
     prepare_for_preference_training(model, disable_dropout=cfg.disable_dropout)
     if not for_training:
@@ -245,8 +274,11 @@ def apply_lora(model, cfg, task_type: str = "CAUSAL_LM"):
 
     check_lora_targets(model, cfg.lora_target_modules)
     lcfg = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules), task_type=task_type,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        task_type=task_type,
     )
     return get_peft_model(model, lcfg)
 
@@ -269,17 +301,23 @@ def check_model(cfg, *, name: str | None = None, field: str = "model.name", lora
         path = Path(name)
         looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
         if looks_local and not path.is_dir():
-            raise ConfigError(f"{field} {name!r}: no such directory; give a save_pretrained directory, a hub name "
-                              "or one of the named architectures")
+            raise ConfigError(
+                f"{field} {name!r}: no such directory; give a save_pretrained directory, a hub name "
+                "or one of the named architectures"
+            )
         if path.is_dir() and not any(path.glob(p) for p in ("*.safetensors", "*.bin", "*.pt")):
-            raise ConfigError(f"{field} {name!r} holds no weight files (*.safetensors, *.bin); point it at a "
-                              "save_pretrained directory")
+            raise ConfigError(
+                f"{field} {name!r} holds no weight files (*.safetensors, *.bin); point it at a "
+                "save_pretrained directory"
+            )
         try:
             config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{field} {name!r} cannot be loaded ({first}); check the name, the local path, or hub "
-                              "access (HF_HUB_OFFLINE needs the model in the local cache)") from None
+            raise ConfigError(
+                f"{field} {name!r} cannot be loaded ({first}); check the name, the local path, or hub "
+                "access (HF_HUB_OFFLINE needs the model in the local cache)"
+            ) from None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     if lora and cfg.lora_r > 0:

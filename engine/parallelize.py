@@ -242,8 +242,9 @@ def setup_deepspeed(module: torch.nn.Module, cfg, *, total_steps: int):
     # allocates temporaries as large as the largest parameter (a 147 MB sqrt(v) for gpt2-small's
     # embedding) and runs ~2x slower on CPU.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    optimizer = WithheldAdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                              fused=fused)
+    optimizer = WithheldAdamW(
+        params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, total_steps=total_steps)
@@ -263,11 +264,15 @@ def step_with_grad_norm(engine) -> float | None:
     discards it; there the gradients are already all-reduced at the boundary, so we measure them first.
     """
     measured = None
-    if engine.is_gradient_accumulation_boundary() and not engine.zero_optimization() and not (
-        engine.fp16_enabled() or engine.bfloat16_enabled()
+    if (
+        engine.is_gradient_accumulation_boundary()
+        and not engine.zero_optimization()
+        and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     ):
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        measured = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        measured = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        )
     engine.step()
     reported = engine.get_global_grad_norm()
     return float(reported) if reported is not None else measured

@@ -119,6 +119,7 @@ class PlanError(ValueError):
 
 # ------------------------------------------------------------------------------------ model shapes
 
+
 @dataclass(frozen=True)
 class ParamSpec:
     """`count` parameter tensors of `shape` (one per layer for per-layer tensors)."""
@@ -179,7 +180,9 @@ class ModelShape:
         chosen = [lin for lin in self.linears if lin.name in set(targets)]
         if not chosen:
             names = sorted({lin.name for lin in self.linears})
-            raise PlanError(f"LoRA target modules {list(targets)} match no linear layer of {self.name}; candidates: {names}")
+            raise PlanError(
+                f"LoRA target modules {list(targets)} match no linear layer of {self.name}; candidates: {names}"
+            )
         return chosen
 
     def lora_parameters(self, r: int, targets) -> int:
@@ -202,29 +205,44 @@ def _llama_shape(name: str, cfg) -> ModelShape:
     qk_norm = mt == "qwen3"
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     layer = [
-        ParamSpec("q_proj.weight", (dq, d), L), ParamSpec("k_proj.weight", (dkv, d), L),
-        ParamSpec("v_proj.weight", (dkv, d), L), ParamSpec("o_proj.weight", (d, dq), L),
-        ParamSpec("gate_proj.weight", (inter, d), L), ParamSpec("up_proj.weight", (inter, d), L),
+        ParamSpec("q_proj.weight", (dq, d), L),
+        ParamSpec("k_proj.weight", (dkv, d), L),
+        ParamSpec("v_proj.weight", (dkv, d), L),
+        ParamSpec("o_proj.weight", (d, dq), L),
+        ParamSpec("gate_proj.weight", (inter, d), L),
+        ParamSpec("up_proj.weight", (inter, d), L),
         ParamSpec("down_proj.weight", (d, inter), L),
-        ParamSpec("input_layernorm.weight", (d,), L), ParamSpec("post_attention_layernorm.weight", (d,), L),
-    ]  # fmt: skip
+        ParamSpec("input_layernorm.weight", (d,), L),
+        ParamSpec("post_attention_layernorm.weight", (d,), L),
+    ]
     if qkv_bias:
-        layer += [ParamSpec("q_proj.bias", (dq,), L), ParamSpec("k_proj.bias", (dkv,), L), ParamSpec("v_proj.bias", (dkv,), L)]
+        layer += [
+            ParamSpec("q_proj.bias", (dq,), L),
+            ParamSpec("k_proj.bias", (dkv,), L),
+            ParamSpec("v_proj.bias", (dkv,), L),
+        ]
     if o_bias:
         layer.append(ParamSpec("o_proj.bias", (d,), L))
     if mlp_bias:
-        layer += [ParamSpec("gate_proj.bias", (inter,), L), ParamSpec("up_proj.bias", (inter,), L), ParamSpec("down_proj.bias", (d,), L)]
+        layer += [
+            ParamSpec("gate_proj.bias", (inter,), L),
+            ParamSpec("up_proj.bias", (inter,), L),
+            ParamSpec("down_proj.bias", (d,), L),
+        ]
     if qk_norm:
         layer += [ParamSpec("q_norm.weight", (hd,), L), ParamSpec("k_norm.weight", (hd,), L)]
     params = [ParamSpec("embed_tokens.weight", (v, d)), *layer, ParamSpec("norm.weight", (d,))]
     if not tied:
         params.append(ParamSpec("lm_head.weight", (v, d)))
     linears = [
-        LinearSpec("q_proj", d, dq, L, "norm1"), LinearSpec("k_proj", d, dkv, L, "norm1"),
-        LinearSpec("v_proj", d, dkv, L, "norm1"), LinearSpec("o_proj", dq, d, L, "attn_out"),
-        LinearSpec("gate_proj", d, inter, L, "norm2"), LinearSpec("up_proj", d, inter, L, "norm2"),
+        LinearSpec("q_proj", d, dq, L, "norm1"),
+        LinearSpec("k_proj", d, dkv, L, "norm1"),
+        LinearSpec("v_proj", d, dkv, L, "norm1"),
+        LinearSpec("o_proj", dq, d, L, "attn_out"),
+        LinearSpec("gate_proj", d, inter, L, "norm2"),
+        LinearSpec("up_proj", d, inter, L, "norm2"),
         LinearSpec("down_proj", inter, d, L, "mlp_act"),
-    ]  # fmt: skip
+    ]
     return ModelShape(name, "llama", v, d, L, h, kv, hd, inter, tied, params, linears, qk_norm=qk_norm)
 
 
@@ -233,20 +251,35 @@ def _gpt2_shape(name: str, cfg) -> ModelShape:
     inter = cfg.n_inner or 4 * d
     tied = bool(getattr(cfg, "tie_word_embeddings", True))
     layer = [
-        ParamSpec("ln_1.weight", (d,), L), ParamSpec("ln_1.bias", (d,), L),
-        ParamSpec("attn.c_attn.weight", (d, 3 * d), L), ParamSpec("attn.c_attn.bias", (3 * d,), L),
-        ParamSpec("attn.c_proj.weight", (d, d), L), ParamSpec("attn.c_proj.bias", (d,), L),
-        ParamSpec("ln_2.weight", (d,), L), ParamSpec("ln_2.bias", (d,), L),
-        ParamSpec("mlp.c_fc.weight", (d, inter), L), ParamSpec("mlp.c_fc.bias", (inter,), L),
-        ParamSpec("mlp.c_proj.weight", (inter, d), L), ParamSpec("mlp.c_proj.bias", (d,), L),
-    ]  # fmt: skip
-    params = [ParamSpec("wte.weight", (v, d)), ParamSpec("wpe.weight", (cfg.n_positions, d)), *layer,
-              ParamSpec("ln_f.weight", (d,)), ParamSpec("ln_f.bias", (d,))]  # fmt: skip
+        ParamSpec("ln_1.weight", (d,), L),
+        ParamSpec("ln_1.bias", (d,), L),
+        ParamSpec("attn.c_attn.weight", (d, 3 * d), L),
+        ParamSpec("attn.c_attn.bias", (3 * d,), L),
+        ParamSpec("attn.c_proj.weight", (d, d), L),
+        ParamSpec("attn.c_proj.bias", (d,), L),
+        ParamSpec("ln_2.weight", (d,), L),
+        ParamSpec("ln_2.bias", (d,), L),
+        ParamSpec("mlp.c_fc.weight", (d, inter), L),
+        ParamSpec("mlp.c_fc.bias", (inter,), L),
+        ParamSpec("mlp.c_proj.weight", (inter, d), L),
+        ParamSpec("mlp.c_proj.bias", (d,), L),
+    ]
+    params = [
+        ParamSpec("wte.weight", (v, d)),
+        ParamSpec("wpe.weight", (cfg.n_positions, d)),
+        *layer,
+        ParamSpec("ln_f.weight", (d,)),
+        ParamSpec("ln_f.bias", (d,)),
+    ]
     if not tied:
         params.append(ParamSpec("lm_head.weight", (v, d)))
     # peft matches leaf names, so "c_proj" adapts both the attention and the MLP projection.
-    linears = [LinearSpec("c_attn", d, 3 * d, L, "norm1"), LinearSpec("c_proj", d, d, L, "attn_out"),
-               LinearSpec("c_fc", d, inter, L, "norm2"), LinearSpec("c_proj", inter, d, L, "mlp_act")]  # fmt: skip
+    linears = [
+        LinearSpec("c_attn", d, 3 * d, L, "norm1"),
+        LinearSpec("c_proj", d, d, L, "attn_out"),
+        LinearSpec("c_fc", d, inter, L, "norm2"),
+        LinearSpec("c_proj", inter, d, L, "mlp_act"),
+    ]
     return ModelShape(name, "gpt2", v, d, L, h, h, d // h, inter, tied, params, linears)
 
 
@@ -270,15 +303,23 @@ def _generic_shape(name: str, cfg) -> ModelShape:
             continue
         if leaf != "lm_head":
             linears[key] = linears.get(key, 0) + 1
-    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-    h = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    d = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    h = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     kv = getattr(cfg, "num_key_value_heads", None) or h
     return ModelShape(
-        name, "generic", cfg.vocab_size, d, getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"),
-        h, kv, getattr(cfg, "head_dim", None) or d // h, getattr(cfg, "intermediate_size", None) or 4 * d,
-        bool(getattr(cfg, "tie_word_embeddings", False)), params,
+        name,
+        "generic",
+        cfg.vocab_size,
+        d,
+        getattr(cfg, "num_hidden_layers", None) or cfg.n_layer,
+        h,
+        kv,
+        getattr(cfg, "head_dim", None) or d // h,
+        getattr(cfg, "intermediate_size", None) or 4 * d,
+        bool(getattr(cfg, "tie_word_embeddings", False)),
+        params,
         [LinearSpec(n, i, o, c) for (n, i, o), c in linears.items()],
-    )  # fmt: skip
+    )
 
 
 def shape_from_hf_config(cfg, name: str | None = None) -> ModelShape:
@@ -366,12 +407,12 @@ class PlanSettings:
             raise PlanError(f"config must be an engine.config.Config, got {type(self.config).__name__}")
 
     @classmethod
-    def of(cls, overrides: dict[str, Any] | None = None, *, base: Config | None = None, **where) -> "PlanSettings":
+    def of(cls, overrides: dict[str, Any] | None = None, *, base: Config | None = None, **where) -> PlanSettings:
         """Settings from `{"section.field": value}` overrides of `base` (default: Config()), validated as
         the trainer validates them; `where` sets nodes, gpus_per_node, device, runtime_overhead_gib."""
         return cls(config=config_with(base or Config(), overrides or {}), **where)
 
-    def with_config(self, overrides: dict[str, Any]) -> "PlanSettings":
+    def with_config(self, overrides: dict[str, Any]) -> PlanSettings:
         return dataclasses.replace(self, config=config_with(self.config, overrides))
 
     @property
@@ -397,8 +438,9 @@ def config_with(base: Config, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in nested or name not in nested[section]:
-            raise PlanError(f"unknown config setting {key!r}; settings are named section.field "
-                            "(see python -m engine.config --help)")
+            raise PlanError(
+                f"unknown config setting {key!r}; settings are named section.field (see python -m engine.config --help)"
+            )
         nested[section][name] = value
     try:
         return from_dict(nested)
@@ -407,6 +449,7 @@ def config_with(base: Config, overrides: dict[str, Any]) -> Config:
 
 
 # ------------------------------------------------------------------------------------ the plan
+
 
 @dataclass
 class MemoryPlan:
@@ -466,7 +509,8 @@ class MemoryPlan:
         m, p, d = s["config"]["model"], s["config"]["parallel"], s["config"]["data"]
         alt = {
             "activations": f"checkpointing {'on' if m['gradient_checkpointing'] else 'off'}; "
-            f"with: {_gib(self.activations_with_checkpointing)}, without: {_gib(self.activations_without_checkpointing)}",
+            f"with: {_gib(self.activations_with_checkpointing)}, "
+            f"without: {_gib(self.activations_without_checkpointing)}",
             "logits": f"loss backend {s['config']['loss']['backend']}; fused: {_gib(self.logits_fused)} "
             f"(block {self.block_rows} rows), eager: {_gib(self.logits_eager)}",
             "reference": f"ref_cache.mode {s['config']['ref_cache']['mode']}; cache: {_gib(self.reference_cached)}, "
@@ -541,7 +585,9 @@ def activation_bytes_per_token_layer(shape: ModelShape, act_bytes: int) -> int:
     return norms + attn + mlp
 
 
-def lora_activation_delta(shape: ModelShape, act_bytes: int, r: int, adapted: list[LinearSpec], dropout: float) -> tuple[int, int]:
+def lora_activation_delta(
+    shape: ModelShape, act_bytes: int, r: int, adapted: list[LinearSpec], dropout: float
+) -> tuple[int, int]:
     """(bytes per token per layer, bytes per token once per model) that LoRA adds to the full-training formula.
 
     With the base frozen, no weight gradient needs a linear's input, so the base linears stop saving
@@ -677,8 +723,13 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
     buffers = _deepspeed_buffers(s, shape, w, T)
     runtime = s.runtime_bytes
     optimizer = master + moments
-    static = {"weights": weights, "optimizer": optimizer, "reference": reference, "buffers": buffers,
-              "runtime": runtime}
+    static = {
+        "weights": weights,
+        "optimizer": optimizer,
+        "reference": reference,
+        "buffers": buffers,
+        "runtime": runtime,
+    }
     # Gradients of earlier micro-batches stay resident through a later backward.
     accumulated = gradients if cfg.optim.grad_accum > 1 else 0
     backward = {"activations": activations, "logits": logits, "gradients": accumulated}
@@ -689,20 +740,46 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
     phase, live = ("backward", backward) if sum(backward.values()) >= sum(step.values()) else ("optimizer step", step)
     at_peak = {k: v_ for k, v_ in {**static, **live}.items() if v_}
     return MemoryPlan(
-        weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits,
-        reference=reference, buffers=buffers, runtime=runtime, total=sum(at_peak.values()), peak_phase=phase,
-        at_peak=at_peak, master_weights=master, optimizer_moments=moments, activations_with_checkpointing=act_with,
-        activations_without_checkpointing=act_without, logits_fused=logits_fused, logits_eager=logits_eager,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        logits=logits,
+        reference=reference,
+        buffers=buffers,
+        runtime=runtime,
+        total=sum(at_peak.values()),
+        peak_phase=phase,
+        at_peak=at_peak,
+        master_weights=master,
+        optimizer_moments=moments,
+        activations_with_checkpointing=act_with,
+        activations_without_checkpointing=act_without,
+        logits_fused=logits_fused,
+        logits_eager=logits_eager,
         logits_block=logits_block,
-        reference_cached=0, reference_on_the_fly=ref_fly, parameters=P, trainable_parameters=T, lora_parameters=A,
-        tokens_per_micro_batch=n, world_size=W, block_rows=chunk, activation_bytes_per_token_layer=per_layer,
-        attn_implementation=attn, settings=_settings_record(s),
+        reference_cached=0,
+        reference_on_the_fly=ref_fly,
+        parameters=P,
+        trainable_parameters=T,
+        lora_parameters=A,
+        tokens_per_micro_batch=n,
+        world_size=W,
+        block_rows=chunk,
+        activation_bytes_per_token_layer=per_layer,
+        attn_implementation=attn,
+        settings=_settings_record(s),
     )
 
 
 def _settings_record(s: PlanSettings) -> dict:
-    return {"config": s.config.to_dict(), "nodes": s.nodes, "gpus_per_node": s.gpus_per_node, "device": s.device,
-            "runtime_overhead_gib": s.runtime_bytes / GIB}
+    return {
+        "config": s.config.to_dict(),
+        "nodes": s.nodes,
+        "gpus_per_node": s.gpus_per_node,
+        "device": s.device,
+        "runtime_overhead_gib": s.runtime_bytes / GIB,
+    }
 
 
 def _model_type(shape: ModelShape) -> str | None:
@@ -743,8 +820,10 @@ def _deepspeed_buffers(s: PlanSettings, shape: ModelShape, w: int, trainable: in
 
 # ------------------------------------------------------------------------------------ fitting
 
-def largest_fitting(settings: PlanSettings, gpu_bytes: int, *, field: str = "max_tokens_per_row",
-                    step: int | None = None) -> int:
+
+def largest_fitting(
+    settings: PlanSettings, gpu_bytes: int, *, field: str = "max_tokens_per_row", step: int | None = None
+) -> int:
     """Largest value of data.`field` (max_tokens_per_row or rows_per_batch), a multiple of `step`, whose plan fits.
 
     step defaults to 128 tokens (a tile-friendly row length) or 1 row. A row must hold a pair
@@ -778,6 +857,7 @@ def largest_fitting(settings: PlanSettings, gpu_bytes: int, *, field: str = "max
 
 # ------------------------------------------------------------------------------------ run configs
 
+
 def settings_from_config(cfg: Config, world_size: int, device: str | None = None) -> PlanSettings:
     """PlanSettings of a run config on `world_size` ranks of `device` (default: CUDA when available, else CPU)."""
     if device is None:
@@ -796,15 +876,27 @@ def plan_from_config(cfg: Config, world_size: int, device: str | None = None) ->
 
 # Short flags of the CLI and the config setting each one sets (values mapped where the words differ).
 _ALIASES = {
-    "model": "model.name", "zero": "parallel.zero_stage", "precision": "parallel.precision", "lora_r": "model.lora_r",
-    "lora_targets": "model.lora_target_modules", "lora_dropout": "model.lora_dropout",
-    "offload_optimizer": "parallel.offload_optimizer", "offload_params": "parallel.offload_params",
-    "max_tokens_per_row": "data.max_tokens_per_row", "rows_per_batch": "data.rows_per_batch",
-    "gradient_checkpointing": "model.gradient_checkpointing", "loss": "loss.backend", "ref": "ref_cache.mode",
-    "ref_dtype": "ref_cache.dtype", "objective": "loss.objective",
+    "model": "model.name",
+    "zero": "parallel.zero_stage",
+    "precision": "parallel.precision",
+    "lora_r": "model.lora_r",
+    "lora_targets": "model.lora_target_modules",
+    "lora_dropout": "model.lora_dropout",
+    "offload_optimizer": "parallel.offload_optimizer",
+    "offload_params": "parallel.offload_params",
+    "max_tokens_per_row": "data.max_tokens_per_row",
+    "rows_per_batch": "data.rows_per_batch",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "loss": "loss.backend",
+    "ref": "ref_cache.mode",
+    "ref_dtype": "ref_cache.dtype",
+    "objective": "loss.objective",
 }
-_VALUE_MAP = {"loss": {"fused": "auto", "eager": "eager"}, "ref": {"cache": "auto", "on_the_fly": "off"},
-              "ref_dtype": {"bf16": "bfloat16", "fp32": "float32"}}
+_VALUE_MAP = {
+    "loss": {"fused": "auto", "eager": "eager"},
+    "ref": {"cache": "auto", "on_the_fly": "off"},
+    "ref_dtype": {"bf16": "bfloat16", "fp32": "float32"},
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -814,36 +906,61 @@ def _parser() -> argparse.ArgumentParser:
         "The run is an engine config: --config FILE and/or --section.field VALUE overrides (as for engine.train), "
         "or the short flags below, which set the config fields of the same meaning.",
     )
-    ap.add_argument("--config", default=None, help="a run config (YAML); without it the plan starts from the config "
-                    "defaults with --model llama-8b --precision bf16")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="a run config (YAML); without it the plan starts from the config "
+        "defaults with --model llama-8b --precision bf16",
+    )
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
-    ap.add_argument("--device", choices=DEVICES, default="cuda", help="what the ranks are: sets the fused loss's chunk "
-                    "budget, the attention kernel and the runtime constant")
-    ap.add_argument("--model", default=None,
-                    help="model.name: named architecture, config.json path, or cached hub name")
+    ap.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cuda",
+        help="what the ranks are: sets the fused loss's chunk budget, the attention kernel and the runtime constant",
+    )
+    ap.add_argument(
+        "--model", default=None, help="model.name: named architecture, config.json path, or cached hub name"
+    )
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="parallel.zero_stage")
-    ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
-                    help="parallel.precision (bf16/fp16: mixed precision with fp32 master weights and Adam states)")
+    ap.add_argument(
+        "--precision",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="parallel.precision (bf16/fp16: mixed precision with fp32 master weights and Adam states)",
+    )
     ap.add_argument("--lora-r", type=int, default=None, help="model.lora_r (0: train all weights)")
     ap.add_argument("--lora-targets", default=None, help="model.lora_target_modules, comma-separated")
     ap.add_argument("--lora-dropout", type=float, default=None, help="model.lora_dropout")
-    ap.add_argument("--offload-optimizer", action="store_const", const=True, default=None,
-                    help="parallel.offload_optimizer")
+    ap.add_argument(
+        "--offload-optimizer", action="store_const", const=True, default=None, help="parallel.offload_optimizer"
+    )
     ap.add_argument("--offload-params", action="store_const", const=True, default=None, help="parallel.offload_params")
     ap.add_argument("--max-tokens-per-row", type=int, default=None, help="data.max_tokens_per_row")
     ap.add_argument("--rows-per-batch", type=int, default=None, help="data.rows_per_batch")
-    ap.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None,
-                    help="model.gradient_checkpointing")
+    ap.add_argument(
+        "--gradient-checkpointing", action="store_const", const=True, default=None, help="model.gradient_checkpointing"
+    )
     ap.add_argument("--loss", choices=("fused", "eager"), default=None, help="loss.backend (fused: auto)")
-    ap.add_argument("--ref", choices=("cache", "on_the_fly"), default=None,
-                    help="ref_cache.mode (cache: auto, on_the_fly: off)")
+    ap.add_argument(
+        "--ref", choices=("cache", "on_the_fly"), default=None, help="ref_cache.mode (cache: auto, on_the_fly: off)"
+    )
     ap.add_argument("--ref-dtype", choices=("bf16", "fp32"), default=None, help="ref_cache.dtype")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="loss.objective")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory in GiB to fit into")
-    ap.add_argument("--runtime-overhead-gb", type=float, default=None,
-                    help="runtime constant, GiB (default: 1.0 for the CUDA context + NCCL; CPU_RUNTIME_BYTES on CPU)")
-    ap.add_argument("--fit", choices=("max_tokens_per_row", "rows_per_batch"), default="max_tokens_per_row", help="what the fit search varies")
+    ap.add_argument(
+        "--runtime-overhead-gb",
+        type=float,
+        default=None,
+        help="runtime constant, GiB (default: 1.0 for the CUDA context + NCCL; CPU_RUNTIME_BYTES on CPU)",
+    )
+    ap.add_argument(
+        "--fit",
+        choices=("max_tokens_per_row", "rows_per_batch"),
+        default="max_tokens_per_row",
+        help="what the fit search varies",
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
 
@@ -862,8 +979,13 @@ def _settings_from_args(args: argparse.Namespace, overrides: list[str]) -> PlanS
         cfg = load_config(argv, default_preset=None, prog="python -m engine.plan")
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    return PlanSettings(config=cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device,
-                        runtime_overhead_gib=args.runtime_overhead_gb)
+    return PlanSettings(
+        config=cfg,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        device=args.device,
+        runtime_overhead_gib=args.runtime_overhead_gb,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -890,8 +1012,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"largest {args.fit} that fits {args.gpu_memory_gb:g} GiB: {best:,} {unit}")
     else:
         static = sum(plan.at_peak.get(k, 0) for k in ("weights", "optimizer", "reference", "buffers", "runtime"))
-        print(f"nothing fits {args.gpu_memory_gb:g} GiB: the static parts alone need {static / GIB:.3f} GiB; "
-              "try a higher ZeRO stage, offloading or LoRA")
+        print(
+            f"nothing fits {args.gpu_memory_gb:g} GiB: the static parts alone need {static / GIB:.3f} GiB; "
+            "try a higher ZeRO stage, offloading or LoRA"
+        )
     return 0
 
 

@@ -80,8 +80,13 @@ class RewardWithLoss(torch.nn.Module):
             return rewards
         c = self.loss_cfg
         out = reward_loss(
-            c.reward_loss, rewards, labels=batch.labels, chosen_index=batch.chosen_segments,
-            rejected_index=batch.rejected_segments, margins=batch.margins, margin_scale=c.reward_margin,
+            c.reward_loss,
+            rewards,
+            labels=batch.labels,
+            chosen_index=batch.chosen_segments,
+            rejected_index=batch.rejected_segments,
+            margins=batch.margins,
+            margin_scale=c.reward_margin,
             center_rewards_coefficient=c.center_rewards_coefficient,
         )
         out.extras["rewards"] = rewards.detach()
@@ -137,10 +142,17 @@ def held_out_metrics(rewards: dict[str, float], prepared, loss_cfg) -> dict[str,
             margins = torch.tensor([label[p.chosen_id] - label[p.rejected_id] for p in pairs], dtype=torch.float64)
             both = torch.cat([pc, pr])
             idx = torch.arange(len(pairs))
-            out["loss"] = float(reward_loss(
-                "bradley_terry", both, chosen_index=idx, rejected_index=idx + len(pairs), margins=margins,
-                margin_scale=loss_cfg.reward_margin, center_rewards_coefficient=loss_cfg.center_rewards_coefficient,
-            ).loss)
+            out["loss"] = float(
+                reward_loss(
+                    "bradley_terry",
+                    both,
+                    chosen_index=idx,
+                    rejected_index=idx + len(pairs),
+                    margins=margins,
+                    margin_scale=loss_cfg.reward_margin,
+                    center_rewards_coefficient=loss_cfg.center_rewards_coefficient,
+                ).loss
+            )
         else:
             out["loss"] = float("nan")
     else:
@@ -172,7 +184,7 @@ def score_rows(engine, rows, *, rows_per_batch: int, device) -> dict[str, float]
     mine += mine[:1] * (per_rank - len(mine)) if mine else [0] * per_rank
     scores: dict[str, float] = {}
     for i in range(0, per_rank, rows_per_batch):
-        batch = collate_reward([rows[j] for j in mine[i:i + rows_per_batch]], device=device)
+        batch = collate_reward([rows[j] for j in mine[i : i + rows_per_batch]], device=device)
         rewards = engine(batch, with_loss=False).float().cpu().tolist()  # sync point: once per held-out batch
         scores.update(zip(batch.response_ids, rewards))
     merged: dict[str, float] = {}
@@ -197,8 +209,16 @@ class RewardValidation:
         self.total_steps = total_steps
         self.best_dir = Path(run_dir) / "best"
         self.best_file = Path(run_dir) / "best.json"
-        self.state = {"evals": 0, "best_loss": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
-                      "plateau_bad_evals": 0, "lr_scale": 1.0, "stopped_early_at": None}
+        self.state = {
+            "evals": 0,
+            "best_loss": None,
+            "best_step": None,
+            "best_metrics": None,
+            "bad_evals": 0,
+            "plateau_bad_evals": 0,
+            "lr_scale": 1.0,
+            "stopped_early_at": None,
+        }
 
     @property
     def enabled(self) -> bool:
@@ -216,15 +236,20 @@ class RewardValidation:
         metrics under "eval/" names, for the step's log record."""
         engine.eval()
         try:
-            rewards = score_rows(engine, self.prepared.val_rows, rows_per_batch=self.cfg.data.rows_per_batch,
-                                 device=self.device)
+            rewards = score_rows(
+                engine, self.prepared.val_rows, rows_per_batch=self.cfg.data.rows_per_batch, device=self.device
+            )
         finally:
             engine.train()
         metrics = held_out_metrics(rewards, self.prepared, self.cfg.loss)
         self._update(metrics, step, module, scheduler, tokenizer)
         s = self.state
-        return {**{f"eval/{k}": v for k, v in metrics.items()}, "eval/best_loss": s["best_loss"],
-                "eval/bad_evals": s["bad_evals"], "eval/lr_scale": s["lr_scale"]}
+        return {
+            **{f"eval/{k}": v for k, v in metrics.items()},
+            "eval/best_loss": s["best_loss"],
+            "eval/bad_evals": s["bad_evals"],
+            "eval/lr_scale": s["lr_scale"],
+        }
 
     @property
     def should_stop(self) -> bool:

@@ -39,14 +39,24 @@ from engine.fileio import atomic_write
 # its last bits: the attention and loss kernels, recomputation), never which model is trained on what
 # with which objective. ZeRO stage and offload stay fixed: DeepSpeed's checkpoint layout depends on them.
 RESUMABLE_FIELDS = (
-    "logging.*", "eval.*",
-    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export_final",
+    "logging.*",
+    "eval.*",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "checkpoint.resume",
+    "checkpoint.export_final",
     "checkpoint.merge_lora",
     "optim.max_steps",
-    "model.attn_implementation", "model.gradient_checkpointing", "loss.backend",
-    "data.cache_dir", "data.num_workers",
-    "deviation.cache_dir", "deviation.batch_size", "deviation.device",
-    "ref_cache.dir", "ref_cache.mode",
+    "model.attn_implementation",
+    "model.gradient_checkpointing",
+    "loss.backend",
+    "data.cache_dir",
+    "data.num_workers",
+    "deviation.cache_dir",
+    "deviation.batch_size",
+    "deviation.device",
+    "ref_cache.dir",
+    "ref_cache.mode",
     "parallel.backend",
 )
 # What a fresh run with the same meaning keeps of an earlier attempt: content-verified caches and
@@ -86,8 +96,11 @@ def config_differences(recorded: dict, cfg) -> list[str]:
     except ConfigError as e:
         return [f"the recorded config is not readable by this engine ({e})"]
     old, new = _flatten(dataclasses.asdict(recorded_cfg)), _flatten(cfg.to_dict())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not _resumable(k)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not _resumable(k)
+    ]
 
 
 def read_config(path: Path) -> dict | None:
@@ -111,7 +124,7 @@ class RunLock:
         self.path = self.run_dir.parent / f".{self.run_dir.name}.lock"
         self._file = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")
@@ -209,20 +222,22 @@ def claim(cfg) -> str | None:
     diffs = config_differences(recorded, cfg)
     resuming = cfg.checkpoint.resume != "none"
     if diffs:
-        fixes = ("give this run another logging.run_name, or --logging.overwrite true to start afresh there (the old "
-                 "contents are moved aside, nothing is deleted), or set the fields back")
-        fixes += " to continue that run" if resuming else " and add --checkpoint.resume auto to continue that run"
-        raise RunDirError(
-            f"run directory {run_dir} belongs to a run with another config ({'; '.join(diffs)}); {fixes}"
+        fixes = (
+            "give this run another logging.run_name, or --logging.overwrite true to start afresh there (the old "
+            "contents are moved aside, nothing is deleted), or set the fields back"
         )
+        fixes += " to continue that run" if resuming else " and add --checkpoint.resume auto to continue that run"
+        raise RunDirError(f"run directory {run_dir} belongs to a run with another config ({'; '.join(diffs)}); {fixes}")
     if resuming:
         return None
     progress = progress_summary(run_dir)
     if not progress:
         return None
     dest = move_aside(run_dir, keep=KEPT_ON_RESTART)
-    return (f"{run_dir} held an earlier run of this config ({progress}); this fresh run moved its outputs to {dest} "
-            "(use --checkpoint.resume auto to continue a run instead)")
+    return (
+        f"{run_dir} held an earlier run of this config ({progress}); this fresh run moved its outputs to {dest} "
+        "(use --checkpoint.resume auto to continue a run instead)"
+    )
 
 
 def check_writable(dirs: dict[str, Path]) -> None:

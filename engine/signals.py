@@ -40,7 +40,7 @@ class RunSignals:
         self._deferred = False
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "RunSignals":
+    def __enter__(self) -> RunSignals:
         # Handlers can only be set from the main thread; elsewhere the caller keeps its own.
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:

@@ -26,9 +26,10 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ from engine import checkpoint, flops, parallelize, rundir
 from engine.checkpoint import CheckpointError
 from engine.config import Config, ConfigError, load_config
 from engine.fileio import atomic_write, publish_dir
-from engine.losses import LossOutput, loss_epilogue
+from engine.losses import loss_epilogue
 from engine.memory import limit_allocator_retention
 from engine.rundir import RunDirError
 from engine.signals import RunSignals, StopRequested
@@ -105,7 +106,7 @@ class _FusedHead(torch.nn.Linear):
     """An LM head whose forward, given loss arguments, returns the fused preference loss instead of logits."""
 
     @classmethod
-    def wrap(cls, head: torch.nn.Module) -> "_FusedHead":
+    def wrap(cls, head: torch.nn.Module) -> _FusedHead:
         if not isinstance(head, torch.nn.Linear):
             raise TypeError(f"the fused loss needs a Linear LM head, got {type(head).__name__}")
         head.__class__ = cls  # same parameters, same state_dict keys: checkpoints and save_pretrained are unchanged
@@ -237,7 +238,12 @@ class Run:
 
     def save_checkpoint(self) -> None:
         checkpoint.save(
-            self.engine, self.ckpt_dir, self.state["step"], self.state, self.cfg, rank=self.env.rank,
+            self.engine,
+            self.ckpt_dir,
+            self.state["step"],
+            self.state,
+            self.cfg,
+            rank=self.env.rank,
             keep_last=self.cfg.checkpoint.keep_last,
         )
         self.saved_step = self.state["step"]
@@ -300,7 +306,8 @@ def _preflight(cfg: Config, env) -> Path | None:
     if env.is_main:
         try:
             dirs = {
-                "logging.output_dir": cfg.logging.run_dir / "checkpoints", "data.cache_dir": Path(cfg.data.cache_dir),
+                "logging.output_dir": cfg.logging.run_dir / "checkpoints",
+                "data.cache_dir": Path(cfg.data.cache_dir),
             }
             if cfg.deviation.enabled:
                 dirs["deviation.cache_dir"] = Path(cfg.deviation.cache_dir)
@@ -332,8 +339,16 @@ def _loss_module(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
 def _fresh_state(world_size: int) -> dict:
     """The trainer state a checkpoint carries; counters span every segment of a resumed run."""
     return {
-        "step": 0, "epoch": 0, "sampler": None, "nonfinite_skipped": 0, "tokens": 0, "world_size": world_size,
-        "first_loss": None, "last_loss": None, "loop_time_s": 0.0, "segments": 0,
+        "step": 0,
+        "epoch": 0,
+        "sampler": None,
+        "nonfinite_skipped": 0,
+        "tokens": 0,
+        "world_size": world_size,
+        "first_loss": None,
+        "last_loss": None,
+        "loop_time_s": 0.0,
+        "segments": 0,
     }
 
 
@@ -373,7 +388,8 @@ def setup(cfg: Config, env, signals: RunSignals) -> Run:
     # sequence classifier on packed responses (engine.reward); the policy objectives the fused-loss LM.
     is_reward = cfg.loss.objective == "reward"
     if is_reward:
-        from engine.data.pointwise import collate_reward as collate, prepare_reward_data
+        from engine.data.pointwise import collate_reward as collate
+        from engine.data.pointwise import prepare_reward_data
 
         prepared = prepare_reward_data(cfg, tokenizer, out_dir=run_dir if env.is_main else None)
         tokenizer = prepared.tokenizer  # the reward template and length: what the export must carry
@@ -400,8 +416,11 @@ def setup(cfg: Config, env, signals: RunSignals) -> Run:
         reference = on_the_fly_reference(model, cfg)
     module = _loss_module(cfg, model)
     sampler = RowSampler(
-        [r.num_tokens for r in rows], num_replicas=env.world_size, rank=env.rank,
-        rows_per_batch=cfg.data.rows_per_batch, seed=cfg.data.seed,
+        [r.num_tokens for r in rows],
+        num_replicas=env.world_size,
+        rank=env.rank,
+        rows_per_batch=cfg.data.rows_per_batch,
+        seed=cfg.data.seed,
     )
     steps_per_epoch = max(1, len(sampler) // cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or max(1, math.ceil(steps_per_epoch * cfg.optim.epochs))
@@ -410,8 +429,15 @@ def setup(cfg: Config, env, signals: RunSignals) -> Run:
     if is_reward:
         from engine.reward import RewardValidation
 
-        validation = RewardValidation(cfg, prepared, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
-                                      total_steps=total_steps, device=env.device, is_main=env.is_main)
+        validation = RewardValidation(
+            cfg,
+            prepared,
+            run_dir=run_dir,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            device=env.device,
+            is_main=env.is_main,
+        )
 
     state = _fresh_state(env.world_size)
     if resume_from is not None:
@@ -429,9 +455,23 @@ def setup(cfg: Config, env, signals: RunSignals) -> Run:
         sampler.set_epoch(state["epoch"])
 
     run = Run(
-        cfg=cfg, env=env, signals=signals, tokenizer=tokenizer, prepared=prepared, module=module, engine=engine,
-        optimizer=optimizer, scheduler=scheduler, sampler=sampler, total_steps=total_steps, state=state,
-        collate=collate, ref_cache=ref_cache, reference=reference, validation=validation, t_start=t_start,
+        cfg=cfg,
+        env=env,
+        signals=signals,
+        tokenizer=tokenizer,
+        prepared=prepared,
+        module=module,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        total_steps=total_steps,
+        state=state,
+        collate=collate,
+        ref_cache=ref_cache,
+        reference=reference,
+        validation=validation,
+        t_start=t_start,
         saved_step=state["step"] if resume_from is not None else None,
     )
     run.log = MetricsLog(cfg, env, total_steps=total_steps, start_step=state["step"])
@@ -572,15 +612,21 @@ def finish(run: Run) -> dict:
             "padding_fraction": run.prepared.padding_fraction,
             "nonfinite_skipped": state["nonfinite_skipped"],
             "peak_memory_mb": _peak_memory_mb(env.device),
-            "reference": "none" if run.ref_cache is None and run.reference is None else
-                         "cache" if run.ref_cache is not None else "on the fly",
+            "reference": "none"
+            if run.ref_cache is None and run.reference is None
+            else "cache"
+            if run.ref_cache is not None
+            else "on the fly",
             "train_time_s": loop_s,
             "wall_time_s": time.time() - run.t_start,
         }
         if run.validation is not None:
             v = run.validation.state
-            summary.update(responses=len(run.prepared.train_responses), best_step=v["best_step"],
-                           stopped_early_at=v["stopped_early_at"])
+            summary.update(
+                responses=len(run.prepared.train_responses),
+                best_step=v["best_step"],
+                stopped_early_at=v["stopped_early_at"],
+            )
             summary["eval"] = v["best_metrics"] or {}
         elif cfg.eval.enabled and run.prepared.val_pairs:
             summary["eval"] = evaluate_after_training(
@@ -623,7 +669,12 @@ def evaluate_after_training(model, tokenizer, prepared, cfg: Config, out_dir: Pa
     model.eval()
     try:
         result = evaluate_model(
-            model, tokenizer, prompts, cfg.eval, out_dir=out_dir, synthetic=cfg.data.source == "synthetic",
+            model,
+            tokenizer,
+            prompts,
+            cfg.eval,
+            out_dir=out_dir,
+            synthetic=cfg.data.source == "synthetic",
             model_name=cfg.logging.run_name,
         )
     finally:
@@ -660,9 +711,12 @@ def _known_error(e: BaseException) -> tuple[str, int, bool] | None:
     from engine.refcache import RefCacheError, RefCacheKeyError
 
     for kinds, label in (
-        (ConfigError, "config error"), (DataError, "data error"),
-        ((RefCacheError, RefCacheKeyError), "reference cache error"), (CheckpointError, "checkpoint error"),
-        (RunDirError, "run directory error"), (TrainingError, "training error"),
+        (ConfigError, "config error"),
+        (DataError, "data error"),
+        ((RefCacheError, RefCacheKeyError), "reference cache error"),
+        (CheckpointError, "checkpoint error"),
+        (RunDirError, "run directory error"),
+        (TrainingError, "training error"),
     ):
         if isinstance(e, kinds):
             return label, 2, False

@@ -48,8 +48,18 @@ SFT, HUMAN = "SFT", "human"
 # Objectives whose loss logs the deviation weights (weights/mean), which the lr controls read.
 WEIGHTED_OBJECTIVES = ("ddpo", "dorpo")
 # The per-prompt values results.json keeps for the statistics (the rest stay in each eval's metrics.json).
-PER_PROMPT_KEYS = ("prompt_id", "quality", "semantic_diversity", "style_diversity", "ngram_diversity",
-                   "compression_ratio", "homogenization", "length_words_mean", "theme_share", "style_share")
+PER_PROMPT_KEYS = (
+    "prompt_id",
+    "quality",
+    "semantic_diversity",
+    "style_diversity",
+    "ngram_diversity",
+    "compression_ratio",
+    "homogenization",
+    "length_words_mean",
+    "theme_share",
+    "style_share",
+)
 
 
 class DesignError(ValueError):
@@ -96,10 +106,29 @@ class Design:
         return asdict(self)
 
 
-_TOP_KEYS = {"recipe", "seeds", "pairings", "sft", "methods", "checkpoints", "comparisons", "best_vs_worst",
-             "statistics", "workers", "quick", "recipe_overrides"}
-_STAT_DEFAULTS = {"n_boot": 2000, "level": 0.95, "power": 0.8, "target_detectable": 0.015,
-                  "primary_metric": "semantic_diversity", "pilot": "DPO", "matched_quality_fraction": 0.75}
+_TOP_KEYS = {
+    "recipe",
+    "seeds",
+    "pairings",
+    "sft",
+    "methods",
+    "checkpoints",
+    "comparisons",
+    "best_vs_worst",
+    "statistics",
+    "workers",
+    "quick",
+    "recipe_overrides",
+}
+_STAT_DEFAULTS = {
+    "n_boot": 2000,
+    "level": 0.95,
+    "power": 0.8,
+    "target_detectable": 0.015,
+    "primary_metric": "semantic_diversity",
+    "pilot": "DPO",
+    "matched_quality_fraction": 0.75,
+}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -120,8 +149,7 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         raise DesignError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
     if quick:
         if not isinstance(raw.get("quick"), dict):
-            raise DesignError(f"{path} has no quick: section; add one (as in experiments/method.yaml) "
-                              "or drop --quick")
+            raise DesignError(f"{path} has no quick: section; add one (as in experiments/method.yaml) or drop --quick")
         q = dict(raw["quick"])
         bvw_quick = q.pop("best_vs_worst", {})
         raw = _merge(raw, q)
@@ -143,9 +171,11 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
             raise DesignError(f"{path}: method {name} has unknown key(s) {sorted(extra)}")
         if spec.get("pairing") not in pairings:
             raise DesignError(
-                f"{path}: method {name} has pairing {spec.get('pairing')!r}; choose one of {sorted(pairings)}")
-        methods[name] = Method(name, spec["pairing"], dict(spec.get("overrides") or {}),
-                               spec.get("lr_times_mean_weight_of"))
+                f"{path}: method {name} has pairing {spec.get('pairing')!r}; choose one of {sorted(pairings)}"
+            )
+        methods[name] = Method(
+            name, spec["pairing"], dict(spec.get("overrides") or {}), spec.get("lr_times_mean_weight_of")
+        )
     for m in methods.values():
         src = m.lr_times_mean_weight_of
         if src is None:
@@ -156,8 +186,10 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
                 f"{' or '.join(WEIGHTED_OBJECTIVES)} (only those log deviation weights)"
             )
         if methods[src].lr_times_mean_weight_of:
-            raise DesignError(f"{path}: {m.name} -> {src} -> {methods[src].lr_times_mean_weight_of}: lr chains of "
-                              "more than one step are not supported; take the lr from a weighted method directly")
+            raise DesignError(
+                f"{path}: {m.name} -> {src} -> {methods[src].lr_times_mean_weight_of}: lr chains of "
+                "more than one step are not supported; take the lr from a weighted method directly"
+            )
     stats = {**_STAT_DEFAULTS, **(raw.get("statistics") or {})}
     if set(stats) - set(_STAT_DEFAULTS):
         raise DesignError(f"{path}: unknown statistics key(s) {sorted(set(stats) - set(_STAT_DEFAULTS))}")
@@ -166,11 +198,13 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
     if not (isinstance(stats["n_boot"], int) and stats["n_boot"] >= 100):
         raise DesignError(f"{path}: statistics.n_boot must be an integer >= 100, got {stats['n_boot']!r}")
     if not 0 < stats["matched_quality_fraction"] <= 1:
-        raise DesignError(f"{path}: statistics.matched_quality_fraction must be in (0, 1], "
-                          f"got {stats['matched_quality_fraction']!r}")
+        raise DesignError(
+            f"{path}: statistics.matched_quality_fraction must be in (0, 1], got {stats['matched_quality_fraction']!r}"
+        )
     if not (0.5 < stats["level"] < 1 and 0.5 <= stats["power"] < 1):
         raise DesignError(
-            f"{path}: statistics.level and .power must be in (0.5, 1), got {stats['level']}, {stats['power']}")
+            f"{path}: statistics.level and .power must be in (0.5, 1), got {stats['level']}, {stats['power']}"
+        )
 
     def pairs_of(key, items):
         bad = [c for c in items if not (isinstance(c, list) and len(c) == 2 and all(x in methods for x in c))]
@@ -184,7 +218,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         raise DesignError(f"{path}: best_vs_worst.methods must be names from methods:, got {bvw_methods}")
     if bvw_methods and bvw.get("pairing") not in pairings:
         raise DesignError(
-            f"{path}: best_vs_worst.pairing must be one of {sorted(pairings)}, got {bvw.get('pairing')!r}")
+            f"{path}: best_vs_worst.pairing must be one of {sorted(pairings)}, got {bvw.get('pairing')!r}"
+        )
     bvw_seeds = list(bvw.get("seeds") or [])
     if any(s not in seeds for s in bvw_seeds):
         raise DesignError(f"{path}: best_vs_worst.seeds {bvw_seeds} must be among seeds {seeds}")
@@ -193,7 +228,8 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
         raise DesignError(f"{path}: best_vs_worst.comparisons may only name best_vs_worst.methods {bvw_methods}")
     if any(methods[m].lr_times_mean_weight_of for m in bvw_methods):
         raise DesignError(
-            f"{path}: best_vs_worst.methods cannot include lr controls (their weight source runs elsewhere)")
+            f"{path}: best_vs_worst.methods cannot include lr controls (their weight source runs elsewhere)"
+        )
     checkpoints, workers = raw["checkpoints"], raw.get("workers", 1)
     if not (isinstance(checkpoints, int) and checkpoints >= 1):
         raise DesignError(f"{path}: checkpoints must be an integer >= 1, got {checkpoints!r}")
@@ -202,11 +238,22 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
     recipe = Path(raw["recipe"])
     recipe = recipe if recipe.is_absolute() else ROOT / recipe
     return Design(
-        path=str(path), recipe=str(recipe), seeds=list(seeds), pairings=pairings, sft=dict(raw.get("sft") or {}),
-        methods=methods, checkpoints=checkpoints, comparisons=pairs_of("comparisons", raw["comparisons"]),
-        bvw_pairing=bvw.get("pairing", ""), bvw_methods=bvw_methods, bvw_seeds=bvw_seeds,
-        bvw_comparisons=bvw_comparisons, statistics=stats, workers=workers,
-        recipe_overrides=dict(raw.get("recipe_overrides") or {}), quick=quick,
+        path=str(path),
+        recipe=str(recipe),
+        seeds=list(seeds),
+        pairings=pairings,
+        sft=dict(raw.get("sft") or {}),
+        methods=methods,
+        checkpoints=checkpoints,
+        comparisons=pairs_of("comparisons", raw["comparisons"]),
+        bvw_pairing=bvw.get("pairing", ""),
+        bvw_methods=bvw_methods,
+        bvw_seeds=bvw_seeds,
+        bvw_comparisons=bvw_comparisons,
+        statistics=stats,
+        workers=workers,
+        recipe_overrides=dict(raw.get("recipe_overrides") or {}),
+        quick=quick,
     )
 
 
@@ -243,8 +290,11 @@ class Context:
     @property
     def common(self) -> dict:
         # Caches live under <out> so a fresh output directory is a fresh, honestly timed run.
-        return {**self.design.recipe_overrides, "data.cache_dir": str(Path(self.out) / "cache" / "data"),
-                "deviation.cache_dir": str(Path(self.out) / "cache" / "embeddings")}
+        return {
+            **self.design.recipe_overrides,
+            "data.cache_dir": str(Path(self.out) / "cache" / "data"),
+            "deviation.cache_dir": str(Path(self.out) / "cache" / "embeddings"),
+        }
 
     def base_config(self, seed: int = 0):
         return make_config(self.design.recipe, self.common, {"data.seed": seed, "eval.seed": seed})
@@ -253,8 +303,9 @@ class Context:
         # Runs on a method's own pairing live in <out>/<method>; on another pairing, <out>/<method>@<pairing>.
         return method if pairing == self.design.methods[method].pairing else f"{method}@{pairing}"
 
-    def method_config(self, method: str, seed: int, *, pairing: str | None = None, lr: float | None = None,
-                      final_only: bool = False):
+    def method_config(
+        self, method: str, seed: int, *, pairing: str | None = None, lr: float | None = None, final_only: bool = False
+    ):
         d = self.design
         m = d.methods[method]
         pairing = pairing or m.pairing
@@ -268,13 +319,21 @@ class Context:
         if base.parallel.zero_stage != 0:
             raise DesignError(f"{d.recipe}: checkpoints are read as ZeRO-0 module states; set parallel.zero_stage 0")
         return make_config(
-            d.recipe, self.common, d.pairings[pairing], m.overrides,
-            {"data.seed": seed, "eval.seed": seed, "model.name": self.sft_dir,
-             "logging.output_dir": str(Path(self.out) / run.lower()), "logging.run_name": f"seed{seed}",
-             # One reference cache per (pairing, seed): every dpo/ddpo run on the same pairs shares it.
-             "ref_cache.dir": str(Path(self.out) / "refcache" / f"{pairing}-seed{seed}"),
-             "checkpoint.every_steps": 0 if final_only else steps // d.checkpoints,
-             "checkpoint.keep_last": d.checkpoints},
+            d.recipe,
+            self.common,
+            d.pairings[pairing],
+            m.overrides,
+            {
+                "data.seed": seed,
+                "eval.seed": seed,
+                "model.name": self.sft_dir,
+                "logging.output_dir": str(Path(self.out) / run.lower()),
+                "logging.run_name": f"seed{seed}",
+                # One reference cache per (pairing, seed): every dpo/ddpo run on the same pairs shares it.
+                "ref_cache.dir": str(Path(self.out) / "refcache" / f"{pairing}-seed{seed}"),
+                "checkpoint.every_steps": 0 if final_only else steps // d.checkpoints,
+                "checkpoint.keep_last": d.checkpoints,
+            },
             {"optim.lr": lr} if lr is not None else {},
         )
 
@@ -301,8 +360,9 @@ def heldout_prompts(cfg) -> HeldOut:
     from engine.data.pairs import group_by_prompt, split_by_prompt
 
     d = cfg.data
-    responses, _ = load_responses(d.source, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed,
-                                  cleaning=d.cleaning)
+    responses, _ = load_responses(
+        d.source, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed, cleaning=d.cleaning
+    )
     _, val = split_by_prompt(responses, d.val_fraction, d.seed)
     groups = group_by_prompt(val)
     if len(groups) < cfg.eval.num_prompts:
@@ -345,15 +405,19 @@ def checkpoint_model(step_dir: Path, base_dir: str | Path):
     verify(step_dir)
     states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     model, tok = load_pretrained(str(base_dir))
-    model.load_state_dict({k[len("model."):]: v for k, v in states.items() if k.startswith("model.")}, strict=True)
+    model.load_state_dict({k[len("model.") :]: v for k, v in states.items() if k.startswith("model.")}, strict=True)
     return model.eval(), tok
 
 
 def _eval_record(result, method: str, seed: int, step: int, t_wall: float, t_cpu: float) -> dict:
     return {
-        "method": method, "seed": seed, "step": step, "summary": result.summary,
+        "method": method,
+        "seed": seed,
+        "step": step,
+        "summary": result.summary,
         "per_prompt": [{k: r[k] for k in PER_PROMPT_KEYS if k in r} for r in result.per_prompt],
-        "eval_s": time.time() - t_wall, "eval_cpu_s": time.process_time() - t_cpu,
+        "eval_s": time.time() - t_wall,
+        "eval_cpu_s": time.process_time() - t_cpu,
     }
 
 
@@ -361,8 +425,18 @@ def evaluate(model, tok, held: HeldOut, eval_cfg, out_dir: Path, label: str, see
     from engine.evaluate import evaluate_model
 
     t_wall, t_cpu = time.time(), time.process_time()
-    result = evaluate_model(model, tok, held.prompts, eval_cfg, out_dir=out_dir, prompt_ids=held.prompt_ids,
-                            synthetic=True, embedders=embedders(eval_cfg), model_name=label, show_progress=False)
+    result = evaluate_model(
+        model,
+        tok,
+        held.prompts,
+        eval_cfg,
+        out_dir=out_dir,
+        prompt_ids=held.prompt_ids,
+        synthetic=True,
+        embedders=embedders(eval_cfg),
+        model_name=label,
+        show_progress=False,
+    )
     return _eval_record(result, label, seed, step, t_wall, t_cpu)
 
 
@@ -392,15 +466,23 @@ def job_sft(ctx: Context) -> dict:
     """Train the shared SFT checkpoint."""
     from engine.train import train
 
-    cfg = make_config(ctx.design.recipe, ctx.common, ctx.design.sft,
-                      {"logging.output_dir": ctx.out, "logging.run_name": "sft", "checkpoint.every_steps": 0})
+    cfg = make_config(
+        ctx.design.recipe,
+        ctx.common,
+        ctx.design.sft,
+        {"logging.output_dir": ctx.out, "logging.run_name": "sft", "checkpoint.every_steps": 0},
+    )
     shutil.rmtree(cfg.logging.run_dir, ignore_errors=True)
     t_wall, t_cpu = time.time(), time.process_time()
     summary = train(cfg)
     if not summary:
         raise RuntimeError(f"SFT training in {cfg.logging.run_dir} returned no summary; see its metrics.jsonl")
-    return {"sft_dir": str(cfg.logging.run_dir / "final"), "summary": summary,
-            "train_s": time.time() - t_wall, "train_cpu_s": time.process_time() - t_cpu}
+    return {
+        "sft_dir": str(cfg.logging.run_dir / "final"),
+        "summary": summary,
+        "train_s": time.time() - t_wall,
+        "train_cpu_s": time.process_time() - t_cpu,
+    }
 
 
 def job_warmup(ctx: Context) -> dict:
@@ -412,8 +494,12 @@ def job_warmup(ctx: Context) -> dict:
 
     base = ctx.base_config()
     t_wall, t_cpu = time.time(), time.process_time()
-    responses, _ = load_responses(base.data.source, synthetic_prompts=base.data.synthetic_prompts,
-                                  synthetic_seed=base.data.synthetic_seed, cleaning=base.data.cleaning)
+    responses, _ = load_responses(
+        base.data.source,
+        synthetic_prompts=base.data.synthetic_prompts,
+        synthetic_seed=base.data.synthetic_seed,
+        cleaning=base.data.cleaning,
+    )
     compute_deviation(responses, base.deviation, cache_dir=base.deviation.cache_dir, show_progress=False)
     warm = {"embed_s": time.time() - t_wall, "embed_cpu_s": time.process_time() - t_cpu, "responses": len(responses)}
     records = []
@@ -421,8 +507,16 @@ def job_warmup(ctx: Context) -> dict:
         cfg = ctx.base_config(seed)
         held = heldout_prompts(cfg)
         t_wall, t_cpu = time.time(), time.process_time()
-        result = evaluate_human(held.groups, cfg.eval, out_dir=Path(ctx.out) / HUMAN / f"seed{seed}", how="random",
-                                synthetic=True, embedders=embedders(cfg.eval), device="cpu", show_progress=False)
+        result = evaluate_human(
+            held.groups,
+            cfg.eval,
+            out_dir=Path(ctx.out) / HUMAN / f"seed{seed}",
+            how="random",
+            synthetic=True,
+            embedders=embedders(cfg.eval),
+            device="cpu",
+            show_progress=False,
+        )
         records.append(_eval_record(result, HUMAN, seed, 0, t_wall, t_cpu))
     return {"warmup": warm, "evals": records}
 
@@ -433,13 +527,15 @@ def job_sft_eval(ctx: Context, seed: int) -> dict:
 
     cfg = ctx.base_config(seed)
     model, tok = load_pretrained(ctx.sft_dir)
-    record = evaluate(model, tok, heldout_prompts(cfg), cfg.eval, Path(ctx.out) / "sft" / "eval" / f"seed{seed}", SFT,
-                      seed, 0)
+    record = evaluate(
+        model, tok, heldout_prompts(cfg), cfg.eval, Path(ctx.out) / "sft" / "eval" / f"seed{seed}", SFT, seed, 0
+    )
     return {"evals": [record], "runs": []}
 
 
-def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | None = None,
-              final_only: bool = False) -> dict:
+def job_chain(
+    ctx: Context, seed: int, methods: list[str], *, pairing: str | None = None, final_only: bool = False
+) -> dict:
     """Train and evaluate `methods` of one seed in order (an lr control after the run it reads its weight from).
 
     Each run is evaluated at its checkpoints (every max_steps / checkpoints steps; final_only: the final
@@ -460,23 +556,36 @@ def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | Non
         label = ctx.run_name(method, pairing or m.pairing)
         run_dir = cfg.logging.run_dir
         shutil.rmtree(run_dir, ignore_errors=True)  # <out>/<run>/seed<k> belongs to this experiment run
-        print(f"-- {label} seed {seed}: objective {cfg.loss.objective}, pairs {cfg.data.pairs}, lr {cfg.optim.lr:.3g}, "
-              f"{cfg.optim.max_steps} steps", flush=True)
+        print(
+            f"-- {label} seed {seed}: objective {cfg.loss.objective}, pairs {cfg.data.pairs}, lr {cfg.optim.lr:.3g}, "
+            f"{cfg.optim.max_steps} steps",
+            flush=True,
+        )
         t_wall, t_cpu = time.time(), time.process_time()
         summary = train(cfg)
         if not summary:
             raise RuntimeError(f"training {run_dir} returned no summary (stopped early?); see its metrics.jsonl")
-        info = {"method": label, "seed": seed, "lr": cfg.optim.lr, "pairs_mode": cfg.data.pairs,
-                "objective": cfg.loss.objective, "summary": summary,
-                "train_s": time.time() - t_wall, "train_cpu_s": time.process_time() - t_cpu}
+        info = {
+            "method": label,
+            "seed": seed,
+            "lr": cfg.optim.lr,
+            "pairs_mode": cfg.data.pairs,
+            "objective": cfg.loss.objective,
+            "summary": summary,
+            "train_s": time.time() - t_wall,
+            "train_cpu_s": time.process_time() - t_cpu,
+        }
         if cfg.loss.needs_weights:
             weights[method] = info["mean_chosen_weight"] = mean_logged_weight(run_dir)
         if m.lr_times_mean_weight_of:
             info["lr_scale"] = weights[m.lr_times_mean_weight_of]
             info["lr_scale_from"] = m.lr_times_mean_weight_of
         runs.append(info)
-        steps = [cfg.optim.max_steps] if final_only else [
-            cfg.checkpoint.every_steps * (i + 1) for i in range(ctx.design.checkpoints)]
+        steps = (
+            [cfg.optim.max_steps]
+            if final_only
+            else [cfg.checkpoint.every_steps * (i + 1) for i in range(ctx.design.checkpoints)]
+        )
         for step in steps:
             if step == cfg.optim.max_steps:
                 model, tok = load_pretrained(str(run_dir / "final"))
@@ -486,10 +595,12 @@ def job_chain(ctx: Context, seed: int, methods: list[str], *, pairing: str | Non
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         last = evals[-1]["summary"]
         nan = float("nan")
-        print(f"   {label} seed {seed}: quality {last.get('quality', nan):.4f}, semantic div. "
-              f"{last.get('semantic_diversity', nan):.4f}, style div. {last.get('style_diversity', nan):.4f} "
-              f"({info['train_s']:.0f} s train, {sum(e['eval_s'] for e in evals[-len(steps):]):.0f} s eval)",
-              flush=True)
+        print(
+            f"   {label} seed {seed}: quality {last.get('quality', nan):.4f}, semantic div. "
+            f"{last.get('semantic_diversity', nan):.4f}, style div. {last.get('style_diversity', nan):.4f} "
+            f"({info['train_s']:.0f} s train, {sum(e['eval_s'] for e in evals[-len(steps) :]):.0f} s eval)",
+            flush=True,
+        )
     return {"evals": evals, "runs": runs}
 
 
@@ -535,8 +646,9 @@ def chains(design: Design) -> list[list[str]]:
     return sorted(([r] + dependents.get(r, []) for r in roots), key=len, reverse=True)
 
 
-def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft_dir: Path | None = None,
-                   log=print) -> dict:
+def run_experiment(
+    design: Design, out: Path, *, workers: int | None = None, sft_dir: Path | None = None, log=print
+) -> dict:
     """Every phase of the experiment; returns what results.json and the report hold."""
     from experiments.method_report import power_estimate
 
@@ -548,8 +660,11 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
     evals: list[dict] = []
     runs: list[dict] = []
     cpu: dict[str, float] = {}
-    executor = _InProcess() if workers == 1 else ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                                                      initializer=_init_worker)
+    executor = (
+        _InProcess()
+        if workers == 1
+        else ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
+    )
     with executor as ex:
         log(f"== phase 0: SFT || embedding warm-up and human references ({workers} worker(s))")
         t0 = time.time()
@@ -559,13 +674,20 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
         else:
             if not (Path(sft_dir) / "config.json").is_file():
                 raise FileNotFoundError(
-                    f"--sft {sft_dir} is not a save_pretrained directory (no config.json); pass <run>/final")
-            sft = {"sft_dir": str(sft_dir), "summary": {"note": f"given with --sft {sft_dir}"}, "train_s": 0.0,
-                   "train_cpu_s": 0.0}
+                    f"--sft {sft_dir} is not a save_pretrained directory (no config.json); pass <run>/final"
+                )
+            sft = {
+                "sft_dir": str(sft_dir),
+                "summary": {"note": f"given with --sft {sft_dir}"},
+                "train_s": 0.0,
+                "train_cpu_s": 0.0,
+            }
         warm = warm_f.result()
         evals += warm["evals"]
-        cpu["sft"], cpu["warmup"] = sft["train_cpu_s"], warm["warmup"]["embed_cpu_s"] + sum(
-            e["eval_cpu_s"] for e in warm["evals"])
+        cpu["sft"], cpu["warmup"] = (
+            sft["train_cpu_s"],
+            warm["warmup"]["embed_cpu_s"] + sum(e["eval_cpu_s"] for e in warm["evals"]),
+        )
         phases["phase0_s"] = time.time() - t0
         ctx = Context(design, str(out), sft["sft_dir"])
 
@@ -579,15 +701,20 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
         power = power_estimate(evals, design)
         power["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         _atomic_json(out / "power.json", power)
-        log(f"   power: detectable {design.statistics['primary_metric']} difference "
+        log(
+            f"   power: detectable {design.statistics['primary_metric']} difference "
             f"{power['detectable']:.4f} at {power['n_prompts']} prompts x {power['n_seeds']} seeds "
-            f"(target {design.statistics['target_detectable']})")
+            f"(target {design.statistics['target_detectable']})"
+        )
 
         log("== phase 2: the other methods, then best-vs-worst")
         t0 = time.time()
         jobs = [(s, c, {}) for c in chains(design) for s in design.seeds]
-        jobs += [(s, design.bvw_methods, {"pairing": design.bvw_pairing, "final_only": True})
-                 for s in design.bvw_seeds if design.bvw_methods]
+        jobs += [
+            (s, design.bvw_methods, {"pairing": design.bvw_pairing, "final_only": True})
+            for s in design.bvw_seeds
+            if design.bvw_methods
+        ]
         # Longest first (an evaluation costs about three trainings): the last jobs then end close together.
         jobs.sort(key=lambda j: -len(j[1]) * ((1 if j[2].get("final_only") else design.checkpoints) + 0.35))
         _collect([ex.submit(job_chain, ctx, s, c, **kw) for s, c, kw in jobs], evals, runs)
@@ -596,10 +723,20 @@ def run_experiment(design: Design, out: Path, *, workers: int | None = None, sft
     cpu["runs_train"] = sum(r["train_cpu_s"] for r in runs)
     cpu["evals"] = sum(e["eval_cpu_s"] for e in evals if e["method"] != HUMAN)
     return {
-        "design": design.to_dict(), "evals": evals, "runs": runs, "power": power, "sft": sft,
-        "warmup": warm["warmup"], "phases": phases, "cpu_s": cpu, "workers": workers,
-        "load_start": load_start, "load_end": os.getloadavg(), "quick": design.quick,
-        "recipe": make_config(design.recipe, ctx.common).to_dict(), "sft_given": sft_dir is not None,
+        "design": design.to_dict(),
+        "evals": evals,
+        "runs": runs,
+        "power": power,
+        "sft": sft,
+        "warmup": warm["warmup"],
+        "phases": phases,
+        "cpu_s": cpu,
+        "workers": workers,
+        "load_start": load_start,
+        "load_end": os.getloadavg(),
+        "quick": design.quick,
+        "recipe": make_config(design.recipe, ctx.common).to_dict(),
+        "sft_given": sft_dir is not None,
         "model": {**model_facts(sft["sft_dir"]), "name": make_config(design.recipe, ctx.common).model.name},
         "n_held_out": {str(s): len(heldout_prompts(ctx.base_config(s)).prompts) for s in design.seeds},
     }
@@ -614,8 +751,13 @@ def model_facts(model_dir: str) -> dict:
 
     model, _ = load_pretrained(model_dir)
     c = model.config
-    return {"architecture": type(model).__name__, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
-            "vocab": c.vocab_size, "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "architecture": type(model).__name__,
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "vocab": c.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _atomic_json(path: Path, doc: dict) -> None:
@@ -629,24 +771,42 @@ def versions() -> dict:
     import engine
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         if dirty:
             commit += " (with uncommitted changes to tracked files)"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown (git not available)"
     cpu_model = "unknown"
     try:
-        cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("model name"))
+        cpu_model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {
-        "engine": getattr(engine, "__version__", "?"), "engine_commit": commit, "torch": torch.__version__,
-        "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model,
+        "engine": getattr(engine, "__version__", "?"),
+        "engine_commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
     }
 
 
@@ -664,13 +824,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--design", type=Path, default=DESIGN, help="design file (default experiments/method.yaml)")
     p.add_argument("--quick", action="store_true", help="smoke version: the design's quick: section")
     p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="output directory of all runs")
-    p.add_argument("--doc", type=Path, default=None,
-                   help="report path (default: EXPERIMENTS.md at the repo root; with --quick: <out>/EXPERIMENTS.md)")
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="report path (default: EXPERIMENTS.md at the repo root; with --quick: <out>/EXPERIMENTS.md)",
+    )
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the design's workers)")
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the design's (a slice)")
     p.add_argument("--sft", type=Path, default=None, help="use this SFT final/ dir instead of training one")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: rewrite the report and plots from <out>/results.json of an earlier run")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rewrite the report and plots from <out>/results.json of an earlier run",
+    )
     args = p.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")

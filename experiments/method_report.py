@@ -48,11 +48,18 @@ from engine.fileio import atomic_write, save_figure
 SFT, HUMAN = "SFT", "human"
 SCALARS = ("quality", "semantic_diversity", "style_diversity")
 # The diversity metrics every comparison reports (higher = more diverse for all three).
-DIVERSITY = (("semantic_diversity", "semantic diversity"), ("style_diversity", "style diversity"),
-             ("theme_entropy_overall", "theme entropy"))
+DIVERSITY = (
+    ("semantic_diversity", "semantic diversity"),
+    ("style_diversity", "style diversity"),
+    ("theme_entropy_overall", "theme entropy"),
+)
 # Further columns of the trajectory table; shares: higher = more concentrated (or more degenerate).
-EXTRA = (("style_entropy_overall", "style entropy"), (f"theme_share/{POPULAR_THEME}", f"share '{POPULAR_THEME}'"),
-         (f"style_share/{POPULAR_STYLE}", f"share '{POPULAR_STYLE}'"), ("style_share/none", "style-less share"))
+EXTRA = (
+    ("style_entropy_overall", "style entropy"),
+    (f"theme_share/{POPULAR_THEME}", f"share '{POPULAR_THEME}'"),
+    (f"style_share/{POPULAR_STYLE}", f"share '{POPULAR_STYLE}'"),
+    ("style_share/none", "style-less share"),
+)
 DEGENERATE_SHARE = 0.2  # above this share of style-less samples the report flags over-optimisation
 COLLAPSED_SHARE = 0.95  # at or above this share of the popular theme, theme entropy cannot separate methods
 
@@ -78,9 +85,11 @@ def generator_facts() -> dict:
         "quality_slope": upvotes(1.0, other_theme, other_style, src) - base,
         "theme_bonus": upvotes(0.0, POPULAR_THEME, other_style, src) - base,
         "style_bonus": upvotes(0.0, other_theme, POPULAR_STYLE, src) - base,
-        "noise_sd": src.sd, "min_responses": params["min_responses"].default,
+        "noise_sd": src.sd,
+        "min_responses": params["min_responses"].default,
         "max_responses": params["max_responses"].default,
-        "theme_freq": dict(zip(THEMES, THEME_FREQ)), "style_freq": dict(zip(STYLES, STYLE_FREQ)),
+        "theme_freq": dict(zip(THEMES, THEME_FREQ)),
+        "style_freq": dict(zip(STYLES, STYLE_FREQ)),
     }
 
 
@@ -101,8 +110,9 @@ def layout_for(evals: list[dict]) -> MetricLayout:
     return MetricLayout(tuple(have), (("theme", THEMES), ("style", STYLES)))
 
 
-def seed_features(evals: list[dict], conditions: list[tuple[str, int]], seeds: list[int],
-                  layout: MetricLayout) -> list[np.ndarray]:
+def seed_features(
+    evals: list[dict], conditions: list[tuple[str, int]], seeds: list[int], layout: MetricLayout
+) -> list[np.ndarray]:
     """Per seed, [P, C * F]: the layout's features of every condition (method, step), side by side on the
     prompts all conditions were evaluated on (paired), rows with a missing value dropped."""
     out = []
@@ -133,8 +143,9 @@ def primary_metric(evals: list[dict], wanted: str) -> str:
 # ------------------------------------------------------------------------------------------- power
 
 
-def paired_differences(evals: list[dict], seeds: list[int], a: tuple[str, int], b: tuple[str, int],
-                       metric: str) -> list[np.ndarray]:
+def paired_differences(
+    evals: list[dict], seeds: list[int], a: tuple[str, int], b: tuple[str, int], metric: str
+) -> list[np.ndarray]:
     """Per seed, the per-prompt differences a - b of `metric` between two (method, step) evaluations."""
     out = []
     for s in seeds:
@@ -166,13 +177,24 @@ def power_estimate(evals: list[dict], design) -> dict:
     grid_p = sorted({25, 50, 100, 150, 200, n_prompts})
     grid_s = sorted({3, 5, 8, n_seeds})
     return {
-        "metric": metric, "pilot": pilot, "pilot_step": final, "within": vc.within, "pilot_between": pilot_vc.between,
-        "between": vc.between, "n_prompts": n_prompts, "n_seeds": n_seeds, "alpha": alpha, "power": power,
+        "metric": metric,
+        "pilot": pilot,
+        "pilot_step": final,
+        "within": vc.within,
+        "pilot_between": pilot_vc.between,
+        "between": vc.between,
+        "n_prompts": n_prompts,
+        "n_seeds": n_seeds,
+        "alpha": alpha,
+        "power": power,
         "detectable": vc.detectable_difference(n_prompts, n_seeds, alpha, power),
         "target": stats["target_detectable"],
         "power_at_target": vc.power(stats["target_detectable"], n_prompts, n_seeds, alpha),
-        "grid": {"prompts": grid_p, "seeds": grid_s,
-                 "detectable": [[vc.detectable_difference(p, s, alpha, power) for s in grid_s] for p in grid_p]},
+        "grid": {
+            "prompts": grid_p,
+            "seeds": grid_s,
+            "detectable": [[vc.detectable_difference(p, s, alpha, power) for s in grid_s] for p in grid_p],
+        },
     }
 
 
@@ -203,9 +225,12 @@ def analyze(result: dict) -> dict:
     traj = {}
     for m in [SFT] + main_methods:
         idx = _curve_index(conditions, m) if m != SFT else [0]
-        traj[m] = {"steps": [conditions[i][1] for i in idx], "idx": idx,
-                   "mean": {k: [seed_stats(per_seed[k][:, i])[0] for i in idx] for k in metric_names},
-                   "std": {k: [seed_stats(per_seed[k][:, i])[1] for i in idx] for k in metric_names}}
+        traj[m] = {
+            "steps": [conditions[i][1] for i in idx],
+            "idx": idx,
+            "mean": {k: [seed_stats(per_seed[k][:, i])[0] for i in idx] for k in metric_names},
+            "std": {k: [seed_stats(per_seed[k][:, i])[1] for i in idx] for k in metric_names},
+        }
     human = _reference_stats(evals, HUMAN, seeds, metric_names, layout)
 
     # Matched quality, in the data and in every bootstrap replicate: `matched_quality_fraction` of the way
@@ -258,9 +283,16 @@ def analyze(result: dict) -> dict:
     pilot_vs_sft = {k: _iv(boot.interval(i, level)) for i, (kind, _, k) in enumerate(columns) if kind == "pilot_vs_sft"}
 
     return {
-        "conditions": conditions, "prompts_per_seed": [len(f) for f in feats], "trajectories": traj, "human": human,
-        "comparisons": comps, "pilot_vs_sft": pilot_vs_sft, "diversity": diversity, "metric_names": metric_names,
-        "post_hoc": _post_hoc_power(evals, design, comps), "bvw": _bvw(result, metric_names, layout),
+        "conditions": conditions,
+        "prompts_per_seed": [len(f) for f in feats],
+        "trajectories": traj,
+        "human": human,
+        "comparisons": comps,
+        "pilot_vs_sft": pilot_vs_sft,
+        "diversity": diversity,
+        "metric_names": metric_names,
+        "post_hoc": _post_hoc_power(evals, design, comps),
+        "bvw": _bvw(result, metric_names, layout),
         "weights": _weights(result),
     }
 
@@ -295,13 +327,22 @@ def _post_hoc_power(evals, design, comps) -> dict | None:
         return None
     metric = primary_metric(evals, design["statistics"]["primary_metric"])
     new, base = comps[0]["new"], comps[0]["base"]
-    diffs = paired_differences(evals, design["seeds"], (new, max(steps_of(evals, new))),
-                               (base, max(steps_of(evals, base))), metric)
+    diffs = paired_differences(
+        evals, design["seeds"], (new, max(steps_of(evals, new))), (base, max(steps_of(evals, base))), metric
+    )
     vc = VarianceComponents.from_differences(diffs)
     p, s = min(len(d) for d in diffs), len(diffs)
     st = design["statistics"]
-    return {"new": new, "base": base, "metric": metric, "within": vc.within, "between": vc.between,
-            "detectable": vc.detectable_difference(p, s, 1 - st["level"], st["power"]), "n_prompts": p, "n_seeds": s}
+    return {
+        "new": new,
+        "base": base,
+        "metric": metric,
+        "within": vc.within,
+        "between": vc.between,
+        "detectable": vc.detectable_difference(p, s, 1 - st["level"], st["power"]),
+        "n_prompts": p,
+        "n_seeds": s,
+    }
 
 
 def _bvw(result: dict, metric_names: list[str], layout: MetricLayout) -> dict | None:
@@ -313,8 +354,13 @@ def _bvw(result: dict, metric_names: list[str], layout: MetricLayout) -> dict | 
     seeds = design["bvw_seeds"]
     feats = seed_features(evals, conditions, seeds, layout)
     per_seed = _seed_metrics(feats, len(conditions), layout)
-    table = {lab: {"mean": {k: seed_stats(per_seed[k][:, i])[0] for k in metric_names},
-                   "std": {k: seed_stats(per_seed[k][:, i])[1] for k in metric_names}} for i, lab in enumerate(labels)}
+    table = {
+        lab: {
+            "mean": {k: seed_stats(per_seed[k][:, i])[0] for k in metric_names},
+            "std": {k: seed_stats(per_seed[k][:, i])[1] for k in metric_names},
+        }
+        for i, lab in enumerate(labels)
+    }
     keys = [k for k, _ in DIVERSITY if k in metric_names] + ["quality"]
     cols = [(j, k) for j in range(len(design["bvw_comparisons"])) for k in keys]
 
@@ -332,8 +378,14 @@ def _bvw(result: dict, metric_names: list[str], layout: MetricLayout) -> dict | 
     comps = [{"new": n, "base": b, "final": {}} for n, b in design["bvw_comparisons"]]
     for i, (j, k) in enumerate(cols):
         comps[j]["final"][k] = _iv(boot.interval(i, design["statistics"]["level"]))
-    return {"labels": labels, "steps": [c[1] for c in conditions], "seeds": seeds, "table": table,
-            "comparisons": comps, "prompts_per_seed": [len(f) for f in feats]}
+    return {
+        "labels": labels,
+        "steps": [c[1] for c in conditions],
+        "seeds": seeds,
+        "table": table,
+        "comparisons": comps,
+        "prompts_per_seed": [len(f) for f in feats],
+    }
 
 
 def _weights(result: dict) -> list[dict]:
@@ -357,23 +409,48 @@ def _row_of(design: dict, method: str) -> int:
 def plot_trajectories(analysis: dict, design: dict, path: Path) -> Path:
     traj = analysis["trajectories"]
     curves = [
-        Curve(m, t["mean"]["quality"], {k: t["mean"][k] for k, _ in analysis["diversity"]}, x_std=t["std"]["quality"],
-              y_std={k: t["std"][k] for k, _ in analysis["diversity"]}, row=_row_of(design, m))
-        for m, t in traj.items() if m != SFT
+        Curve(
+            m,
+            t["mean"]["quality"],
+            {k: t["mean"][k] for k, _ in analysis["diversity"]},
+            x_std=t["std"]["quality"],
+            y_std={k: t["std"][k] for k, _ in analysis["diversity"]},
+            row=_row_of(design, m),
+        )
+        for m, t in traj.items()
+        if m != SFT
     ]
     sft = traj[SFT]
-    curves.append(Curve("SFT (start)", sft["mean"]["quality"], {k: sft["mean"][k] for k, _ in analysis["diversity"]},
-                        x_std=sft["std"]["quality"], y_std={k: sft["std"][k] for k, _ in analysis["diversity"]},
-                        reference=True))
+    curves.append(
+        Curve(
+            "SFT (start)",
+            sft["mean"]["quality"],
+            {k: sft["mean"][k] for k, _ in analysis["diversity"]},
+            x_std=sft["std"]["quality"],
+            y_std={k: sft["std"][k] for k, _ in analysis["diversity"]},
+            reference=True,
+        )
+    )
     h = analysis["human"]
-    curves.append(Curve("human", [h["mean"]["quality"]], {k: [h["mean"][k]] for k, _ in analysis["diversity"]},
-                        x_std=[h["std"]["quality"]], y_std={k: [h["std"][k]] for k, _ in analysis["diversity"]},
-                        reference=True))
-    return plot_frontier(curves, [(k, n) for k, n in analysis["diversity"]], path,
-                         x_label="quality (generator ground truth)",
-                         title="Quality-diversity frontier: SFT start, then each evaluated checkpoint "
-                               "(mean over seeds, band = +- 1 seed std)",
-                         row_titles=["DPO family", "ORPO family"])
+    curves.append(
+        Curve(
+            "human",
+            [h["mean"]["quality"]],
+            {k: [h["mean"][k]] for k, _ in analysis["diversity"]},
+            x_std=[h["std"]["quality"]],
+            y_std={k: [h["std"][k]] for k, _ in analysis["diversity"]},
+            reference=True,
+        )
+    )
+    return plot_frontier(
+        curves,
+        [(k, n) for k, n in analysis["diversity"]],
+        path,
+        x_label="quality (generator ground truth)",
+        title="Quality-diversity frontier: SFT start, then each evaluated checkpoint "
+        "(mean over seeds, band = +- 1 seed std)",
+        row_titles=["DPO family", "ORPO family"],
+    )
 
 
 def plot_intervals(analysis: dict, path: Path) -> Path:
@@ -386,17 +463,27 @@ def plot_intervals(analysis: dict, path: Path) -> Path:
 
     comps = analysis["comparisons"]
     panels = analysis["diversity"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 0.55 * len(comps) + 1.8), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.0 * len(panels), 0.55 * len(comps) + 1.8), dpi=110, squeeze=False
+    )
     for ax, (k, name) in zip(axes[0], panels):
         for i, c in enumerate(comps):
-            for kind, dy, marker, color, label in (("matched", -0.15, "o", "black", "matched quality"),
-                                                   ("final", 0.15, "s", "gray", "equal steps (final)")):
+            for kind, dy, marker, color, label in (
+                ("matched", -0.15, "o", "black", "matched quality"),
+                ("final", 0.15, "s", "gray", "equal steps (final)"),
+            ):
                 iv = c[kind][k]
                 # A percentile interval need not contain the point estimate (tiny or skewed data): clip the bars.
                 xerr = [[max(0.0, iv["estimate"] - iv["lo"])], [max(0.0, iv["hi"] - iv["estimate"])]]
-                ax.errorbar(iv["estimate"], i + dy, xerr=xerr, fmt=marker, capsize=3, color=color,
-                            label=label if i == 0 else None)
+                ax.errorbar(
+                    iv["estimate"],
+                    i + dy,
+                    xerr=xerr,
+                    fmt=marker,
+                    capsize=3,
+                    color=color,
+                    label=label if i == 0 else None,
+                )
         ax.axvline(0.0, color="gray", linewidth=0.8)
         ax.set_yticks(range(len(comps)), [f"{c['new']} - {c['base']}" for c in comps])
         ax.invert_yaxis()
@@ -443,7 +530,8 @@ def _setup_lines(result: dict) -> list[str]:
         f"`{os.path.relpath(design['recipe'], Path(design['recipe']).parent.parent)}`; seeds "
         f"{', '.join(map(str, design['seeds']))} (seed = data split and so the held-out prompts, pair sampling, row "
         "shuffling, sampling seed; the SFT checkpoint is trained once and shared"
-        + (", here given with --sft" if result.get("sft_given") else "") + ").",
+        + (", here given with --sft" if result.get("sft_given") else "")
+        + ").",
         f"- Versions: engine {v['engine']}, commit {v['engine_commit']}, torch {v['torch']}, transformers "
         f"{v['transformers']}, numpy {v['numpy']}, Python {v['python']}",
         f"- Machine: {v['cpu_model']}, {v['cpu_count']} CPU cores visible, {v['platform']}; {result['workers']} worker "
@@ -470,21 +558,31 @@ def _setup_lines(result: dict) -> list[str]:
         f"- Model: `{model['name']}` ({model['architecture']}, {model['layers']} layers, hidden {model['hidden']}, "
         f"vocab {model['vocab']}, {model['parameters'] / 1e6:.2f}M parameters), the SFT start of every run.",
         "- SFT (the shared start, step 0 of every trajectory): "
-        + ", ".join(f"`{k}={val}`" for k, val in design["sft"].items()) + ".",
+        + ", ".join(f"`{k}={val}`" for k, val in design["sft"].items())
+        + ".",
         f"- Pairs: the published pairing ran as {pairing} (the engine's `gap` pairs: random disjoint pairs per prompt "
         f"whose upvotes differ by >= {rec['data']['min_gap']}, then leftovers with different scores); DivPO on its own "
         f"pairs ({', '.join(f'`{k}={val}`' for k, val in design['pairings']['divpo'].items())}, rho "
         f"{rec['data']['divpo_rho']}); the second table on "
-        + ", ".join(f"`{k}={val}`" for k, val in design["pairings"].get(design["bvw_pairing"], {}).items()) + ".",
+        + ", ".join(f"`{k}={val}`" for k, val in design["pairings"].get(design["bvw_pairing"], {}).items())
+        + ".",
         f"- Preference runs (`{Path(design['recipe']).name}`): {rec['optim']['max_steps']} optimizer steps, "
         f"{rec['data']['rows_per_batch']} packed row(s) of <= {rec['data']['max_tokens_per_row']} tokens per step "
         f"(both sequences of a pair in one row), lr {rec['optim']['lr']} "
         f"with {rec['optim']['schedule']} schedule and {rec['optim']['warmup_ratio']} warmup, DPO-family beta "
         f"{rec['loss']['beta']}; deviation embedders {rec['deviation']['semantic_model'] or '-'} + "
         f"{rec['deviation']['style_model']} (offline stand-ins for the published ones). Methods: "
-        + "; ".join(f"{name}: " + ", ".join(f"`{k}={val}`" for k, val in m["overrides"].items())
-                    + (f", lr x the measured mean chosen weight of {m['lr_times_mean_weight_of']}"
-                       if m["lr_times_mean_weight_of"] else "") for name, m in methods.items()) + ".",
+        + "; ".join(
+            f"{name}: "
+            + ", ".join(f"`{k}={val}`" for k, val in m["overrides"].items())
+            + (
+                f", lr x the measured mean chosen weight of {m['lr_times_mean_weight_of']}"
+                if m["lr_times_mean_weight_of"]
+                else ""
+            )
+            for name, m in methods.items()
+        )
+        + ".",
         f"- Checkpoints: {design['checkpoints']} per run, every {rec['optim']['max_steps'] // design['checkpoints']} "
         "steps (the last is the final model), each evaluated; the SFT start is step 0.",
         f"- Evaluation (`engine.evaluate`): the first {ev['num_prompts']} held-out prompts (by prompt id) of each "
@@ -553,10 +651,13 @@ def _power_lines(result: dict, analysis: dict) -> list[str]:
         lines.append(f"| {n} | " + " | ".join(f"{x:.4f}" for x in grid["detectable"][i]) + " |")
     ph = analysis["post_hoc"]
     if ph:
-        lines += ["", f"After the fact, from the comparison's own final-checkpoint differences {ph['new']} - "
-                      f"{ph['base']} (within {ph['within']:.3g}, between {ph['between']:.3g}): detectable "
-                      f"{ph['metric'].replace('_', ' ')} difference {ph['detectable']:.4f} at {ph['n_prompts']} "
-                      f"prompts x {ph['n_seeds']} seeds."]
+        lines += [
+            "",
+            f"After the fact, from the comparison's own final-checkpoint differences {ph['new']} - "
+            f"{ph['base']} (within {ph['within']:.3g}, between {ph['between']:.3g}): detectable "
+            f"{ph['metric'].replace('_', ' ')} difference {ph['detectable']:.4f} at {ph['n_prompts']} "
+            f"prompts x {ph['n_seeds']} seeds.",
+        ]
     return lines
 
 
@@ -568,27 +669,33 @@ def _trajectory_table(analysis: dict) -> list[str]:
         for i, step in enumerate(t["steps"]):
             if m != SFT and step == 0:
                 continue  # the SFT row
-            lines.append(f"| {m} | {step} | " + " | ".join(fmt_mean_std(t["mean"][k][i], t["std"][k][i], 3)
-                                                           for k in keys) + " |")
+            lines.append(
+                f"| {m} | {step} | " + " | ".join(fmt_mean_std(t["mean"][k][i], t["std"][k][i], 3) for k in keys) + " |"
+            )
     h = analysis["human"]
-    lines.append("| human (random) | - | " + " | ".join(fmt_mean_std(h["mean"][k], h["std"][k], 3) for k in keys)
-                 + " |")
+    lines.append(
+        "| human (random) | - | " + " | ".join(fmt_mean_std(h["mean"][k], h["std"][k], 3) for k in keys) + " |"
+    )
     return lines
 
 
 def _comparison_lines(analysis: dict) -> list[str]:
     div = analysis["diversity"]
     lines = [
-        "| comparison | matched quality | " + " | ".join(f"{n} (matched)" for _, n in div) + " | "
-        + " | ".join(f"{n} (final)" for _, n in div) + " | quality (final) |",
+        "| comparison | matched quality | "
+        + " | ".join(f"{n} (matched)" for _, n in div)
+        + " | "
+        + " | ".join(f"{n} (final)" for _, n in div)
+        + " | quality (final) |",
         "|" + "---|" * (3 + 2 * len(div)),
     ]
     for c in analysis["comparisons"]:
         matched = c.get("matched", {})
         lv = c["level"]["quality"]
         cells = [f"{c['new']} - {c['base']}", f"{_f(c['q_star'])} [{_f(lv['lo'])}, {_f(lv['hi'])}]"]
-        cells += [f"{interval(matched[k]).fmt()}: {interval(matched[k]).verdict()}" if k in matched else "-"
-                  for k, _ in div]
+        cells += [
+            f"{interval(matched[k]).fmt()}: {interval(matched[k]).verdict()}" if k in matched else "-" for k, _ in div
+        ]
         cells += [f"{interval(c['final'][k]).fmt()}: {interval(c['final'][k]).verdict()}" for k, _ in div]
         cells.append(interval(c["final"]["quality"]).fmt())
         lines.append("| " + " | ".join(cells) + " |")
@@ -608,20 +715,30 @@ def _verdict_lines(analysis: dict, result: dict) -> list[str]:
             f"{interval(pv[theme]).fmt(3)}, {_direction(interval(pv[theme]))}; popular style '{POPULAR_STYLE}': "
             f"{interval(pv[style]).fmt(3)}, {_direction(interval(pv[style]))}; theme entropy "
             f"{interval(pv['theme_entropy_overall']).fmt(3)}, {_direction(interval(pv['theme_entropy_overall']))}"
-            + (f"; semantic diversity {interval(pv['semantic_diversity']).fmt(3)}, "
-               f"{_direction(interval(pv['semantic_diversity']))}" if "semantic_diversity" in pv else "")
+            + (
+                f"; semantic diversity {interval(pv['semantic_diversity']).fmt(3)}, "
+                f"{_direction(interval(pv['semantic_diversity']))}"
+                if "semantic_diversity" in pv
+                else ""
+            )
             + f"; quality {interval(pv['quality']).fmt(3)}, {_direction(interval(pv['quality']))}."
         )
     for c in analysis["comparisons"]:
         matched = c.get("matched", {})
-        parts = [f"{n} {interval(matched[k]).fmt()}: **{interval(matched[k]).verdict()}**"
-                 for k, n in analysis["diversity"] if k in matched]
+        parts = [
+            f"{n} {interval(matched[k]).fmt()}: **{interval(matched[k]).verdict()}**"
+            for k, n in analysis["diversity"]
+            if k in matched
+        ]
         note = ""
         if c["q_star_is_start"]:
-            note = (" The highest quality both reach is the SFT start itself (one of them never trains above it), "
-                    "so the matched difference is 0 by construction; read the equal-steps columns.")
-        lines.append(f"- **{c['new']} vs {c['base']} at matched quality {c['q_star']:.4f}**: " + "; ".join(parts)
-                     + "." + note)
+            note = (
+                " The highest quality both reach is the SFT start itself (one of them never trains above it), "
+                "so the matched difference is 0 by construction; read the equal-steps columns."
+            )
+        lines.append(
+            f"- **{c['new']} vs {c['base']} at matched quality {c['q_star']:.4f}**: " + "; ".join(parts) + "." + note
+        )
     return lines
 
 
@@ -643,8 +760,9 @@ def _discussion_lines(analysis: dict, result: dict) -> list[str]:
     ]
     lines.append(
         "- How far each method moved quality from the SFT start by its final checkpoint (seed means): "
-        + ", ".join(f"{m} {v['mean']['quality'][-1] - t[SFT]['mean']['quality'][0]:+.3f}" for m, v in t.items()
-                    if m != SFT)
+        + ", ".join(
+            f"{m} {v['mean']['quality'][-1] - t[SFT]['mean']['quality'][0]:+.3f}" for m, v in t.items() if m != SFT
+        )
         + ". A method that barely moves leaves its comparison little quality range to match along."
     )
     collapsed = [m for m, v in t.items() if m != SFT and theme in v["mean"] and v["mean"][theme][-1] >= COLLAPSED_SHARE]
@@ -655,8 +773,11 @@ def _discussion_lines(analysis: dict, result: dict) -> list[str]:
             "there theme entropy can no longer separate methods and the differences show in style diversity and "
             "style entropy."
         )
-    degenerate = [(m, v["mean"]["style_share/none"][-1]) for m, v in t.items()
-                  if "style_share/none" in v["mean"] and v["mean"]["style_share/none"][-1] > DEGENERATE_SHARE]
+    degenerate = [
+        (m, v["mean"]["style_share/none"][-1])
+        for m, v in t.items()
+        if "style_share/none" in v["mean"] and v["mean"]["style_share/none"][-1] > DEGENERATE_SHARE
+    ]
     if degenerate:
         lines.append(
             "- Degenerate samples (no recognisable style, usually lists of on-theme and vivid words) at the final "
@@ -690,11 +811,15 @@ def _bvw_lines(analysis: dict) -> list[str]:
     for lab in b["labels"]:
         row = b["table"][lab]
         lines.append(f"| {lab} | " + " | ".join(fmt_mean_std(row["mean"][k], row["std"][k], 3) for k in keys) + " |")
-    lines += ["", "| comparison | " + " | ".join(n for _, n in analysis["diversity"]) + " | quality |",
-              "|" + "---|" * (2 + len(analysis["diversity"]))]
+    lines += [
+        "",
+        "| comparison | " + " | ".join(n for _, n in analysis["diversity"]) + " | quality |",
+        "|" + "---|" * (2 + len(analysis["diversity"])),
+    ]
     for c in b["comparisons"]:
-        cells = [f"{interval(c['final'][k]).fmt()}: {interval(c['final'][k]).verdict()}"
-                 for k, _ in analysis["diversity"]]
+        cells = [
+            f"{interval(c['final'][k]).fmt()}: {interval(c['final'][k]).verdict()}" for k, _ in analysis["diversity"]
+        ]
         cells.append(interval(c["final"]["quality"]).fmt())
         lines.append(f"| {c['new']} - {c['base']} | " + " | ".join(cells) + " |")
     return lines
@@ -702,8 +827,11 @@ def _bvw_lines(analysis: dict) -> list[str]:
 
 def _runs_lines(result: dict) -> list[str]:
     evals = result["evals"]
-    lines = ["| run | seed | lr | mean chosen weight | train pairs | first loss | final loss | reference | train s | "
-             "eval s (all checkpoints) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | seed | lr | mean chosen weight | train pairs | first loss | final loss | reference | train s | "
+        "eval s (all checkpoints) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(result["runs"], key=lambda r: (r["method"], r["seed"])):
         s = r["summary"]
         ev = sum(e["eval_s"] for e in evals if e["method"] == r["method"] and e["seed"] == r["seed"])
@@ -728,8 +856,12 @@ def write_report(result: dict, doc: Path) -> Path:
         "",
         "Generated by `experiments/method.py` (`make experiment`); do not edit by hand, rerun the command. Every "
         "number and every verdict word below is computed from this run's evaluations."
-        + (" **This is the --quick smoke version: tiny data, a few steps, a tiny evaluation; the numbers mean "
-           "nothing.**" if quick else ""),
+        + (
+            " **This is the --quick smoke version: tiny data, a few steps, a tiny evaluation; the numbers mean "
+            "nothing.**"
+            if quick
+            else ""
+        ),
         "",
         *_setup_lines(result),
         "",
@@ -763,9 +895,12 @@ def write_report(result: dict, doc: Path) -> Path:
         "",
         "| run | seed | lr | mean chosen weight (mean of the logged per-step mean) | lr scale (from) |",
         "|---|---|---|---|---|",
-        *[f"| {w['method']} | {w['seed']} | {w['lr']:.4g} | {_f(w.get('mean_chosen_weight'), 4)} | "
-          + (f"{w['lr_scale']:.4f} ({w['lr_scale_from']})" if w.get("lr_scale") is not None else "-") + " |"
-          for w in sorted(analysis["weights"], key=lambda w: (w["method"], w["seed"]))],
+        *[
+            f"| {w['method']} | {w['seed']} | {w['lr']:.4g} | {_f(w.get('mean_chosen_weight'), 4)} | "
+            + (f"{w['lr_scale']:.4f} ({w['lr_scale_from']})" if w.get("lr_scale") is not None else "-")
+            + " |"
+            for w in sorted(analysis["weights"], key=lambda w: (w["method"], w["seed"]))
+        ],
         "",
         *_bvw_lines(analysis),
         "",

@@ -82,8 +82,9 @@ def test_varlen_matches_masked_sdpa(name):
     for attn in ("sdpa", attention.NAME):
         model = _model(name, attn)
         trunk = model.get_decoder() if name == "llama-tiny" else model.transformer
-        hidden = trunk(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                       use_cache=False).last_hidden_state
+        hidden = trunk(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
+        ).last_hidden_state
         hidden.pow(2).mean().backward()
         outs.append((hidden.detach(), [p.grad for p in model.parameters()]))
     real = batch.segment_ids >= 0  # padding tails may differ: sdpa's mask and varlen's span treat them alike anyway
@@ -110,8 +111,12 @@ def test_cu_seqlens_kwargs_are_used():
     trunk = model.get_decoder()
     with torch.inference_mode():  # inference tensors carry no version counter: the lengths cache copes
         a = trunk(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
-                      max_length_k=batch.max_seqlen)
+        varlen = dict(
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_seqlen,
+            max_length_k=batch.max_seqlen,
+        )
         b = trunk(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **varlen)
         b = b.last_hidden_state
     torch.testing.assert_close(a, b)

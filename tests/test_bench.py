@@ -26,14 +26,21 @@ def test_timing_quantiles_follow_numpy_linear_interpolation():
     assert t.median == pytest.approx(5.5)
     assert t.p10 == pytest.approx(1.9)
     assert t.p90 == pytest.approx(9.1)
-    assert t.row("step_time_ms") == {"step_time_ms_median": 5.5, "step_time_ms_p10": 1.9, "step_time_ms_p90": 9.1, "reps": 10}
+    assert t.row("step_time_ms") == {
+        "step_time_ms_median": 5.5,
+        "step_time_ms_p10": 1.9,
+        "step_time_ms_p90": 9.1,
+        "reps": 10,
+    }
     with pytest.raises(ValueError, match="no timed repetitions"):
-        common.Timing().median
+        _ = common.Timing().median
 
 
 def test_time_fn_warms_up_then_times_each_rep():
     calls, setups, syncs = [], [], []
-    t = common.time_fn(lambda: calls.append(1), reps=12, warmup=3, setup=lambda: setups.append(1), sync=lambda: syncs.append(1))
+    t = common.time_fn(
+        lambda: calls.append(1), reps=12, warmup=3, setup=lambda: setups.append(1), sync=lambda: syncs.append(1)
+    )
     assert len(calls) == 15 and len(setups) == 15  # warm-up calls are made but not timed
     assert t.reps == 12 and all(x >= 0 for x in t.samples_ms)
     assert len(syncs) == 1 + 2 * 12  # after warm-up, then around every timed call
@@ -64,17 +71,55 @@ def test_append_csv_refuses_a_different_header(tmp_path):
 # ------------------------------------------------------------------------------------------ report
 
 
-KERNEL_FIELDS = ["bench", "op", "backend", "objective", "N", "D", "V", "dtype", "device", "time_ms_median", "time_ms_p10",
-                 "time_ms_p90", "reps", "peak_mem_mb", "tokens_per_s", "hardware", "torch", "triton", "liger", "commit",
-                 "timestamp"]  # fmt: skip
+KERNEL_FIELDS = [
+    "bench",
+    "op",
+    "backend",
+    "objective",
+    "N",
+    "D",
+    "V",
+    "dtype",
+    "device",
+    "time_ms_median",
+    "time_ms_p10",
+    "time_ms_p90",
+    "reps",
+    "peak_mem_mb",
+    "tokens_per_s",
+    "hardware",
+    "torch",
+    "triton",
+    "liger",
+    "commit",
+    "timestamp",
+]
 
 
 def _kernel_row(backend, n, t, mem, commit, ts, v=8000):
-    return {"bench": "sweep", "op": "fused_preference_loss", "backend": backend, "objective": "dpo", "N": n, "D": 64,
-            "V": v, "dtype": "float32", "device": "cpu", "time_ms_median": t, "time_ms_p10": t * 0.9,
-            "time_ms_p90": t * 1.1, "reps": 10, "peak_mem_mb": mem, "tokens_per_s": round(n / (t / 1e3), 1),
-            "hardware": "Test CPU x2", "torch": "2.x", "triton": "3.x", "liger": "0.x", "commit": commit,
-            "timestamp": ts}  # fmt: skip
+    return {
+        "bench": "sweep",
+        "op": "fused_preference_loss",
+        "backend": backend,
+        "objective": "dpo",
+        "N": n,
+        "D": 64,
+        "V": v,
+        "dtype": "float32",
+        "device": "cpu",
+        "time_ms_median": t,
+        "time_ms_p10": t * 0.9,
+        "time_ms_p90": t * 1.1,
+        "reps": 10,
+        "peak_mem_mb": mem,
+        "tokens_per_s": round(n / (t / 1e3), 1),
+        "hardware": "Test CPU x2",
+        "torch": "2.x",
+        "triton": "3.x",
+        "liger": "0.x",
+        "commit": commit,
+        "timestamp": ts,
+    }
 
 
 def _write(path: Path, fields, rows):
@@ -93,19 +138,44 @@ def test_report_ratios_come_from_rows_of_one_run(tmp_path):
     rows.append(_kernel_row("torch", 1024, 111.0, 11.0, "aaa", "2026-01-01T00:00:01+00:00"))
     for i, n in enumerate((256, 512, 1024)):
         rows.append(_kernel_row("eager", n, 40.0 * (i + 1), 300.0 * (i + 1), "bbb", f"2026-02-01T00:00:0{2 * i}+00:00"))
-        rows.append(_kernel_row("torch", n, 10.0 * (i + 1), 30.0 * (i + 1), "bbb", f"2026-02-01T00:00:0{2 * i + 1}+00:00"))
+        rows.append(
+            _kernel_row("torch", n, 10.0 * (i + 1), 30.0 * (i + 1), "bbb", f"2026-02-01T00:00:0{2 * i + 1}+00:00")
+        )
     _write(res / "kernels.csv", KERNEL_FIELDS, rows)
     train_rows = []
-    systems = (("ddpo-engine", "packed+cache", 3000.0, 50.0, 40.0), ("trl", "ref_forward", 1000.0, 200.0, ""),
-               ("trl", "precomputed_ref", 1500.0, 150.0, ""))
+    systems = (
+        ("ddpo-engine", "packed+cache", 3000.0, 50.0, 40.0),
+        ("trl", "ref_forward", 1000.0, 200.0, ""),
+        ("trl", "precomputed_ref", 1500.0, 150.0, ""),
+    )
     for system, variant, tps, mem, plan in systems:
-        train_rows.append({"bench": "cpu-tiny", "system": system, "variant": variant, "model": "llama-tiny", "pairs_per_step": 4,
-                           "tokens_per_step": 700, "step_time_ms_median": round(700 / tps * 1e3, 3), "step_time_ms_p10": 1,
-                           "step_time_ms_p90": 2, "reps": 10, "tokens_per_s": tps, "peak_mem_mb": mem, "plan_mb": plan,
-                           "mfu": "",
-                           "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "trl": "1.16.0", "deepspeed": "0.x",
-                           "commit": "bbb", "run_id": "run-1", "timestamp": "2026-02-01T00:01:00+00:00",
-                           "notes": f"note of {variant}"})  # fmt: skip
+        train_rows.append(
+            {
+                "bench": "cpu-tiny",
+                "system": system,
+                "variant": variant,
+                "model": "llama-tiny",
+                "pairs_per_step": 4,
+                "tokens_per_step": 700,
+                "step_time_ms_median": round(700 / tps * 1e3, 3),
+                "step_time_ms_p10": 1,
+                "step_time_ms_p90": 2,
+                "reps": 10,
+                "tokens_per_s": tps,
+                "peak_mem_mb": mem,
+                "plan_mb": plan,
+                "mfu": "",
+                "hardware": "Test CPU",
+                "torch": "2.x",
+                "transformers": "5.x",
+                "trl": "1.16.0",
+                "deepspeed": "0.x",
+                "commit": "bbb",
+                "run_id": "run-1",
+                "timestamp": "2026-02-01T00:01:00+00:00",
+                "notes": f"note of {variant}",
+            }
+        )
     from bench.bench_train import FIELDS
 
     _write(res / "train.csv", FIELDS, train_rows)
@@ -146,13 +216,28 @@ def test_report_memory_breakdown_section(tmp_path):
 
     res = tmp_path / "results"
     res.mkdir()
-    base = {"bench": "cpu-gpt2-stories", "model": "gpt2-small", "variant": "packed+cache", "tokens_per_step": 2000,
-            "hardware": "Test CPU", "torch": "2.x", "transformers": "5.x", "deepspeed": "0.x", "commit": "ddd"}
+    base = {
+        "bench": "cpu-gpt2-stories",
+        "model": "gpt2-small",
+        "variant": "packed+cache",
+        "tokens_per_step": 2000,
+        "hardware": "Test CPU",
+        "torch": "2.x",
+        "transformers": "5.x",
+        "deepspeed": "0.x",
+        "commit": "ddd",
+    }
     before = "before the window (interpreter, imports, tokenizer, prepared data; not in the rise)"
-    rows = [{**base, "component": c, "mb": mb, "plan_mb": plan, "note": "", "run_id": rid, "timestamp": ts}
-            for rid, ts, scale in (("old", "2026-01-01T00:00:00+00:00", 9), ("new", "2026-02-01T00:00:00+00:00", 1))
-            for c, mb, plan in (("weights", 500 * scale, 480), ("activations saved for backward", 1500, 1400),
-                                ("total: RSS peak rise of the step", 2000 * scale, 1900), (before, 700, ""))]
+    rows = [
+        {**base, "component": c, "mb": mb, "plan_mb": plan, "note": "", "run_id": rid, "timestamp": ts}
+        for rid, ts, scale in (("old", "2026-01-01T00:00:00+00:00", 9), ("new", "2026-02-01T00:00:00+00:00", 1))
+        for c, mb, plan in (
+            ("weights", 500 * scale, 480),
+            ("activations saved for backward", 1500, 1400),
+            ("total: RSS peak rise of the step", 2000 * scale, 1900),
+            (before, 700, ""),
+        )
+    ]
     _write(res / "memory.csv", MEMORY_FIELDS, rows)
     text = report.render(res, tmp_path / "B.md")
     sec = text.split("## Memory breakdown")[1].split("\n## ")[0]
@@ -173,12 +258,33 @@ def test_report_attributes_rows_without_run_id_to_the_orchestrated_job(tmp_path)
     ]
     _write(res / "kernels.csv", KERNEL_FIELDS, rows)
     jobs = [
-        {"run_id": "r1", "mode": "quick", "job": "kernels", "csv": "kernels.csv", "status": "ok", "reason": "",
-         "start": "2026-03-01T00:00:00+00:00", "end": "2026-03-01T00:01:00+00:00", "seconds": 60, "commit": "ccc", "hardware": "h"},
-        {"run_id": "r2", "mode": "quick", "job": "kernels", "csv": "kernels.csv", "status": "timeout",
-         "reason": "stopped after its 240 s budget", "start": "2026-03-02T00:00:00+00:00", "end": "2026-03-02T00:04:00+00:00",
-         "seconds": 240, "commit": "ccc", "hardware": "h"},
-    ]  # fmt: skip
+        {
+            "run_id": "r1",
+            "mode": "quick",
+            "job": "kernels",
+            "csv": "kernels.csv",
+            "status": "ok",
+            "reason": "",
+            "start": "2026-03-01T00:00:00+00:00",
+            "end": "2026-03-01T00:01:00+00:00",
+            "seconds": 60,
+            "commit": "ccc",
+            "hardware": "h",
+        },
+        {
+            "run_id": "r2",
+            "mode": "quick",
+            "job": "kernels",
+            "csv": "kernels.csv",
+            "status": "timeout",
+            "reason": "stopped after its 240 s budget",
+            "start": "2026-03-02T00:00:00+00:00",
+            "end": "2026-03-02T00:04:00+00:00",
+            "seconds": 240,
+            "commit": "ccc",
+            "hardware": "h",
+        },
+    ]
     _write(res / report.RUNS_CSV, report.RUNS_FIELDS, jobs)
     text = report.render(res, tmp_path / "B.md")
     # r2 has the latest eager row but no torch row; r1 is the latest run with a comparison... both hold the
@@ -194,11 +300,33 @@ def test_report_attributes_rows_without_run_id_to_the_orchestrated_job(tmp_path)
 def test_bench_train_smoke(tmp_path):
     """Both systems' workers run at the smallest size and append well-formed rows."""
     out = tmp_path / "train.csv"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
     mem = tmp_path / "memory.csv"
-    cmd = [sys.executable, "-m", "bench.bench_train", "--setup", "cpu-tiny-smoke", "--reps", "2", "--warmup", "1",
-           "--min-reps", "2", "--variants", "packed+cache,ref_forward", "--csv", str(out), "--breakdown",
-           "--memory-csv", str(mem)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_train",
+        "--setup",
+        "cpu-tiny-smoke",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--min-reps",
+        "2",
+        "--variants",
+        "packed+cache,ref_forward",
+        "--csv",
+        str(out),
+        "--breakdown",
+        "--memory-csv",
+        str(mem),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = common.read_csv(out)

@@ -39,8 +39,10 @@ def test_pooled_entropy_from_share_means_equals_entropy_of_pooled_labels():
 
 def _simulate(rng, n_seeds, n_prompts, delta, within, between):
     """Per-seed [P, 1] arrays of paired per-prompt differences: delta + seed effect + prompt noise."""
-    return [(delta + rng.normal(0, math.sqrt(between)) + rng.normal(0, math.sqrt(within), (n_prompts, 1)))
-            for _ in range(n_seeds)]
+    return [
+        (delta + rng.normal(0, math.sqrt(between)) + rng.normal(0, math.sqrt(within), (n_prompts, 1)))
+        for _ in range(n_seeds)
+    ]
 
 
 def _mean_over_seeds(means):
@@ -82,8 +84,14 @@ def test_bootstrap_se_matches_its_formula_and_the_result_is_paired():
     vc = C.VarianceComponents(within=0.07**2, between=0.01**2, n_seeds=5, n_prompts=80)
     data = _simulate(rng, 5, 80, 0.0, vc.within, vc.between)
     # The formula is for the expected bootstrap variance; average it over many datasets.
-    ses = [C.hierarchical_bootstrap(_simulate(rng, 5, 80, 0.0, vc.within, vc.between), _mean_over_seeds,
-                                    n_boot=500, seed=i).interval(0).se for i in range(60)]
+    ses = [
+        C.hierarchical_bootstrap(
+            _simulate(rng, 5, 80, 0.0, vc.within, vc.between), _mean_over_seeds, n_boot=500, seed=i
+        )
+        .interval(0)
+        .se
+        for i in range(60)
+    ]
     assert np.sqrt(np.mean(np.square(ses))) == pytest.approx(vc.bootstrap_se(80, 5), rel=0.12)
     # Two conditions in the columns of one prompt move together: a constant offset has zero spread.
     both = [np.concatenate([d, d + 0.05], axis=1) for d in data]
@@ -160,12 +168,21 @@ def test_crossing_interpolates_the_first_segment_that_reaches_the_level():
 
 def test_plot_frontier_draws_trajectories_and_single_points(tmp_path):
     curves = [
-        C.Curve("DPO", [0.5, 0.6, 0.7], {"sem": [0.4, 0.35, 0.3]}, x_std=[0.01, 0.02, 0.02],
-                y_std={"sem": [0.01, 0.01, 0.02]}),
+        C.Curve(
+            "DPO",
+            [0.5, 0.6, 0.7],
+            {"sem": [0.4, 0.35, 0.3]},
+            x_std=[0.01, 0.02, 0.02],
+            y_std={"sem": [0.01, 0.01, 0.02]},
+        ),
         C.Curve("ORPO", [0.5, 0.55], {"sem": [0.4, 0.39]}, row=1),
         C.Curve("human", [0.45], {"sem": [0.5]}, reference=True),
     ]
-    path = C.plot_frontier(curves, [("sem", "semantic diversity"), ("style", "style diversity")], tmp_path / "f.png",
-                           row_titles=["DPO family", "ORPO family"])
+    path = C.plot_frontier(
+        curves,
+        [("sem", "semantic diversity"), ("style", "style diversity")],
+        tmp_path / "f.png",
+        row_titles=["DPO family", "ORPO family"],
+    )
     png = path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000

@@ -37,7 +37,9 @@ def _check_published(cfg, objective, epochs, beta):
     assert (cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.top_k) == (4, 1.0, 0.95, 50)
     assert cfg.eval.repetition_penalty == 1.1
     assert (cfg.deviation.semantic_model, cfg.deviation.style_model) == (
-        "jinaai/jina-embeddings-v3", "AnnaWegmann/Style-Embedding")
+        "jinaai/jina-embeddings-v3",
+        "AnnaWegmann/Style-Embedding",
+    )
     assert (cfg.loss.objective, cfg.optim.epochs, cfg.loss.beta) == (objective, epochs, beta)
 
 
@@ -48,15 +50,27 @@ def test_published_recipes():
     assert ddpo.recipe == "authors" and ddpo.data.max_pairs_per_prompt is None
     assert (ddpo.model.lora_target_modules, ddpo.model.lora_dropout) == (["q_proj", "v_proj"], 0.0)
     assert (ddpo.optim.schedule, ddpo.optim.warmup_ratio) == ("linear", 0.0)
-    for name, objective, epochs, beta in (("llama8b-ddpo-engine", "ddpo", 3, 0.1),
-                                          ("llama8b-dorpo-engine", "dorpo", 4, 0.25)):
+    for name, objective, epochs, beta in (
+        ("llama8b-ddpo-engine", "ddpo", 3, 0.1),
+        ("llama8b-dorpo-engine", "dorpo", 4, 0.25),
+    ):
         cfg = _published(name)
         _check_published(cfg, objective, epochs, beta)
         assert cfg.recipe == "engine" and cfg.data.max_pairs_per_prompt == 100
     gpt2 = _published("gpt2-dpo-writingprompts")
     assert (gpt2.model.name, gpt2.data.pairs, gpt2.loss.beta, gpt2.optim.epochs, gpt2.data.max_length) == (
-        "gpt2-small", "best_vs_worst", 0.1, 5, 512)
-    assert (gpt2.eval.temperature, gpt2.eval.top_k, gpt2.eval.top_p, gpt2.eval.repetition_penalty) == (0.7, 50, 0.95, 1.1)
+        "gpt2-small",
+        "best_vs_worst",
+        0.1,
+        5,
+        512,
+    )
+    assert (gpt2.eval.temperature, gpt2.eval.top_k, gpt2.eval.top_p, gpt2.eval.repetition_penalty) == (
+        0.7,
+        50,
+        0.95,
+        1.1,
+    )
 
 
 def test_published_dorpo_recipe():
@@ -68,8 +82,19 @@ def test_published_dorpo_recipe():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(["--loss.beta", "0.25", "--optim.max_steps=7", "--model.lora_target_modules", "q_proj,v_proj",
-                       "--checkpoint.export_final", "false", "--ref_cache.dir", "null"])
+    cfg = load_config(
+        [
+            "--loss.beta",
+            "0.25",
+            "--optim.max_steps=7",
+            "--model.lora_target_modules",
+            "q_proj,v_proj",
+            "--checkpoint.export_final",
+            "false",
+            "--ref_cache.dir",
+            "null",
+        ]
+    )
     assert cfg.loss.beta == 0.25 and cfg.optim.max_steps == 7
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.checkpoint.export_final is False and cfg.ref_cache.dir is None
@@ -99,8 +124,10 @@ def test_numbers_without_a_dot_and_bare_off_in_yaml(tmp_path):
         (["--model.lora_r", "-1"], "model.lora_r must be >= 0 (0 disables LoRA), got -1"),
         (["--data.gap_sampler", "greedy"], "data.gap_sampler must be one of authors, engine; got 'greedy'"),
         (["--recipe", "paper"], "recipe must be one of authors, engine; got 'paper'"),
-        (["--recipe", "authors", "--data.pairs", "divpo", "--data.max_pairs_per_prompt", "null"],
-         "data.divpo_sampler authors needs data.max_pairs_per_prompt"),
+        (
+            ["--recipe", "authors", "--data.pairs", "divpo", "--data.max_pairs_per_prompt", "null"],
+            "data.divpo_sampler authors needs data.max_pairs_per_prompt",
+        ),
         (["--parallel.offload_params", "true"], "needs parallel.zero_stage 3"),
         (["--loss.objective", "dorpo", "--deviation.enabled", "false"], "needs deviation weights"),
         (["--loss.objective", "dpo", "--loss.nll_on_prompt", "true"], "dpo has none"),
@@ -165,15 +192,28 @@ def _recipe_fields():
     import dataclasses
 
     cfg = Config()
-    return [(s, f.name, f.metadata["recipe"]) for s in ("model", "data", "deviation", "loss", "optim", "eval")
-            for f in dataclasses.fields(getattr(cfg, s)) if "recipe" in f.metadata]
+    return [
+        (s, f.name, f.metadata["recipe"])
+        for s in ("model", "data", "deviation", "loss", "optim", "eval")
+        for f in dataclasses.fields(getattr(cfg, s))
+        if "recipe" in f.metadata
+    ]
 
 
 def test_recipe_sets_every_field_it_drives():
     fields = _recipe_fields()
     assert {f"{s}.{n}" for s, n, _ in fields} == {
-        "data.cleaning", "data.length_filter", "data.gap_sampler", "data.divpo_sampler", "data.max_pairs_per_prompt",
-        "data.truncation", "deviation.groups", "deviation.count_duplicates", "deviation.precision", "loss.nll_on_prompt"}
+        "data.cleaning",
+        "data.length_filter",
+        "data.gap_sampler",
+        "data.divpo_sampler",
+        "data.max_pairs_per_prompt",
+        "data.truncation",
+        "deviation.groups",
+        "deviation.count_duplicates",
+        "deviation.precision",
+        "loss.nll_on_prompt",
+    }
     argv = ["--loss.objective", "ddpo", "--data.pairs", "gap"]
     for recipe in ("authors", "engine"):
         cfg = load_config(["--recipe", recipe, *argv])
@@ -181,8 +221,9 @@ def test_recipe_sets_every_field_it_drives():
             assert getattr(getattr(cfg, s), n) == rv.value(recipe, getattr(cfg, s)), (recipe, s, n)
     authors = load_config(["--recipe", "authors", *argv])
     engine = load_config(argv)
-    assert all(getattr(getattr(authors, s), n) != getattr(getattr(engine, s), n) for s, n, _ in fields
-               if n != "nll_on_prompt")  # nll_on_prompt differs for orpo/dorpo/sft only
+    assert all(
+        getattr(getattr(authors, s), n) != getattr(getattr(engine, s), n) for s, n, _ in fields if n != "nll_on_prompt"
+    )  # nll_on_prompt differs for orpo/dorpo/sft only
     # Values that depend on another field follow it.
     assert load_config(["--recipe", "authors", "--data.pairs", "divpo"]).data.max_pairs_per_prompt == 2
     assert load_config(["--recipe", "authors", "--data.pairs", "all"]).data.max_pairs_per_prompt == 100
@@ -207,7 +248,9 @@ def test_explicit_fields_win_over_the_recipe(tmp_path):
 def test_help_says_what_each_recipe_sets():
     text = " ".join(help_text().split())  # the help is wrapped for the terminal
     assert "--recipe (authors|engine, default 'engine')" in text
-    assert "--data.gap_sampler (authors|engine, set by recipe: authors -> 'authors' [models/utils.py:294-347]; " \
-           "engine -> 'engine')" in text
+    assert (
+        "--data.gap_sampler (authors|engine, set by recipe: authors -> 'authors' [models/utils.py:294-347]; "
+        "engine -> 'engine')" in text
+    )
     assert "by pairs (gap: None, all: 100, divpo: 2; otherwise None)" in text
     assert "Precedence, lowest first: recipe, YAML file, command line." in text

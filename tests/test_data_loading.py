@@ -9,9 +9,17 @@ from engine.data.loading import DataError, load_any, load_pairs, load_responses,
 from engine.data.records import make_prompt_id, make_response_id
 
 
-def wp(title="[WP] A dragon learns to knit", text="", texts=("one story", "two story"), scores=(3, 9), times=None, **extra):
-    row = {"post_title": title, "post_text": text, "post_scores": 10, "comment_texts": list(texts),
-           "comment_scores": list(scores), "comment_times": list(times) if times is not None else [1] * len(texts)}
+def wp(
+    title="[WP] A dragon learns to knit", text="", texts=("one story", "two story"), scores=(3, 9), times=None, **extra
+):
+    row = {
+        "post_title": title,
+        "post_text": text,
+        "post_scores": 10,
+        "comment_texts": list(texts),
+        "comment_scores": list(scores),
+        "comment_times": list(times) if times is not None else [1] * len(texts),
+    }
     row.update(extra)
     return row
 
@@ -40,8 +48,12 @@ BAD_ROWS = {
 def test_bad_rows_of_every_kind_are_counted_and_reported(tmp_path):
     good = [wp(title=f"[WP] prompt {i}") for i in range(3)]
     rows = good[:1] + list(BAD_ROWS.values()) + good[1:]
-    raw = [b"{not json", b'{"post_title": "\xff\xfe bad bytes"}', b'{"post_title": "[WP] x", "post_text": "",'
-           b' "comment_texts": ["\\ud800 lone surrogate", "b"], "comment_scores": [1, 2]}']
+    raw = [
+        b"{not json",
+        b'{"post_title": "\xff\xfe bad bytes"}',
+        b'{"post_title": "[WP] x", "post_text": "",'
+        b' "comment_texts": ["\\ud800 lone surrogate", "b"], "comment_scores": [1, 2]}',
+    ]
     path = write_jsonl(tmp_path / "d.jsonl", rows, raw)
     responses, report = load_responses(path)
     expected = {reason: 1 for reason in BAD_ROWS} | {"invalid_json": 1, "invalid_utf8": 2}
@@ -76,15 +88,36 @@ def test_published_cleaning():
     assert make_prompt("[WP] A dragon learns to knit", "") == "A dragon learns to knit"
     assert make_prompt("[ EU ]  Title", "Body text") == "Title\nBody text"
     assert make_prompt("No tag [here]", " ") == "No tag [here]"
-    rows = [(0, wp(texts=("**Welcome to the Prompt!** rules...", "[deleted]", "[removed]", "   ", "Mods: this submission has been removed",
-                          "**Off-Topic Discussion** here", "a real story", "a real story", "another story"),
-                   scores=(1, 2, 3, 4, 5, 6, 7, 8, 9)))]
+    rows = [
+        (
+            0,
+            wp(
+                texts=(
+                    "**Welcome to the Prompt!** rules...",
+                    "[deleted]",
+                    "[removed]",
+                    "   ",
+                    "Mods: this submission has been removed",
+                    "**Off-Topic Discussion** here",
+                    "a real story",
+                    "a real story",
+                    "another story",
+                ),
+                scores=(1, 2, 3, 4, 5, 6, 7, 8, 9),
+            ),
+        )
+    ]
     from engine.data.loading import responses_from_rows
 
     responses, report = responses_from_rows(rows)
     assert [r.text for r in responses] == ["a real story", "another story"]
     assert [r.score for r in responses] == [7.0, 9.0]
-    assert report.response_counts == {"moderator_response": 3, "deleted_response": 2, "empty_response": 1, "duplicate_response": 1}
+    assert report.response_counts == {
+        "moderator_response": 3,
+        "deleted_response": 2,
+        "empty_response": 1,
+        "duplicate_response": 1,
+    }
     pid = make_prompt_id("A dragon learns to knit")
     assert responses[0].prompt_id == pid and responses[0].response_id == make_response_id(pid, "a real story")
 
@@ -124,11 +157,22 @@ def test_unreadable_sources_fail_with_advice(tmp_path):
 
 def test_pair_form_plain_and_conversational(tmp_path):
     rows = [
-        {"prompt": "Write about rain", "chosen": "Rain fell.", "rejected": "It was wet.", "score_chosen": 8, "score_rejected": 2},
-        {"prompt": [{"role": "user", "content": "Write about snow"}],
-         "chosen": [{"role": "assistant", "content": "Snow fell."}], "rejected": [{"role": "assistant", "content": "Cold."}]},
-        {"chosen": [{"role": "user", "content": "Write about fog"}, {"role": "assistant", "content": "Fog rolled."}],
-         "rejected": [{"role": "user", "content": "Write about fog"}, {"role": "assistant", "content": "Grey."}]},
+        {
+            "prompt": "Write about rain",
+            "chosen": "Rain fell.",
+            "rejected": "It was wet.",
+            "score_chosen": 8,
+            "score_rejected": 2,
+        },
+        {
+            "prompt": [{"role": "user", "content": "Write about snow"}],
+            "chosen": [{"role": "assistant", "content": "Snow fell."}],
+            "rejected": [{"role": "assistant", "content": "Cold."}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "Write about fog"}, {"role": "assistant", "content": "Fog rolled."}],
+            "rejected": [{"role": "user", "content": "Write about fog"}, {"role": "assistant", "content": "Grey."}],
+        },
         {"prompt": "p", "chosen": "same", "rejected": "same"},
         {"prompt": "p", "chosen": "x", "rejected": 3},
         {"prompt": "p", "chosen": "x", "rejected": "y", "score_chosen": float("inf")},
@@ -137,7 +181,11 @@ def test_pair_form_plain_and_conversational(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     pairs, report = load_pairs(path)
     assert [p.prompt for p in pairs] == ["Write about rain", "Write about snow", "Write about fog"]
-    assert [(p.chosen, p.rejected) for p in pairs] == [("Rain fell.", "It was wet."), ("Snow fell.", "Cold."), ("Fog rolled.", "Grey.")]
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        ("Rain fell.", "It was wet."),
+        ("Snow fell.", "Cold."),
+        ("Fog rolled.", "Grey."),
+    ]
     assert (pairs[0].chosen_score, pairs[0].rejected_score) == (8.0, 2.0)
     assert (pairs[1].chosen_score, pairs[1].rejected_score) == (1.0, 0.0)
     assert report.counts == {"identical_pair": 1, "non_string_text": 1, "nan_score": 1, "missing_field": 1}
@@ -148,6 +196,7 @@ def test_pair_form_plain_and_conversational(tmp_path):
 
 def test_nan_checks_cover_numpy_scores():
     import numpy as np
+
     from engine.data.loading import responses_from_rows
 
     _, report = responses_from_rows([(0, wp(scores=(np.float64(1.0), np.float64(math.nan))))])

@@ -29,7 +29,9 @@ def fake_pairs(n, seed=0, lo=1, hi=60, vocab=50):
         c = rng.integers(1, vocab, plen + int(rng.integers(lo, hi))).astype(np.int32)
         r = rng.integers(1, vocab, plen + int(rng.integers(lo, hi))).astype(np.int32)
         r[:plen] = c[:plen]
-        out.append(TokenizedPair(f"pair{i:03d}", c, plen, r, plen, chosen_weight=1 + i / 100, rejected_weight=0.5 + i / 1000))
+        out.append(
+            TokenizedPair(f"pair{i:03d}", c, plen, r, plen, chosen_weight=1 + i / 100, rejected_weight=0.5 + i / 1000)
+        )
     return out
 
 
@@ -50,7 +52,7 @@ def test_pack_round_trip(capacity, rows_per_batch, nll_on_prompt):
     by_id = {p.pair_id: p for p in pairs}
     seen = []
     for b in range(0, len(rows), rows_per_batch):
-        batch = collate(rows[b:b + rows_per_batch])
+        batch = collate(rows[b : b + rows_per_batch])
         R, L = batch.input_ids.shape
         S, P = batch.num_segments, batch.num_pairs
         assert batch.targets.shape == batch.position_ids.shape == batch.segment_ids.shape == (R, L)
@@ -66,10 +68,10 @@ def test_pack_round_trip(capacity, rows_per_batch, nll_on_prompt):
         assert batch.max_seqlen == max(b - a for a, b in zip(cu, cu[1:]))
         flat_seg = batch.segment_ids.reshape(-1)
         for s in range(S):
-            assert flat_seg[cu[s]] == s and (flat_seg[cu[s]:cu[s + 1]][flat_seg[cu[s]:cu[s + 1]] >= 0] == s).all()
+            assert flat_seg[cu[s]] == s and (flat_seg[cu[s] : cu[s + 1]][flat_seg[cu[s] : cu[s + 1]] >= 0] == s).all()
         # Unpacking gives back every sequence exactly, with positions from 0 and correct shifted targets.
         seqs = unpack(batch)
-        for k, (pid, side) in enumerate(batch.sequence_keys):
+        for pid, side in batch.sequence_keys:
             p = by_id[pid]
             ids = p.chosen_input_ids if side == "chosen" else p.rejected_input_ids
             plen = p.chosen_prompt_len if side == "chosen" else p.rejected_prompt_len
@@ -124,8 +126,11 @@ def test_ffd_properties_and_errors():
     for i in sorted(range(500), key=lambda k: (-sizes[k], k)):
         b = next((j for j, ld in enumerate(loads) if ld + sizes[i] <= 150), None)
         if b is None:
-            naive.append([]); loads.append(0); b = len(naive) - 1  # noqa: E702
-        naive[b].append(i); loads[b] += sizes[i]  # noqa: E702
+            naive.append([])
+            loads.append(0)
+            b = len(naive) - 1  # noqa: E702
+        naive[b].append(i)
+        loads[b] += sizes[i]  # noqa: E702
     assert first_fit_decreasing(sizes, 150) == naive
     assert len(pack_bins(sizes, 150)) <= len(naive)
     with pytest.raises(ValueError, match="max_tokens_per_row"):
@@ -248,7 +253,9 @@ def test_packed_forward_matches_separate_forwards():
     batch = collate(rows)
     assert batch.num_pad_tokens > 0 or len(rows) == 1  # exercise the padding path when it exists
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False).logits
+        logits = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
+        ).logits
         logp = torch.log_softmax(logits.float(), -1)
         mask = batch.targets != IGNORE_INDEX
         tok_logp = logp.gather(-1, batch.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
@@ -259,5 +266,5 @@ def test_packed_forward_matches_separate_forwards():
             ids = torch.as_tensor(p.chosen_input_ids if side == "chosen" else p.rejected_input_ids, dtype=torch.long)
             plen = p.chosen_prompt_len if side == "chosen" else p.rejected_prompt_len
             lp = torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), -1)
-            ref = lp[plen - 1:-1].gather(-1, ids[plen:, None]).sum()
+            ref = lp[plen - 1 : -1].gather(-1, ids[plen:, None]).sum()
             torch.testing.assert_close(packed[s], ref, rtol=1e-5, atol=1e-4)

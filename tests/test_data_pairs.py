@@ -18,7 +18,9 @@ from engine.data.records import Response, make_pair_id, make_prompt_id, make_res
 def group(prompt, scored):
     """Responses of one prompt from (text, score) tuples."""
     pid = make_prompt_id(prompt)
-    return [Response(prompt_id=pid, response_id=make_response_id(pid, t), prompt=prompt, text=t, score=s) for t, s in scored]
+    return [
+        Response(prompt_id=pid, response_id=make_response_id(pid, t), prompt=prompt, text=t, score=s) for t, s in scored
+    ]
 
 
 class FakeDeviation:
@@ -82,7 +84,9 @@ def test_gap_is_deterministic_per_seed_and_independent_of_other_prompts():
 def test_all_mode():
     g = group("A", [("x", 1), ("y", 2), ("z", 2), ("w", 5)])
     pairs = build_pairs(g, "all")
-    expected = {(c, r) for (c, sc), (r, sr) in itertools.permutations([("x", 1), ("y", 2), ("z", 2), ("w", 5)], 2) if sc > sr}
+    expected = {
+        (c, r) for (c, sc), (r, sr) in itertools.permutations([("x", 1), ("y", 2), ("z", 2), ("w", 5)], 2) if sc > sr
+    }
     assert set(texts(pairs)) == expected and len(pairs) == 5
     capped = build_pairs(g, "all", max_pairs_per_prompt=3, seed=1)
     assert len(capped) == 3 and set(texts(capped)) <= expected
@@ -93,8 +97,18 @@ def test_divpo_picks_most_diverse_high_and_least_diverse_low():
     # 8 responses, rho 0.25 -> high set = top 2 by upvotes, low set = bottom 2.
     g = group("D", [("h1", 50), ("h2", 40), ("m1", 30), ("m2", 25), ("m3", 20), ("m4", 15), ("l1", 5), ("l2", 1)])
     ids = {r.text: r.response_id for r in g}
-    div = FakeDeviation({ids["h1"]: 0.1, ids["h2"]: 0.9, ids["l1"]: 0.2, ids["l2"]: 0.7,
-                         ids["m1"]: 5.0, ids["m2"]: 5.0, ids["m3"]: -5.0, ids["m4"]: -5.0})
+    div = FakeDeviation(
+        {
+            ids["h1"]: 0.1,
+            ids["h2"]: 0.9,
+            ids["l1"]: 0.2,
+            ids["l2"]: 0.7,
+            ids["m1"]: 5.0,
+            ids["m2"]: 5.0,
+            ids["m3"]: -5.0,
+            ids["m4"]: -5.0,
+        }
+    )
     pairs = build_pairs(g, "divpo", rho=0.25, deviation=div)
     # pair 1: most diverse high (h2) vs least diverse low (l1); pair 2 without reuse: h1 vs l2.
     assert texts(pairs) == [("h2", "l1"), ("h1", "l2")]

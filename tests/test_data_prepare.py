@@ -11,10 +11,21 @@ from engine.model import load_tokenizer
 
 
 def cfg_for(tmp_path, **data):
-    base = {"source": "synthetic", "synthetic_prompts": 30, "max_prompt_length": 64, "max_length": 256,
-            "max_tokens_per_row": 1024, "cache_dir": str(tmp_path / "cache")}
-    return from_dict({"data": {**base, **data}, "loss": {"objective": "dpo"},
-                      "deviation": {"semantic_model": "", "cache_dir": str(tmp_path / "emb")}})
+    base = {
+        "source": "synthetic",
+        "synthetic_prompts": 30,
+        "max_prompt_length": 64,
+        "max_length": 256,
+        "max_tokens_per_row": 1024,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    return from_dict(
+        {
+            "data": {**base, **data},
+            "loss": {"objective": "dpo"},
+            "deviation": {"semantic_model": "", "cache_dir": str(tmp_path / "emb")},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,10 @@ def test_prepare_data_end_to_end(tmp_path, tok):
     # Same config, same everything (and the tokenisation cache is hit).
     again = prepare_data(cfg, tok, verbose=False)
     assert again.fingerprint == prep.fingerprint
-    assert prepare_data(cfg_for(tmp_path, pairs="gap", val_fraction=0.2, max_length=200), tok, verbose=False).fingerprint != prep.fingerprint
+    assert (
+        prepare_data(cfg_for(tmp_path, pairs="gap", val_fraction=0.2, max_length=200), tok, verbose=False).fingerprint
+        != prep.fingerprint
+    )
 
 
 def test_prepare_data_with_deviation_weights_and_divpo(tmp_path, tok):
@@ -45,12 +59,21 @@ def test_prepare_data_with_deviation_weights_and_divpo(tmp_path, tok):
         import engine.deviation  # noqa: F401
     except Exception as e:
         pytest.skip(f"engine.deviation does not import yet: {type(e).__name__}: {e}")
-    cfg = from_dict({
-        "data": {"source": "synthetic", "synthetic_prompts": 20, "pairs": "divpo", "max_prompt_length": 64, "max_length": 256,
-                 "max_tokens_per_row": 1024, "cache_dir": str(tmp_path / "cache")},
-        "loss": {"objective": "ddpo"},
-        "deviation": {"semantic_model": "", "cache_dir": str(tmp_path / "emb")},
-    })
+    cfg = from_dict(
+        {
+            "data": {
+                "source": "synthetic",
+                "synthetic_prompts": 20,
+                "pairs": "divpo",
+                "max_prompt_length": 64,
+                "max_length": 256,
+                "max_tokens_per_row": 1024,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "loss": {"objective": "ddpo"},
+            "deviation": {"semantic_model": "", "cache_dir": str(tmp_path / "emb")},
+        }
+    )
     prep = prepare_data(cfg, tok, verbose=False)
     assert prep.weights_attached and prep.deviation is not None
     pairs = prep.train_pairs + prep.val_pairs
@@ -61,8 +84,13 @@ def test_prepare_data_with_deviation_weights_and_divpo(tmp_path, tok):
 
 def test_cli_prepare_with_bad_rows(tmp_path, capsys):
     rows = [
-        {"post_title": f"[WP] Prompt {i}", "post_text": "", "comment_texts": [f"Story {i} a.", f"Story {i} b.", "[deleted]"],
-         "comment_scores": [10, 1, 5], "comment_times": [1, 2, 3]}
+        {
+            "post_title": f"[WP] Prompt {i}",
+            "post_text": "",
+            "comment_texts": [f"Story {i} a.", f"Story {i} b.", "[deleted]"],
+            "comment_scores": [10, 1, 5],
+            "comment_times": [1, 2, 3],
+        }
         for i in range(6)
     ]
     rows.append({"post_title": "[WP] bad", "post_text": "", "comment_texts": ["x"], "comment_scores": [1, 2]})

@@ -26,12 +26,17 @@ def enc(tok, text):
 
 
 def chat(tok, prompt, response=None):
-    msgs = [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": response}] if response is not None else [])
+    msgs = [{"role": "user", "content": prompt}] + (
+        [{"role": "assistant", "content": response}] if response is not None else []
+    )
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=response is None)
 
 
 def test_template_split_is_exact(tok):
-    pairs = [mk("Write about the sea.", "The ship sailed on.", "Water."), mk("A ghost story\nBonus points", "Boo.", "The house was cold.")]
+    pairs = [
+        mk("Write about the sea.", "The ship sailed on.", "Water."),
+        mk("A ghost story\nBonus points", "Boo.", "The house was cold."),
+    ]
     out, dropped = T.tokenize_pairs(pairs, tok, max_prompt_length=64, max_length=256)
     assert dropped == 0 and [t.pair_id for t in out] == [p.pair_id for p in pairs]
     for p, t in zip(pairs, out):
@@ -39,7 +44,7 @@ def test_template_split_is_exact(tok):
         assert t.rejected_input_ids.tolist() == enc(tok, chat(tok, p.prompt, p.rejected))
         assert t.chosen_input_ids[: t.chosen_prompt_len].tolist() == enc(tok, chat(tok, p.prompt))
         assert t.chosen_prompt_len == t.rejected_prompt_len
-        assert tok.decode(t.chosen_input_ids[t.chosen_prompt_len:]) == p.chosen + "<|end|>\n"
+        assert tok.decode(t.chosen_input_ids[t.chosen_prompt_len :]) == p.chosen + "<|end|>\n"
         assert (t.chosen_weight, t.rejected_weight, t.prompt_id) == (p.chosen_weight, p.rejected_weight, p.prompt_id)
 
 
@@ -53,8 +58,8 @@ def test_truncation_keeps_prompt_start_and_response_start(tok):
     ids = t.chosen_input_ids.tolist()
     assert t.chosen_prompt_len == 32 and len(ids) == 96
     assert ids[: 32 - len(tail)] == full_prompt[: 32 - len(tail)]  # start of the prompt kept
-    assert ids[32 - len(tail): 32] == tail  # the assistant header is always there
-    full_resp = enc(tok, chat(tok, long_prompt, long_resp))[len(full_prompt):]
+    assert ids[32 - len(tail) : 32] == tail  # the assistant header is always there
+    full_resp = enc(tok, chat(tok, long_prompt, long_resp))[len(full_prompt) :]
     assert ids[32:] == full_resp[:64]  # end of the response cut
     assert t.rejected_input_ids.tolist()[32:] == enc(tok, "short<|end|>\n")
 
@@ -62,7 +67,9 @@ def test_truncation_keeps_prompt_start_and_response_start(tok):
 def test_drops_are_counted(tok):
     ok = mk("p", "fine", "also fine")
     too_long = mk("p", " ".join(["word"] * 300), "x")
-    out, counts = T.tokenize_pairs_with_counts([ok, too_long], tok, max_prompt_length=16, max_length=64, max_response_tokens=100)
+    out, counts = T.tokenize_pairs_with_counts(
+        [ok, too_long], tok, max_prompt_length=16, max_length=64, max_response_tokens=100
+    )
     assert [t.pair_id for t in out] == [ok.pair_id] and counts == {"response_too_long": 1}
     # A template that adds nothing after the response: an empty response has no tokens and is dropped.
     bare = copy.deepcopy(tok)
@@ -111,7 +118,9 @@ def test_cache_hit_and_keying(tok, tmp_path, monkeypatch):
 
 def test_workers_match_serial(tok):
     pairs = [mk(f"prompt number {i}", f"a story of {i} words", f"meh {i}") for i in range(40)]
-    serial, _ = T.tokenize_pairs_with_counts(pairs, tok, max_prompt_length=32, max_length=64, num_workers=1, chunk_size=8)
+    serial, _ = T.tokenize_pairs_with_counts(
+        pairs, tok, max_prompt_length=32, max_length=64, num_workers=1, chunk_size=8
+    )
     para, _ = T.tokenize_pairs_with_counts(pairs, tok, max_prompt_length=32, max_length=64, num_workers=2, chunk_size=8)
     assert [t.chosen_input_ids.tolist() for t in serial] == [t.chosen_input_ids.tolist() for t in para]
     assert [t.rejected_prompt_len for t in serial] == [t.rejected_prompt_len for t in para]
@@ -126,7 +135,12 @@ def test_fingerprints(tok):
     base = dict(max_prompt_length=64, max_length=256, max_response_tokens=2048)
     f0 = T.tokenization_fingerprint(tok, **base)
     assert f0 == T.tokenization_fingerprint(tok, **base)
-    for change in ({"max_prompt_length": 65}, {"max_length": 257}, {"max_response_tokens": None}, {"nll_on_prompt": True}):
+    for change in (
+        {"max_prompt_length": 65},
+        {"max_length": 257},
+        {"max_response_tokens": None},
+        {"nll_on_prompt": True},
+    ):
         assert T.tokenization_fingerprint(tok, **{**base, **change}) != f0, change
     assert T.tokenization_fingerprint(other, **base) != f0
 

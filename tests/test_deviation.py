@@ -9,9 +9,9 @@ import pytest
 
 from engine.data.records import Response, make_prompt_id, make_response_id
 from engine.deviation import (
+    CorruptCacheError,
     DeviationResult,
     EmbeddingCache,
-    CorruptCacheError,
     StylometricEmbedder,
     compute_deviation,
     deviation_scores,
@@ -26,13 +26,14 @@ SIZES = (1, 2, 3, 17, 200)
 
 # ---------------------------------------------------------------------------- references
 
+
 def pairwise_ref(x, metric):
     x = np.asarray(x, dtype=np.float64)
     if metric == "cosine":
         u = x / np.linalg.norm(x, axis=1, keepdims=True)
         return 1.0 - u @ u.T
     diff = x[:, None, :] - x[None, :, :]
-    return np.sqrt((diff ** 2).sum(-1))
+    return np.sqrt((diff**2).sum(-1))
 
 
 def mean_ref(x, groups, metric):
@@ -53,7 +54,11 @@ def knn_ref(x, groups, metric, k, scope):
     the mean (tied distances are equal), so the reference is unambiguous."""
     out = np.zeros(len(x))
     groups = np.asarray(groups)
-    sets = [np.arange(len(x))] if scope == "global" else [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    sets = (
+        [np.arange(len(x))]
+        if scope == "global"
+        else [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+    )
     for idx in sets:
         if len(idx) < 2:
             continue
@@ -75,7 +80,7 @@ def weights_ref(emb_list, groups, tie=1e-6, counts=None):
     scaled_all = []
     for e in emb_list:
         raw = [0.0] * n
-        for g, idx in members.items():
+        for idx in members.values():
             # expand multiplicities into physical copies, as the published scripts see them
             rows = [i for i in idx for _ in range(counts[i])]
             if len(rows) < 2:
@@ -88,7 +93,7 @@ def weights_ref(emb_list, groups, tie=1e-6, counts=None):
                 seen.add(i)
                 raw[i] = sum(d[a, b] for b in range(len(rows)) if b != a) / (len(rows) - 1)
         scaled = [0.0] * n
-        for g, idx in members.items():
+        for idx in members.values():
             lo, hi = min(raw[i] for i in idx), max(raw[i] for i in idx)
             for i in idx:
                 scaled[i] = 0.0 if hi - lo <= tie else 2 * (raw[i] - lo) / (hi - lo) - 1
@@ -96,7 +101,7 @@ def weights_ref(emb_list, groups, tie=1e-6, counts=None):
     m = len(emb_list)
     comb = [2 * math.prod(((s[i] + 1) / 2) ** (1 / m) for s in scaled_all) - 1 for i in range(n)]
     w = [1.0] * n
-    for g, idx in members.items():
+    for idx in members.values():
         vals = [comb[i] + 1 for i in idx]
         if max(vals) - min(vals) <= tie:
             continue
@@ -124,6 +129,7 @@ def make_groups(rng, sizes=SIZES, d=16, dup=True, shuffle=True, str_ids=True):
 
 
 # ---------------------------------------------------------------------------- mean scores
+
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -190,6 +196,7 @@ def test_scores_reject_bad_input():
 
 # ---------------------------------------------------------------------------- knn (FAISS)
 
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("k", [1, 3, 50])
 def test_knn_group_flat_exact(metric, k):
@@ -221,6 +228,7 @@ def test_knn_with_all_others_equals_mean():
 
 
 # ---------------------------------------------------------------------------- weights
+
 
 def _assert_mean_one(w, g):
     for v in dict.fromkeys(np.asarray(g).tolist()):
@@ -303,7 +311,9 @@ def test_stylometric_deterministic_batch_independent():
 
 def test_minilm_offline():
     emb = get_embedder("builtin:minilm", device="cpu")
-    x = emb.encode(["A dragon burned the castle.", "The dragon set fire to the keep.", "Quarterly tax filing deadlines."])
+    x = emb.encode(
+        ["A dragon burned the castle.", "The dragon set fire to the keep.", "Quarterly tax filing deadlines."]
+    )
     assert x.shape == (3, 384) and x.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     assert x[0] @ x[1] > x[0] @ x[2]
@@ -382,6 +392,7 @@ def test_cache_corrupt_shard_detected(tmp_path):
 
 # ---------------------------------------------------------------------------- pipeline + CLI
 
+
 class Cfg:
     enabled = True
     semantic_model = ""
@@ -457,14 +468,37 @@ def test_cli_on_pairs_jsonl(tmp_path):
         for c in rs:
             for rj in rs:
                 if c.score > rj.score:
-                    lines.append({"prompt": c.prompt, "prompt_id": c.prompt_id, "chosen": c.text, "rejected": rj.text,
-                                  "chosen_id": c.response_id, "rejected_id": rj.response_id,
-                                  "chosen_score": c.score, "rejected_score": rj.score})
+                    lines.append(
+                        {
+                            "prompt": c.prompt,
+                            "prompt_id": c.prompt_id,
+                            "chosen": c.text,
+                            "rejected": rj.text,
+                            "chosen_id": c.response_id,
+                            "rejected_id": rj.response_id,
+                            "chosen_score": c.score,
+                            "rejected_score": rj.score,
+                        }
+                    )
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "w.jsonl"
-    assert main(["--data", str(data), "--out", str(out), "--semantic-model", "", "--cache-dir", str(tmp_path / "c"),
-                 "--count-duplicates"]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--semantic-model",
+                "",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--count-duplicates",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     used = {x["chosen_id"] for x in lines} | {x["rejected_id"] for x in lines}
     assert {r["response_id"] for r in rows} == used
@@ -478,7 +512,9 @@ def test_cli_on_pairs_jsonl(tmp_path):
     assert summary["responses"] == len(rows) and summary["by_prompt_size"]
     # parquet output
     outp = tmp_path / "w.parquet"
-    assert main(["--data", str(data), "--out", str(outp), "--semantic-model", "", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (
+        main(["--data", str(data), "--out", str(outp), "--semantic-model", "", "--cache-dir", str(tmp_path / "c")]) == 0
+    )
     import pandas as pd
 
     assert len(pd.read_parquet(outp)) == len(rows)

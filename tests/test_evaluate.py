@@ -59,9 +59,16 @@ def tiny_lm(tokenizer):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -115,7 +122,9 @@ def test_sampler_batches_prompts(tiny_lm, tokenizer, monkeypatch):
     calls = []
     original = tiny_lm.generate
     monkeypatch.setattr(tiny_lm, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or original(**kw))
-    samples = E.sample(tiny_lm, tokenizer, PROMPTS + ["A third one."], Cfg(n_samples=2, batch_size=2), show_progress=False)
+    samples = E.sample(
+        tiny_lm, tokenizer, PROMPTS + ["A third one."], Cfg(n_samples=2, batch_size=2), show_progress=False
+    )
     assert calls == [2, 1] and [len(g) for g in samples] == [2, 2, 2]
 
 
@@ -192,16 +201,32 @@ def test_synthetic_quality_and_shares():
 
 def test_evaluate_model_writes_outputs(tiny_lm, tokenizer, tmp_path):
     res = E.evaluate_model(
-        tiny_lm, tokenizer, PROMPTS, Cfg(n_samples=2), out_dir=tmp_path / "eval", synthetic=True,
-        embedders={"semantic": BagOfWords(), "style": BagOfWords()}, show_progress=False, model_name="tiny",
+        tiny_lm,
+        tokenizer,
+        PROMPTS,
+        Cfg(n_samples=2),
+        out_dir=tmp_path / "eval",
+        synthetic=True,
+        embedders={"semantic": BagOfWords(), "style": BagOfWords()},
+        show_progress=False,
+        model_name="tiny",
     )
     lines = (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 4 and {json.loads(x)["prompt"] for x in lines} == set(PROMPTS)
     doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # strict JSON: no NaN
     assert set(doc) == {"summary", "per_prompt", "settings"}
     assert len(doc["per_prompt"]) == 2
-    for key in ("semantic_diversity", "style_diversity", "ngram_diversity", "compression_ratio", "quality",
-                "length_words_mean", "length_tokens_mean", "truncated_share", "theme_share"):
+    for key in (
+        "semantic_diversity",
+        "style_diversity",
+        "ngram_diversity",
+        "compression_ratio",
+        "quality",
+        "length_words_mean",
+        "length_tokens_mean",
+        "truncated_share",
+        "theme_share",
+    ):
         assert key in doc["summary"], key
     assert doc["settings"]["source"] == "model" and doc["settings"]["model"] == "tiny"
     assert doc["settings"]["generate_kwargs"]["num_return_sequences"] == 2
@@ -226,8 +251,14 @@ def reward_dir(tokenizer, tmp_path_factory):
 
     torch.manual_seed(1)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, num_labels=1,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
     )
     path = tmp_path_factory.mktemp("reward")
@@ -245,7 +276,9 @@ def test_reward_scorer_matches_unbatched_forward(reward_dir):
     # One sequence at a time (no padding) must give the same score as the padded batch.
     tok = scorer.tokenizer
     for p, r, s in zip(prompts, responses, scores):
-        text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
         assert "<|assistant|>" in text  # scored through the reward tokenizer's chat template
         enc = tok([text], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
@@ -263,7 +296,9 @@ def test_reward_model_from_config(reward_dir):
     assert res.per_prompt[0]["quality_reward"] == pytest.approx(np.mean(per_sample))
     assert res.summary["quality"] == res.summary["quality_reward"]  # not synthetic: quality is the reward
     assert res.settings["reward_model"] == str(reward_dir)
-    _, scorer = E._embedders_and_reward(Cfg(reward_model=str(reward_dir)), "cpu", {"semantic": None, "style": None}, None)
+    _, scorer = E._embedders_and_reward(
+        Cfg(reward_model=str(reward_dir)), "cpu", {"semantic": None, "style": None}, None
+    )
     assert isinstance(scorer, E.RewardScorer)
 
 
@@ -285,8 +320,14 @@ def test_human_selection_and_evaluation(tmp_path):
         E.select_human_samples(g, 2, how="best")
 
     g2 = _responses("Write about a robot.", [("beep boop", 3)])
-    res = E.evaluate_human([g, g2], Cfg(n_samples=2), out_dir=tmp_path, embedders={"semantic": BagOfWords(), "style": None},
-                           device="cpu", show_progress=False)
+    res = E.evaluate_human(
+        [g, g2],
+        Cfg(n_samples=2),
+        out_dir=tmp_path,
+        embedders={"semantic": BagOfWords(), "style": None},
+        device="cpu",
+        show_progress=False,
+    )
     assert res.settings["source"] == "human" and res.settings["human_selection"] == "top"
     assert [len([x for x in res.generations if x["prompt_id"] == p["prompt_id"]]) for p in res.per_prompt] == [2, 1]
     assert res.generations[0]["text"] == "high" and res.generations[0]["score"] == 9.0
@@ -298,10 +339,18 @@ def test_human_selection_and_evaluation(tmp_path):
 
 def _write_metrics(path: Path, quality, sem, source="model", extra=None):
     path.mkdir(parents=True, exist_ok=True)
-    summary = {"quality": quality, "semantic_diversity": sem, "ngram_diversity": 3.0, "compression_ratio": 2.0,
-               "homogenization": 0.3, "n_prompts": 8}
+    summary = {
+        "quality": quality,
+        "semantic_diversity": sem,
+        "ngram_diversity": 3.0,
+        "compression_ratio": 2.0,
+        "homogenization": 0.3,
+        "n_prompts": 8,
+    }
     summary.update(extra or {})
-    (path / "metrics.json").write_text(json.dumps({"summary": summary, "per_prompt": [], "settings": {"source": source}}))
+    (path / "metrics.json").write_text(
+        json.dumps({"summary": summary, "per_prompt": [], "settings": {"source": source}})
+    )
 
 
 def test_compare_writes_table_and_plot(tmp_path):
@@ -311,8 +360,17 @@ def test_compare_writes_table_and_plot(tmp_path):
     _write_metrics(tmp_path / "human_eval", 0.5, 0.40, source="human")
     _write_metrics(tmp_path / "noquality" / "eval", None, 0.1)
     out = tmp_path / "report"
-    files = E.main(["compare", str(tmp_path / "runs" / "dpo"), str(tmp_path / "runs" / "ddpo"),
-                    str(tmp_path / "human_eval" / "metrics.json"), str(tmp_path / "noquality"), "--out", str(out)])
+    files = E.main(
+        [
+            "compare",
+            str(tmp_path / "runs" / "dpo"),
+            str(tmp_path / "runs" / "ddpo"),
+            str(tmp_path / "human_eval" / "metrics.json"),
+            str(tmp_path / "noquality"),
+            "--out",
+            str(out),
+        ]
+    )
     md = (out / "comparison.md").read_text()
     assert files["markdown"] == out / "comparison.md"
     rows = [line for line in md.splitlines() if line.startswith("| ")]
@@ -339,20 +397,38 @@ def test_compare_baseline_paired_differences(tmp_path):
     for seed in ("seed0", "seed1"):
         for i in range(40):
             q, sem = rng.uniform(0.3, 0.7), rng.uniform(0.2, 0.6)
-            base = {"prompt_id": f"{seed}-{i}", "quality": q, "semantic_diversity": sem,
-                    "theme_share": {"a": 0.5, "b": 0.5, "none": 0.0}}
+            base = {
+                "prompt_id": f"{seed}-{i}",
+                "quality": q,
+                "semantic_diversity": sem,
+                "theme_share": {"a": 0.5, "b": 0.5, "none": 0.0},
+            }
             new = {**base, "semantic_diversity": sem + 0.05, "theme_share": {"a": 1.0, "b": 0.0, "none": 0.0}}
             for name, row in (("base", base), ("new", new)):
                 rows_path = tmp_path / name / "eval" / seed
-                existing = json.loads((rows_path / "metrics.json").read_text())["per_prompt"] if (
-                    rows_path / "metrics.json").is_file() else []
+                existing = (
+                    json.loads((rows_path / "metrics.json").read_text())["per_prompt"]
+                    if (rows_path / "metrics.json").is_file()
+                    else []
+                )
                 _write_per_prompt(rows_path, existing + [row])
     # An extra prompt only the new run has is left out of the pairing and counted.
     extra = json.loads((tmp_path / "new" / "eval" / "seed1" / "metrics.json").read_text())["per_prompt"]
     _write_per_prompt(tmp_path / "new" / "eval" / "seed1", extra + [{**extra[0], "prompt_id": "only-new"}])
     out = tmp_path / "report"
-    E.main(["compare", str(tmp_path / "base"), str(tmp_path / "new"), "--out", str(out), "--baseline", "base",
-            "--n-boot", "300"])
+    E.main(
+        [
+            "compare",
+            str(tmp_path / "base"),
+            str(tmp_path / "new"),
+            "--out",
+            str(out),
+            "--baseline",
+            "base",
+            "--n-boot",
+            "300",
+        ]
+    )
     md = (out / "comparison.md").read_text()
     assert "## Paired differences from base" in md
     row = next(line for line in md.splitlines() if line.startswith("| new | 40+40 (1 unpaired)"))
@@ -387,15 +463,42 @@ def test_default_out_dir(tmp_path):
 
 def test_cli_samples_a_named_model_on_synthetic_prompts(tmp_path):
     out = tmp_path / "eval"
-    res = E.main(["--model", "llama-tiny", "--prompts", "synthetic", "--n", "2", "--num-prompts", "3",
-                  "--max-new-tokens", "4", "--batch-size", "2", "--semantic-model", "", "--style-model", "",
-                  "--device", "cpu", "--out", str(out), "--no-progress"])
+    res = E.main(
+        [
+            "--model",
+            "llama-tiny",
+            "--prompts",
+            "synthetic",
+            "--n",
+            "2",
+            "--num-prompts",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+            "--semantic-model",
+            "",
+            "--style-model",
+            "",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["summary"]["n_prompts"] == 3 and doc["summary"]["n_samples_total"] == 6
     assert doc["settings"]["synthetic"] is True and doc["settings"]["model"] == "llama-tiny"
     assert doc["settings"]["generate_kwargs"] == {
-        "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1,
-        "max_new_tokens": 4, "num_return_sequences": 2,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": 50,
+        "repetition_penalty": 1.1,
+        "max_new_tokens": 4,
+        "num_return_sequences": 2,
     }
     assert "quality_true" in doc["summary"] and "semantic_diversity" not in doc["summary"]
     assert len((out / "generations.jsonl").read_text().splitlines()) == 6
@@ -409,8 +512,20 @@ def test_cli_samples_a_named_model_on_synthetic_prompts(tmp_path):
 
 def test_cli_human_reference_with_builtin_embedders(tmp_path):
     out = tmp_path / "human"
-    res = E.main(["--human", "--prompts", "synthetic", "--num-prompts", "2", "--device", "cpu", "--out", str(out),
-                  "--no-progress"])
+    res = E.main(
+        [
+            "--human",
+            "--prompts",
+            "synthetic",
+            "--num-prompts",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     s = res.summary
     assert res.settings["source"] == "human" and s["n_prompts"] == 2 and s["n_samples_total"] == 8
     assert 0.0 < s["semantic_diversity"] < 2.0 and 0.0 < s["style_diversity"] < 2.0

@@ -32,9 +32,17 @@ def test_quick_experiment_writes_report_plots_and_results(quick_run):
     text = doc.read_text()
     assert "--quick smoke version" in text and "python -m experiments.method --quick" in text
     published = ", ".join(f"`{k}={v}`" for k, v in X.load_design(quick=True).pairings["published"].items())
-    for needle in ("## Power (estimated after the pilot", "### Comparisons at matched quality", "### Verdicts",
-                   "Does plain DPO concentrate?", "## Second table: best-vs-worst", "torch 2.", "Wall time",
-                   f"published pairing ran as {published}", "Upvotes = 30 x quality + 8 if the theme is 'space'"):
+    for needle in (
+        "## Power (estimated after the pilot",
+        "### Comparisons at matched quality",
+        "### Verdicts",
+        "Does plain DPO concentrate?",
+        "## Second table: best-vs-worst",
+        "torch 2.",
+        "Wall time",
+        f"published pairing ran as {published}",
+        "Upvotes = 30 x quality + 8 if the theme is 'space'",
+    ):
         assert needle in text, needle
     # The first version's bugs: a literal f-string field, and a claim no source here supports.
     assert "{rec[" not in text and "as the paper reports" not in text
@@ -73,7 +81,12 @@ def test_quick_experiment_follows_the_design(quick_run):
     assert bvw == sorted((f"{m}@best_vs_worst", 0, 4) for m in design.bvw_methods)
     # Reference caches: one per (pairing, seed), shared by every dpo/ddpo run on the same pairs.
     assert sorted(p.name for p in (out / "refcache").iterdir()) == [
-        "best_vs_worst-seed0", "divpo-seed0", "divpo-seed1", "published-seed0", "published-seed1"]
+        "best_vs_worst-seed0",
+        "divpo-seed0",
+        "divpo-seed1",
+        "published-seed0",
+        "published-seed1",
+    ]
 
 
 @pytest.mark.slow
@@ -83,8 +96,10 @@ def test_controls_use_lr_times_the_measured_mean_weight(quick_run):
     runs = {(r["method"], r["seed"]): r for r in result["runs"]}
     for control, source in (("DPO-lrw", "DDPO"), ("ORPO-lrw", "DORPO")):
         for seed in (0, 1):
-            logged = [json.loads(line)["weights/mean"]
-                      for line in (out / source.lower() / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+            logged = [
+                json.loads(line)["weights/mean"]
+                for line in (out / source.lower() / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+            ]
             w = float(np.mean(logged))
             assert 0 < w and runs[(source, seed)]["mean_chosen_weight"] == pytest.approx(w)
             assert runs[(control, seed)]["lr"] == pytest.approx(base_lr * w)
@@ -127,9 +142,18 @@ def test_checkpoint_model_loads_the_weights_of_that_step(tmp_path):
 
     design = X.load_design(quick=True)
     ctx = X.Context(design, str(tmp_path))
-    cfg = X.make_config(design.recipe, ctx.common, {"loss.objective": "orpo", "optim.max_steps": 2,
-                                                    "logging.output_dir": str(tmp_path), "logging.run_name": "r",
-                                                    "checkpoint.every_steps": 1, "checkpoint.keep_last": 5})
+    cfg = X.make_config(
+        design.recipe,
+        ctx.common,
+        {
+            "loss.objective": "orpo",
+            "optim.max_steps": 2,
+            "logging.output_dir": str(tmp_path),
+            "logging.run_name": "r",
+            "checkpoint.every_steps": 1,
+            "checkpoint.keep_last": 5,
+        },
+    )
     train(cfg)
     run = cfg.logging.run_dir
     final, _ = load_pretrained(str(run / "final"))
@@ -173,8 +197,9 @@ def test_design_loads_and_bad_designs_name_the_fix(tmp_path):
     with pytest.raises(X.DesignError, match="entries must be"):
         X.load_design(_design_file(tmp_path, comparisons=[["DDPO", "PPO"]]))
     with pytest.raises(X.DesignError, match="best_vs_worst.seeds"):
-        X.load_design(_design_file(tmp_path, best_vs_worst={"pairing": "best_vs_worst", "methods": ["DPO"],
-                                                            "seeds": [9]}))
+        X.load_design(
+            _design_file(tmp_path, best_vs_worst={"pairing": "best_vs_worst", "methods": ["DPO"], "seeds": [9]})
+        )
     with pytest.raises(X.DesignError, match="must be a non-empty list"):
         X.load_design(_design_file(tmp_path, seeds=[]))
     ctx = X.Context(X.load_design(_design_file(tmp_path, checkpoints=3)), str(tmp_path), "llama-tiny")
@@ -189,8 +214,9 @@ def test_heldout_prompts_are_never_trained_on_and_too_few_is_an_error(tmp_path):
     ctx = X.Context(X.load_design(quick=True), str(tmp_path), "llama-tiny")
     cfg = ctx.method_config("DPO", 3)
     held = X.heldout_prompts(cfg)
-    responses, _ = load_responses("synthetic", synthetic_prompts=cfg.data.synthetic_prompts,
-                                  synthetic_seed=cfg.data.synthetic_seed)
+    responses, _ = load_responses(
+        "synthetic", synthetic_prompts=cfg.data.synthetic_prompts, synthetic_seed=cfg.data.synthetic_seed
+    )
     train_pairs, _ = split_by_prompt(build_pairs(responses, "gap", seed=3), cfg.data.val_fraction, 3)
     assert len(held.prompts) == cfg.eval.num_prompts
     assert not set(held.prompt_ids) & {p.prompt_id for p in train_pairs}
@@ -208,11 +234,23 @@ def _rows(rng, n, quality, sem, noise=0.02):
     rows = []
     for i in range(n):
         space = rng.integers(0, 5) / 4
-        rows.append({"prompt_id": f"p{i:03d}", "quality": quality + rng.normal(0, noise),
-                     "semantic_diversity": sem + rng.normal(0, noise), "style_diversity": 0.3 + rng.normal(0, noise),
-                     "theme_share": {"space": space, "dragons": 1 - space, "detective": 0.0, "ghosts": 0.0,
-                                     "robots": 0.0, "none": 0.0},
-                     "style_share": {"plain": 0.5, "dialogue": 0.5, "terse": 0.0, "ornate": 0.0, "none": 0.0}})
+        rows.append(
+            {
+                "prompt_id": f"p{i:03d}",
+                "quality": quality + rng.normal(0, noise),
+                "semantic_diversity": sem + rng.normal(0, noise),
+                "style_diversity": 0.3 + rng.normal(0, noise),
+                "theme_share": {
+                    "space": space,
+                    "dragons": 1 - space,
+                    "detective": 0.0,
+                    "ghosts": 0.0,
+                    "robots": 0.0,
+                    "none": 0.0,
+                },
+                "style_share": {"plain": 0.5, "dialogue": 0.5, "terse": 0.0, "ornate": 0.0, "none": 0.0},
+            }
+        )
     return rows
 
 
@@ -221,8 +259,13 @@ def _fake_result(trajectories: dict, seeds=(0, 1, 2), n_prompts=60):
     rng = np.random.default_rng(0)
     design = X.load_design()
     d = design.to_dict()
-    d.update(seeds=list(seeds), bvw_methods=[], bvw_seeds=[], comparisons=[["DDPO", "DPO"]],
-             methods={k: v for k, v in d["methods"].items() if k in trajectories})
+    d.update(
+        seeds=list(seeds),
+        bvw_methods=[],
+        bvw_seeds=[],
+        comparisons=[["DDPO", "DPO"]],
+        methods={k: v for k, v in d["methods"].items() if k in trajectories},
+    )
     d["statistics"]["n_boot"] = 400
     evals = []
     for s in seeds:
@@ -267,8 +310,9 @@ def test_power_estimate_from_the_pilot():
     # Per-prompt noise sd 0.02 on both sides: the paired difference has variance 2 * 0.02^2.
     assert p["within"] == pytest.approx(2 * 0.02**2, rel=0.2)
     assert p["n_seeds"] == 4 and p["n_prompts"] == 60 and p["pilot_step"] == 40
-    assert p["detectable"] == pytest.approx(p["grid"]["detectable"][p["grid"]["prompts"].index(60)][
-        p["grid"]["seeds"].index(4)])
+    assert p["detectable"] == pytest.approx(
+        p["grid"]["detectable"][p["grid"]["prompts"].index(60)][p["grid"]["seeds"].index(4)]
+    )
     assert math.isfinite(p["detectable"]) and p["detectable"] < 0.02
     # The target is above the detectable difference, so it is detected with more than the design's power.
     assert p["power_at_target"] > p["power"]

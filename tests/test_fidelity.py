@@ -50,8 +50,9 @@ MARKERS = ("**Welcome to the Prompt!**", "this submission has been removed", "**
 
 def group(prompt, scored):
     pid = make_prompt_id(prompt)
-    return [Response(prompt_id=pid, response_id=make_response_id(pid, t), prompt=prompt, text=t, score=s)
-            for t, s in scored]
+    return [
+        Response(prompt_id=pid, response_id=make_response_id(pid, t), prompt=prompt, text=t, score=s) for t, s in scored
+    ]
 
 
 def chi_square_ok(observed: Counter, exact: dict, n: int, p_min: float = 1e-4) -> tuple[bool, str]:
@@ -82,7 +83,7 @@ def authors_clean_title(x: str) -> str:
     pattern = r"^\[.*?\]"
     found = re.findall(pattern, x)
     if found:
-        return x[len(found[0]):].strip()
+        return x[len(found[0]) :].strip()
     return x
 
 
@@ -122,8 +123,12 @@ def _authors_valid_pairs(available, min_gap):
             if a[0] != b[0] and abs(a[0] - b[0]) >= min_gap:
                 valid.append((a, b))
     if not valid:
-        valid = [(available[i], available[j]) for i in range(len(available)) for j in range(i + 1, len(available))
-                 if available[i][0] != available[j][0]]
+        valid = [
+            (available[i], available[j])
+            for i in range(len(available))
+            for j in range(i + 1, len(available))
+            if available[i][0] != available[j][0]
+        ]
     return valid
 
 
@@ -156,7 +161,7 @@ def authors_gap_pools(numbers: list, min_gap) -> dict[frozenset, Fraction]:
     """The same sampler's law of WHICH responses it pairs (all step 4 reads), by recursion over the set
     of available responses, memoised (2^n states instead of every draw order)."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def left_over(available: tuple) -> tuple:
         valid = _authors_valid_pairs(list(available), min_gap) if len(available) >= 2 else []
         if not valid:
@@ -265,8 +270,9 @@ def authors_process_scores(emb_by_model: list[torch.Tensor]) -> list[float]:
     return [(x * n - s) / (n + s) for x in processed]
 
 
-def authors_divpo_distribution(texts, scores, emb_by_model, *, min_gap, rho=25,
-                               max_pair_num=2) -> dict[tuple, Fraction]:
+def authors_divpo_distribution(
+    texts, scores, emb_by_model, *, min_gap, rho=25, max_pair_num=2
+) -> dict[tuple, Fraction]:
     """Exact law of the (chosen text, rejected text) sequence of one prompt: step 2's gap pairs decide which
     comments step 4 reads (2_data_prep_to_preference.py:25-27,68,103), then 4_data_prep_for_divpo.py:106-171.
     Ties in upvotes and deviation are ordered as numpy's stable argsort (the README says why)."""
@@ -357,8 +363,18 @@ def authors_csv_round_trip(groups: list[list[str]], path: Path) -> list[list[str
     sample with pandas, generation_eval1_2.py:24,31-34 reads the file and takes str() of each prompt's responses."""
     import pandas as pd
 
-    rows = [{"prompt_id": i, "prompt": "p", "response": t, "reddit_reward": 0.0, "semantic_diversity": 0.0,
-             "style_diversity": 0.0} for i, g in enumerate(groups) for t in g]
+    rows = [
+        {
+            "prompt_id": i,
+            "prompt": "p",
+            "response": t,
+            "reddit_reward": 0.0,
+            "semantic_diversity": 0.0,
+            "style_diversity": 0.0,
+        }
+        for i, g in enumerate(groups)
+        for t in g
+    ]
     pd.DataFrame(rows).to_csv(path, index=False)
     val_df = pd.read_csv(path)
     out = []
@@ -379,6 +395,7 @@ def embedders():
 
 def embed_fn(embedders):
     """texts -> one float32 tensor per model, as their DiversityModel.get_embedding returns them."""
+
     def embed(texts):
         return [torch.from_numpy(np.asarray(e.encode(list(texts)), dtype=np.float32)) for e in embedders]
 
@@ -392,8 +409,14 @@ STYLE_TWICE = [get_embedder("builtin:stylometric")] * 2
 
 
 def authors_cfg(tmp_path, **deviation):
-    return from_dict({"recipe": "authors", "loss": {"objective": "ddpo"}, "data": {"pairs": "gap"},
-                      "deviation": {"cache_dir": str(tmp_path / "emb"), "device": "cpu", **deviation}})
+    return from_dict(
+        {
+            "recipe": "authors",
+            "loss": {"objective": "ddpo"},
+            "data": {"pairs": "gap"},
+            "deviation": {"cache_dir": str(tmp_path / "emb"), "device": "cpu", **deviation},
+        }
+    )
 
 
 def style_only(tmp_path, **deviation):
@@ -439,13 +462,24 @@ def test_point1_dorpo_loss_end_to_end(tmp_path):
     from engine.model import build_model, load_tokenizer
     from engine.train import PolicyWithLoss
 
-    cfg = from_dict({
-        "recipe": "authors", "model": {"name": "llama-tiny"},
-        "data": {"source": "synthetic", "synthetic_prompts": 12, "pairs": "gap", "max_prompt_length": 32,
-                 "max_length": 96, "max_tokens_per_row": 512, "val_fraction": 0.0, "cache_dir": str(tmp_path / "c")},
-        "deviation": {"semantic_model": "", "cache_dir": str(tmp_path / "emb")},
-        "loss": {"objective": "dorpo", "beta": 0.25, "backend": "torch"},
-    })
+    cfg = from_dict(
+        {
+            "recipe": "authors",
+            "model": {"name": "llama-tiny"},
+            "data": {
+                "source": "synthetic",
+                "synthetic_prompts": 12,
+                "pairs": "gap",
+                "max_prompt_length": 32,
+                "max_length": 96,
+                "max_tokens_per_row": 512,
+                "val_fraction": 0.0,
+                "cache_dir": str(tmp_path / "c"),
+            },
+            "deviation": {"semantic_model": "", "cache_dir": str(tmp_path / "emb")},
+            "loss": {"objective": "dorpo", "beta": 0.25, "backend": "torch"},
+        }
+    )
     assert cfg.loss.nll_on_prompt and cfg.data.truncation == "trl"
     tok = load_tokenizer()
     prep = prepare_data(cfg, tok, verbose=False)
@@ -460,11 +494,13 @@ def test_point1_dorpo_loss_end_to_end(tmp_path):
     with torch.no_grad():
         for pid in batch.pair_ids:
             t = by_id[pid]
-            for ids, plen, avg in ((t.chosen_input_ids, t.chosen_prompt_len, chosen_avg),
-                                   (t.rejected_input_ids, t.rejected_prompt_len, rejected_avg)):
+            for ids, plen, avg in (
+                (t.chosen_input_ids, t.chosen_prompt_len, chosen_avg),
+                (t.rejected_input_ids, t.rejected_prompt_len, rejected_avg),
+            ):
                 ids = torch.as_tensor(ids, dtype=torch.long)[None]
                 logp = model(ids).logits.float().log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None])[:, 0]
-                avg.append(logp[plen - 1:].mean())  # get_batch_logps(average_log_prob=True): response labels
+                avg.append(logp[plen - 1 :].mean())  # get_batch_logps(average_log_prob=True): response labels
                 if avg is chosen_avg:  # cross_entropy_loss on labels = input ids (:785-797, :826)
                     nll_sum, nll_count = nll_sum - logp.sum(), nll_count + logp.numel()
             w.append(weights[pid])
@@ -505,11 +541,13 @@ def test_point7_max_per_prompt_drops_pairs_and_duplicates_count_in_distances_onl
         kept, members, usage = paired_groups(pairs, cfg.deviation.max_per_prompt)
         dev = compute_deviation(members, cfg.deviation, pair_counts=usage)
         got = {p.pair_id: p.chosen_weight for p in attach_weights(kept, dev)}
-        want = authors_deviation_weights([(p.prompt, p.chosen, p.rejected) for p in pairs], embed,
-                                         max_cutoff=-1 if cutoff is None else cutoff)
+        want = authors_deviation_weights(
+            [(p.prompt, p.chosen, p.rejected) for p in pairs], embed, max_cutoff=-1 if cutoff is None else cutoff
+        )
         assert [p.pair_id for p, w in zip(pairs, want) if w is not None] == [p.pair_id for p in kept]
-        np.testing.assert_allclose([got[p.pair_id] for p in kept], [w for w in want if w is not None],
-                                   rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(
+            [got[p.pair_id] for p in kept], [w for w in want if w is not None], rtol=2e-5, atol=2e-6
+        )
     assert len(kept) < len(pairs)  # the cutoff dropped pairs (the engine's groups keep them at weight 1)
     # recipe engine counts each response once: different weights on the same pairs
     once = compute_deviation(members, DeviationConfig(semantic_model="", cache_dir=str(tmp_path / "emb")))
@@ -521,19 +559,40 @@ def test_points_2_7_through_prepare_data(tmp_path):
     from engine.data.prepare import prepare_data
     from engine.model import load_tokenizer
 
-    cfg = from_dict({
-        "recipe": "authors", "loss": {"objective": "ddpo"},
-        "data": {"source": "synthetic", "synthetic_prompts": 8, "pairs": "gap", "max_prompt_length": 64,
-                 "max_length": 256, "max_tokens_per_row": 1024, "cache_dir": str(tmp_path / "c")},
-        "deviation": {"semantic_model": "", "style_model": "builtin:stylometric", "max_per_prompt": 4,
-                      "cache_dir": str(tmp_path / "emb")},
-    })
+    cfg = from_dict(
+        {
+            "recipe": "authors",
+            "loss": {"objective": "ddpo"},
+            "data": {
+                "source": "synthetic",
+                "synthetic_prompts": 8,
+                "pairs": "gap",
+                "max_prompt_length": 64,
+                "max_length": 256,
+                "max_tokens_per_row": 1024,
+                "cache_dir": str(tmp_path / "c"),
+            },
+            "deviation": {
+                "semantic_model": "",
+                "style_model": "builtin:stylometric",
+                "max_per_prompt": 4,
+                "cache_dir": str(tmp_path / "emb"),
+            },
+        }
+    )
     prep = prepare_data(cfg, load_tokenizer(), verbose=False)
     d = cfg.data
-    all_pairs = build_pairs(prep.responses, "gap", min_gap=d.min_gap, max_pairs_per_prompt=d.max_pairs_per_prompt,
-                            seed=d.seed, gap_sampler="authors")
-    want = authors_deviation_weights([(p.prompt, p.chosen, p.rejected) for p in all_pairs], embed_fn(STYLE_TWICE),
-                                     max_cutoff=4)
+    all_pairs = build_pairs(
+        prep.responses,
+        "gap",
+        min_gap=d.min_gap,
+        max_pairs_per_prompt=d.max_pairs_per_prompt,
+        seed=d.seed,
+        gap_sampler="authors",
+    )
+    want = authors_deviation_weights(
+        [(p.prompt, p.chosen, p.rejected) for p in all_pairs], embed_fn(STYLE_TWICE), max_cutoff=4
+    )
     want = {p.pair_id: w for p, w in zip(all_pairs, want) if w is not None}
     got = {p.pair_id: p.chosen_weight for p in prep.train_pairs + prep.val_pairs}
     assert set(got) <= set(want) and len(want) < len(all_pairs)
@@ -545,8 +604,16 @@ def test_points_2_7_through_prepare_data(tmp_path):
 
 
 def test_point3_title_cleaning_prompt_join_and_dropped_responses():
-    titles = ["[WP] A dragon", "[Writing Prompt] The long tag", "  [WP] leading space", "[WP] [EU] Two tags",
-              "No tag at all", "[WP]no space", "[OT] [deleted]", "Title [WP] inside"]
+    titles = [
+        "[WP] A dragon",
+        "[Writing Prompt] The long tag",
+        "  [WP] leading space",
+        "[WP] [EU] Two tags",
+        "No tag at all",
+        "[WP]no space",
+        "[OT] [deleted]",
+        "Title [WP] inside",
+    ]
     texts = ["", "Some post text.", "  padded  "]
     for title in titles:
         for text in texts:
@@ -554,10 +621,27 @@ def test_point3_title_cleaning_prompt_join_and_dropped_responses():
     assert make_prompt("[Writing Prompt] The long tag", "", "engine") == "The long tag"
     assert make_prompt("[Writing Prompt] The long tag", "", "authors") == "The long tag\n"
     assert make_prompt("[WP] [EU] Two tags", "", "engine") == "Two tags"
-    comments = ["A story.", "[deleted]", "", "**Welcome to the Prompt!** rules", "ok this submission has been removed",
-                "[removed]", "**Off-Topic Discussion** here", "Another story."]
-    rows = [(0, {"post_title": "[WP] T", "post_text": "", "comment_texts": comments,
-                 "comment_scores": list(range(len(comments)))})]
+    comments = [
+        "A story.",
+        "[deleted]",
+        "",
+        "**Welcome to the Prompt!** rules",
+        "ok this submission has been removed",
+        "[removed]",
+        "**Off-Topic Discussion** here",
+        "Another story.",
+    ]
+    rows = [
+        (
+            0,
+            {
+                "post_title": "[WP] T",
+                "post_text": "",
+                "comment_texts": comments,
+                "comment_scores": list(range(len(comments))),
+            },
+        )
+    ]
     kept, _ = responses_from_rows(rows, cleaning="authors")
     assert [r.text for r in kept] == authors_filter_comments(comments)
     engine, report = responses_from_rows(rows, cleaning="engine")
@@ -574,8 +658,9 @@ def test_point4_length_filter_counts_the_templated_prompt_and_response():
 
     tok = load_tokenizer()
     long_prompt = "Write about " + "a very long and winding premise " * 6
-    responses = group(long_prompt, [(t, i) for i, t in enumerate(STORIES)]) + group("Short.", [(t, i) for i, t in
-                                                                                              enumerate(STORIES)])
+    responses = group(long_prompt, [(t, i) for i, t in enumerate(STORIES)]) + group(
+        "Short.", [(t, i) for i, t in enumerate(STORIES)]
+    )
     lengths = sorted(len(tok(t)["input_ids"]) for t in STORIES)
     limit = lengths[len(lengths) // 2] + 30
     for prompt in (long_prompt, "Short."):
@@ -590,12 +675,16 @@ def test_point4_length_filter_counts_the_templated_prompt_and_response():
 # ------------------------------------------------------------------------------------------ 5: gap
 
 
-@pytest.mark.parametrize("scores, min_gap, engine_differs", [
-    ((0, 1, 2, 2, 7, 12), 5, True),  # leftovers 2, 2 cannot pair: two or three pairs
-    ((0, 0, 4, 5, 6, 12, 13), 5, True),
-    # Here both samplers happen to have the same law (e.g. one valid pair per draw in the last case).
-    ((1, 2, 2, 3, 9, 9), 5, False), ((1, 1, 1, 2), 5, False),
-])
+@pytest.mark.parametrize(
+    "scores, min_gap, engine_differs",
+    [
+        ((0, 1, 2, 2, 7, 12), 5, True),  # leftovers 2, 2 cannot pair: two or three pairs
+        ((0, 0, 4, 5, 6, 12, 13), 5, True),
+        # Here both samplers happen to have the same law (e.g. one valid pair per draw in the last case).
+        ((1, 2, 2, 3, 9, 9), 5, False),
+        ((1, 1, 1, 2), 5, False),
+    ],
+)
 def test_point5_gap_pairs_follow_the_authors_distribution(scores, min_gap, engine_differs):
     """Gap phase, the per-draw fallback to any different scores, equal scores never paired, no cap."""
     texts = [f"r{i}" for i in range(len(scores))]
@@ -610,8 +699,13 @@ def test_point5_gap_pairs_follow_the_authors_distribution(scores, min_gap, engin
     ok, why = chi_square_ok(seen, exact, n)
     assert ok, why
     # The engine's sampler is another law (greedy + maximum matching): the same test rejects it.
-    engine = Counter(tuple((texts.index(p.chosen), texts.index(p.rejected)) for p in
-                           build_pairs(g, "gap", min_gap=min_gap, max_pairs_per_prompt=None, seed=s)) for s in range(n))
+    engine = Counter(
+        tuple(
+            (texts.index(p.chosen), texts.index(p.rejected))
+            for p in build_pairs(g, "gap", min_gap=min_gap, max_pairs_per_prompt=None, seed=s)
+        )
+        for s in range(n)
+    )
     assert chi_square_ok(engine, exact, n)[0] is not engine_differs
 
 
@@ -633,8 +727,17 @@ def test_point6_divpo_pairs_follow_the_authors_distribution(tmp_path):
     n = 3000
     seen = Counter()
     for seed in range(n):
-        pairs = build_pairs(g, "divpo", min_gap=5, rho=0.25, max_pairs_per_prompt=2, seed=seed, deviation=dev,
-                            gap_sampler="authors", divpo_sampler="authors")
+        pairs = build_pairs(
+            g,
+            "divpo",
+            min_gap=5,
+            rho=0.25,
+            max_pairs_per_prompt=2,
+            seed=seed,
+            deviation=dev,
+            gap_sampler="authors",
+            divpo_sampler="authors",
+        )
         seen[tuple((p.chosen, p.rejected) for p in pairs)] += 1
     ok, why = chi_square_ok(seen, exact, n)
     assert ok, why
@@ -659,8 +762,17 @@ def test_point8_no_loss_reads_rejected_weights():
     with pytest.raises(Exception, match="unknown key.*deviation.rejected_weight_floor"):
         from_dict({"deviation": {"rejected_weight_floor": 0.2}})
     rng = np.random.default_rng(0)
-    items = [TokenizedPair(f"p{i}", rng.integers(5, 200, 20).astype(np.int32), 6,
-                           rng.integers(5, 200, 17).astype(np.int32), 6, chosen_weight=0.5 + i) for i in range(3)]
+    items = [
+        TokenizedPair(
+            f"p{i}",
+            rng.integers(5, 200, 20).astype(np.int32),
+            6,
+            rng.integers(5, 200, 17).astype(np.int32),
+            6,
+            chosen_weight=0.5 + i,
+        )
+        for i in range(3)
+    ]
     torch.manual_seed(0)
     model = build_model("llama-tiny", seed=0)
     for objective in ("ddpo", "dorpo"):
@@ -698,7 +810,11 @@ def test_point9_llama8b_ddpo_is_the_authors_scripts():
     assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.max_grad_norm) == ([0.9, 0.999], 1e-8, 1.0)
     assert cfg.parallel.precision == "bf16"  # :52
     assert (cfg.data.pairs, cfg.data.min_gap, cfg.data.max_pairs_per_prompt, cfg.data.max_response_tokens) == (
-        "gap", 5, None, 2048)
+        "gap",
+        5,
+        None,
+        2048,
+    )
     assert cfg.data.max_length >= 2048  # DPOConfig max_length None: no truncation below the 2048 filter
     dev = cfg.deviation
     assert (dev.groups, dev.count_duplicates, dev.max_per_prompt) == ("paired", True, None)
@@ -781,8 +897,9 @@ def _tiny_tokenizer(texts):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def _sentence_transformer_dir(hf_dir: Path, out: Path, trust_remote_code: bool) -> Path:
@@ -810,8 +927,17 @@ def standin_embedders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("standins")
     tok = _tiny_tokenizer(STORIES)
-    common = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     RobertaModel(RobertaConfig(**common)).save_pretrained(root / "style-hf")
     tok.save_pretrained(root / "style-hf")
@@ -855,9 +981,18 @@ def test_point10_published_embedder_families_load_from_local_directories(tmp_pat
         tasked = hf(**enc, adapter_mask=torch.zeros(len(texts), dtype=torch.long)).last_hidden_state
     assert not torch.allclose(plain, tasked)
     # Through the config: deviation.trust_remote_code reaches the loader.
-    cfg = from_dict({"deviation": {"semantic_model": str(jina_dir), "style_model": str(style_dir),
-                                   "trust_remote_code": True, "device": "cpu", "precision": "float32",
-                                   "cache_dir": str(tmp_path / "emb")}})
+    cfg = from_dict(
+        {
+            "deviation": {
+                "semantic_model": str(jina_dir),
+                "style_model": str(style_dir),
+                "trust_remote_code": True,
+                "device": "cpu",
+                "precision": "float32",
+                "cache_dir": str(tmp_path / "emb"),
+            }
+        }
+    )
     g = group("P", [(t, i) for i, t in enumerate(texts)])
     res = compute_deviation(g, cfg.deviation)
     from engine.deviation import deviation_weights
@@ -870,8 +1005,9 @@ def test_point10_default_embedders_are_labelled_truthfully():
     from engine.config import help_text
 
     text = " ".join(help_text().split())
-    assert ("'builtin:minilm' (all-MiniLM-L6-v2, shipped for offline use; NOT the published "
-            "jinaai/jina-embeddings-v3)") in text
+    assert (
+        "'builtin:minilm' (all-MiniLM-L6-v2, shipped for offline use; NOT the published jinaai/jina-embeddings-v3)"
+    ) in text
     assert "NOT the published AnnaWegmann/Style-Embedding" in text
     for name in ("experiment", "tiny-cpu"):
         body = (ROOT / "configs" / f"{name}.yaml").read_text()
@@ -879,9 +1015,13 @@ def test_point10_default_embedders_are_labelled_truthfully():
     for name in ("llama8b-ddpo", "llama8b-ddpo-engine", "llama8b-dorpo-engine"):
         cfg = load_config(["--config", str(ROOT / "configs" / f"{name}.yaml")])
         assert (cfg.deviation.semantic_model, cfg.deviation.style_model) == (
-            "jinaai/jina-embeddings-v3", "AnnaWegmann/Style-Embedding")
+            "jinaai/jina-embeddings-v3",
+            "AnnaWegmann/Style-Embedding",
+        )
         assert cfg.deviation.trust_remote_code and (cfg.eval.semantic_model, cfg.eval.style_model) == (
-            "jinaai/jina-embeddings-v3", "AnnaWegmann/Style-Embedding")
+            "jinaai/jina-embeddings-v3",
+            "AnnaWegmann/Style-Embedding",
+        )
 
 
 # ---------------------------------------------------------------------------------------- 11: metrics
@@ -929,8 +1069,11 @@ def test_point11_text_metrics_equal_the_authors_evaluation(tmp_path, their_clock
     from engine import metrics as M
 
     theirs_texts = authors_csv_round_trip(METRIC_GROUPS, tmp_path / "eval.csv")
-    ports = {"compression_ratio": authors_compression_ratio, "homogenization": authors_homogenization_score,
-             "ngram_diversity": authors_ngram_diversity_score}
+    ports = {
+        "compression_ratio": authors_compression_ratio,
+        "homogenization": authors_homogenization_score,
+        "ngram_diversity": authors_ngram_diversity_score,
+    }
     differs = Counter()
     for samples, seen_by_them in zip(METRIC_GROUPS, theirs_texts):
         ours, engine = M.text_metrics(samples, compat="authors"), M.text_metrics(samples)
@@ -987,9 +1130,11 @@ def _assert_authors_rows(doc, samples, tmp_path):
     pids = [row["prompt_id"] for row in doc["per_prompt"]]
     seen_by_them = authors_csv_round_trip([samples[p] for p in pids], tmp_path / "eval.csv")
     for row, texts in zip(doc["per_prompt"], seen_by_them):
-        for key, port in (("compression_ratio", authors_compression_ratio),
-                          ("homogenization", authors_homogenization_score),
-                          ("ngram_diversity", authors_ngram_diversity_score)):
+        for key, port in (
+            ("compression_ratio", authors_compression_ratio),
+            ("homogenization", authors_homogenization_score),
+            ("ngram_diversity", authors_ngram_diversity_score),
+        ):
             want = _or_nan(port, texts)
             assert (row[key] is None and math.isnan(want)) or row[key] == want, (key, row[key], want)
 
@@ -1007,16 +1152,46 @@ def test_point11_evaluate_cli_and_after_training_use_the_switch(tmp_path, their_
     assert from_dict({"recipe": "authors", "eval": {"metrics_compat": "authors"}}).eval.metrics_compat == "authors"
 
     out = tmp_path / "human"
-    main(["--human", "--prompts", "synthetic", "--split", "all", "--num-prompts", "3", "--n", "4", "--semantic-model",
-          "", "--style-model", "builtin:stylometric", "--metrics-compat", "authors", "--out", str(out),
-          "--no-progress"])
+    main(
+        [
+            "--human",
+            "--prompts",
+            "synthetic",
+            "--split",
+            "all",
+            "--num-prompts",
+            "3",
+            "--n",
+            "4",
+            "--semantic-model",
+            "",
+            "--style-model",
+            "builtin:stylometric",
+            "--metrics-compat",
+            "authors",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     doc, samples = _metrics_and_samples(out)
     assert doc["settings"]["metrics_compat"] == "authors" and len(doc["per_prompt"]) == 3
     _assert_authors_rows(doc, samples, tmp_path)
 
-    cfg = from_dict({"eval": {"metrics_compat": "authors", "n_samples": 3, "num_prompts": 2, "max_new_tokens": 8,
-                              "batch_size": 2, "semantic_model": "", "style_model": "builtin:stylometric"},
-                     "data": {"source": "synthetic"}})
+    cfg = from_dict(
+        {
+            "eval": {
+                "metrics_compat": "authors",
+                "n_samples": 3,
+                "num_prompts": 2,
+                "max_new_tokens": 8,
+                "batch_size": 2,
+                "semantic_model": "",
+                "style_model": "builtin:stylometric",
+            },
+            "data": {"source": "synthetic"},
+        }
+    )
     prepared = SimpleNamespace(val_pairs=[SimpleNamespace(prompt=p) for p in ("Write about a ship.", "A dragon?")])
     torch.manual_seed(0)
     evaluate_after_training(build_model("llama-tiny", seed=0), load_tokenizer(), prepared, cfg, tmp_path / "eval")
@@ -1086,8 +1261,9 @@ def test_point12_groups_of_two_weigh_one_and_ties_change_no_real_group(tmp_path)
         noisy_engine += exact.tolist() != [1.0, 1.0]
     assert noisy_engine > 0
     rng = np.random.default_rng(0)
-    subsets = [sorted(rng.choice(len(STORIES), size=int(rng.integers(3, 7)), replace=False).tolist())
-               for _ in range(20)]
+    subsets = [
+        sorted(rng.choice(len(STORIES), size=int(rng.integers(3, 7)), replace=False).tolist()) for _ in range(20)
+    ]
     groups = [group(f"G{n}", [(STORIES[k], k) for k in idx]) for n, idx in enumerate(subsets)]
     res = compute_deviation([r for g in groups for r in g], style_only(tmp_path).deviation)
     for g, idx in zip(groups, subsets):

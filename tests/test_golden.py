@@ -33,11 +33,32 @@ OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
 STEPS = 3
 TOL = 1e-4
 TRAIN_ARGS = [
-    "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
-    "--data.max_tokens_per_row", "512", "--deviation.semantic_model", "", "--eval.enabled", "false",
-    "--optim.lr", "2e-3", "--optim.warmup_ratio", "0", "--optim.schedule", "constant",
-    "--logging.progress", "false", "--logging.tensorboard", "false", "--optim.max_steps", str(STEPS),
-    "--checkpoint.export_final", "true",
+    "--data.synthetic_prompts",
+    "24",
+    "--data.max_prompt_length",
+    "48",
+    "--data.max_length",
+    "128",
+    "--data.max_tokens_per_row",
+    "512",
+    "--deviation.semantic_model",
+    "",
+    "--eval.enabled",
+    "false",
+    "--optim.lr",
+    "2e-3",
+    "--optim.warmup_ratio",
+    "0",
+    "--optim.schedule",
+    "constant",
+    "--logging.progress",
+    "false",
+    "--logging.tensorboard",
+    "false",
+    "--optim.max_steps",
+    str(STEPS),
+    "--checkpoint.export_final",
+    "true",
 ]
 
 
@@ -70,10 +91,21 @@ def train_record(tmp: Path) -> dict:
     out = {}
     for objective in OBJECTIVES:
         run = tmp / objective
-        cfg = load_config(TRAIN_ARGS + [
-            "--loss.objective", objective, "--logging.output_dir", str(run), "--data.cache_dir", str(run / "cache"),
-            "--deviation.cache_dir", str(run / "emb"), "--ref_cache.dir", str(run / "ref"),
-        ])  # fmt: skip
+        cfg = load_config(
+            TRAIN_ARGS
+            + [
+                "--loss.objective",
+                objective,
+                "--logging.output_dir",
+                str(run),
+                "--data.cache_dir",
+                str(run / "cache"),
+                "--deviation.cache_dir",
+                str(run / "emb"),
+                "--ref_cache.dir",
+                str(run / "ref"),
+            ]
+        )
         train(cfg)
         lines = (cfg.logging.run_dir / "metrics.jsonl").read_text().splitlines()
         out[objective] = {
@@ -118,9 +150,18 @@ def kernel_record() -> dict:
                 objective, beta=0.1, chosen_weights=weights, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r
             )
             res = fused_preference_loss(
-                hidden, weight, targets, segment_ids, chosen, rejected, epilogue, backend=backend,
-                chunk_rows=16, block_rows=64, return_output=True,
-            )  # fmt: skip
+                hidden,
+                weight,
+                targets,
+                segment_ids,
+                chosen,
+                rejected,
+                epilogue,
+                backend=backend,
+                chunk_rows=16,
+                block_rows=64,
+                return_output=True,
+            )
             res.loss.backward()
             out[f"{backend}/{objective}"] = {
                 "loss": float(res.loss).hex(),

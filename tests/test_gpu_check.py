@@ -206,6 +206,7 @@ def test_a_deadline_that_runs_out_skips_the_later_parts_with_rows_saying_why(tmp
         return gpu_check.PartResult("ok", "", "fake setup")
 
     check.part_setup = slow_setup
+
     def templates(cases):
         rows = {}
         for c in cases:
@@ -235,8 +236,15 @@ TS = "2026-01-01T00:00:00+00:00"
 
 def _k(backend, objective, t, mem, run="r1", pct=None, notes=""):
     row = dict(bench="gpu-8b-n32768", op="fused_preference_loss", backend=backend, objective=objective, N=32768)
-    return {**row, "time_ms_median": t, "peak_mem_mb": mem, "pct_peak": pct, "run_id": run, "timestamp": TS,
-            "notes": notes}
+    return {
+        **row,
+        "time_ms_median": t,
+        "peak_mem_mb": mem,
+        "pct_peak": pct,
+        "run_id": run,
+        "timestamp": TS,
+        "notes": notes,
+    }
 
 
 def _t(system, variant, tps, mem, run="r1"):

@@ -28,7 +28,8 @@ PROBE = textwrap.dedent(
     try:
         import kernels
         out["kernels_file"] = getattr(kernels, "__file__", None)
-        out["get_kernel"] = kernels.get_kernel("kernels-community/activation") if hasattr(kernels, "get_kernel") else None
+        has_get_kernel = hasattr(kernels, "get_kernel")
+        out["get_kernel"] = kernels.get_kernel("kernels-community/activation") if has_get_kernel else None
         out["version"] = importlib.metadata.version("kernels")
     except (ImportError, importlib.metadata.PackageNotFoundError) as e:
         out["error"] = type(e).__name__
@@ -41,7 +42,9 @@ def _standin(site: Path) -> None:
     """A minimal installed distribution named `kernels`, shaped like Hugging Face's."""
     pkg = site / "kernels"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(f"__version__ = '{STANDIN_VERSION}'\ndef get_kernel(repo_id):\n    return 'stand-in:' + repo_id\n")
+    (pkg / "__init__.py").write_text(
+        f"__version__ = '{STANDIN_VERSION}'\ndef get_kernel(repo_id):\n    return 'stand-in:' + repo_id\n"
+    )
     info = site / f"kernels-{STANDIN_VERSION}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {STANDIN_VERSION}\n")

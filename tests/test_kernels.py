@@ -21,18 +21,19 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.config import POLICY_OBJECTIVES as OBJECTIVES
-from engine.losses import loss_epilogue
 from ddpo_kernels import (
     BACKEND_ENV_VAR,
+    chunk_logprob,
     fused_preference_loss,
     fused_preference_loss_ref,
     linear_logprob,
     linear_logprob_ref,
     resolve_backend,
+    segment_sum,
 )
-from ddpo_kernels import chunk_logprob, segment_sum
 from ddpo_kernels._common import DwAccumulator
+from engine.config import POLICY_OBJECTIVES as OBJECTIVES
+from engine.losses import loss_epilogue
 
 IGNORE = -100
 HAS_CUDA = torch.cuda.is_available()
@@ -71,7 +72,8 @@ class Batch:
 
     def to(self, device):
         return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "num_segments"}
+            self,
+            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "num_segments"},
         )
 
 
@@ -314,7 +316,9 @@ def test_fused_grad_output_scaling_and_frozen_weight(backend):
     b = make_batch(3, 19, 64, 1000, seed=17)
     kw = fused_kwargs(b, "dpo")
     h, w = b.cast(torch.float32)
-    (3.5 * fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)).backward()
+    (
+        3.5 * fused_preference_loss(h, w, b.targets, b.segment_ids, b.chosen, b.rejected, backend=backend, **kw)
+    ).backward()
     h_ref, w_ref = b.cast(torch.float32)
     (3.5 * fused_preference_loss_ref(h_ref, w_ref, b.targets, b.segment_ids, b.chosen, b.rejected, **kw)).backward()
     close(h.grad, h_ref.grad, what="scaled d hidden")

@@ -14,7 +14,6 @@ import pytest
 
 from engine import metrics as M
 
-
 # ------------------------------------------------------------------------------------ n-gram diversity
 
 
@@ -147,9 +146,7 @@ def test_length_stats_hand_computed():
 
 def test_label_shares_and_entropy_hand_computed():
     labels = ["a", "a", "b", None]
-    assert M.label_shares(labels, ("a", "b", "c")) == pytest.approx(
-        {"a": 0.5, "b": 0.25, "c": 0.0, M.NONE_LABEL: 0.25}
-    )
+    assert M.label_shares(labels, ("a", "b", "c")) == pytest.approx({"a": 0.5, "b": 0.25, "c": 0.0, M.NONE_LABEL: 0.25})
     # labelled: a 2/3, b 1/3 -> H = (2/3) ln 1.5 + (1/3) ln 3 = 0.636514; / ln 3 = 0.579380
     assert M.normalized_entropy(labels, 3) == pytest.approx(0.579380, abs=1e-6)
     assert M.normalized_entropy(["a", "b", "c"], 3) == pytest.approx(1.0)
@@ -174,7 +171,6 @@ def test_text_metrics_and_mean_over_prompts():
     assert math.isnan(M.mean_over_prompts([{"h": float("nan")}])["h"])
 
 
-
 # ------------------------------------------------------------------------- engine: what the names claim
 
 
@@ -195,7 +191,6 @@ def test_homogenization_counts_every_sample_in_any_order():
     # unordered pairs: 2/3 + 4/5 + 4/5 and three zeros -> (34/15) / 6 = 17/45
     for order in itertools.permutations(FOUR):
         assert M.homogenization(list(order)) == pytest.approx(17 / 45)
-
 
 
 # ------------------------------------------------------------------------------- authors' definitions
@@ -256,7 +251,10 @@ def test_authors_text_metrics_read_samples_as_their_csv_does():
 
 
 def test_metrics_reject_an_unknown_compat():
-    for call in (lambda: M.ngram_diversity(["a"], compat="paper"), lambda: M.text_metrics(["a"], compat="paper"),
-                 lambda: M.embedding_diversity(np.ones((2, 2)), compat="paper")):
+    for call in (
+        lambda: M.ngram_diversity(["a"], compat="paper"),
+        lambda: M.text_metrics(["a"], compat="paper"),
+        lambda: M.embedding_diversity(np.ones((2, 2)), compat="paper"),
+    ):
         with pytest.raises(ValueError, match="'paper'.*eval.metrics_compat"):
             call()

@@ -207,8 +207,12 @@ def test_setup_build_never_fails(tmp_path, env, notice):
     """setup.py build_ext exits 0 without an extension when skipped or when the compiler fails."""
     proc = subprocess.run(
         [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert notice in proc.stdout and "native extension ddpo_kernels._C not built" in proc.stdout
     assert not list(tmp_path.rglob("*.so"))

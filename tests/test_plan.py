@@ -7,7 +7,6 @@ import pytest
 
 from engine.plan import (
     GIB,
-    MemoryPlan,
     PlanError,
     PlanSettings,
     activation_bytes_per_token_layer,
@@ -19,15 +18,15 @@ from engine.plan import (
     settings_from_config,
 )
 
-# llama-tiny with a 1024-token vocabulary: hidden D=128, intermediate I=384, 2 layers, 4 heads of 32,
+# llama-tiny with a 1024-token vocabulary: hidden D=128, intermediate FFN=384, 2 layers, 4 heads of 32,
 # 2 KV heads (Dkv = 64), untied head.
-V, D, I, L, H, DKV = 1024, 128, 384, 2, 4, 64
+V, D, FFN, L, H, DKV = 1024, 128, 384, 2, 4, 64
 EMBED = V * D  # 131,072
 LAYER = (
     D * D  # q_proj 16,384
     + 2 * D * DKV  # k_proj, v_proj 8,192 each
     + D * D  # o_proj 16,384
-    + 3 * D * I  # gate, up, down 49,152 each
+    + 3 * D * FFN  # gate, up, down 49,152 each
     + 2 * D  # two RMSNorm weights
 )  # 196,864
 TINY_PARAMS = EMBED + L * LAYER + D + EMBED  # embed + layers + final norm + lm_head
@@ -42,13 +41,29 @@ def tiny(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("plan")
     _named_config("llama-tiny", V).to_json_file(d / "config.json")
-    (d / "ds.json").write_text(json.dumps({"zero_optimization": {
-        "reduce_bucket_size": 1000, "prefetch_bucket_size": 500, "param_persistence_threshold": 200}}))
+    (d / "ds.json").write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "reduce_bucket_size": 1000,
+                    "prefetch_bucket_size": 500,
+                    "param_persistence_threshold": 200,
+                }
+            }
+        )
+    )
     return {
-        "model.name": str(d / "config.json"), "parallel.zero_stage": 3, "parallel.precision": "bf16",
-        "data.max_prompt_length": 64, "data.max_length": 128, "data.max_tokens_per_row": 256, "data.rows_per_batch": 2,
-        "ref_cache.mode": "off", "ref_cache.dtype": "bfloat16",
-        "loss.objective": "dpo", "parallel.deepspeed_config": str(d / "ds.json"),
+        "model.name": str(d / "config.json"),
+        "parallel.zero_stage": 3,
+        "parallel.precision": "bf16",
+        "data.max_prompt_length": 64,
+        "data.max_length": 128,
+        "data.max_tokens_per_row": 256,
+        "data.rows_per_batch": 2,
+        "ref_cache.mode": "off",
+        "ref_cache.dtype": "bfloat16",
+        "loss.objective": "dpo",
+        "parallel.deepspeed_config": str(d / "ds.json"),
     }
 
 
@@ -81,8 +96,15 @@ def test_other_llama_family(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
     for cls in (Qwen2Config, Qwen3Config):
-        cfg = cls(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=cls is Qwen2Config)  # fmt: skip
+        cfg = cls(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=cls is Qwen2Config,
+        )
         q = tmp_path / f"{cfg.model_type}.json"
         cfg.to_json_file(q)
         with torch.device("meta"):
@@ -96,9 +118,12 @@ def test_lora_parameter_count_by_hand_and_against_peft(tiny):
 
     r = 8
     per_layer = r * (
-        (D + D) + (D + DKV) + (D + DKV) + (D + D)  # q, k, v, o
-        + 3 * (D + I)  # gate, up, down
-    )  # fmt: skip
+        (D + D)
+        + (D + DKV)
+        + (D + DKV)
+        + (D + D)  # q, k, v, o
+        + 3 * (D + FFN)  # gate, up, down
+    )
     assert per_layer == 19_456
     p = plan({**tiny, "model.lora_r": r})
     assert p.lora_parameters == L * per_layer == p.trainable_parameters
@@ -133,8 +158,8 @@ def test_plan_by_hand_zero3_bf16(tiny):
     assert p.optimizer_moments == TINY_PARAMS * 8 // 8
     assert p.optimizer == 984_000
     # Activations per token per layer (bf16): per RMSNorm its fp32 input + rstd (4D+4), the bf16 cast
-    # and output (2*2D); q/k/v 2*(D + 2*Dkv), attention output 2*D, logsumexp 4*H, SwiGLU 4*2*I.
-    per_layer = 2 * (4 * D + 4 + 2 * 2 * D) + 2 * (D + 2 * DKV) + 2 * D + 4 * H + 4 * 2 * I
+    # and output (2*2D); q/k/v 2*(D + 2*Dkv), attention output 2*D, logsumexp 4*H, SwiGLU 4*2*FFN.
+    per_layer = 2 * (4 * D + 4 + 2 * 2 * D) + 2 * (D + 2 * DKV) + 2 * D + 4 * H + 4 * 2 * FFN
     assert per_layer == 5912 == p.activation_bytes_per_token_layer
     assert p.attn_implementation == "flash_attention_2"  # a CUDA plan assumes flash-attn
     # Once per model: final norm (4D+4 + 2D), the hidden states given to the loss (2D), RoPE cos/sin (2*2*32).
@@ -157,8 +182,14 @@ def test_plan_by_hand_zero3_bf16(tiny):
     # The peak is in the backward pass: static parts + activations + logits (one micro-batch: no
     # gradients accumulated yet); the optimizer step's gradients are smaller.
     assert p.peak_phase == "backward"
-    assert p.at_peak == {"weights": 164_000, "optimizer": 984_000, "reference": 164_000, "buffers": 266_424,
-                         "activations": 6_645_760, "logits": 1_572_864}
+    assert p.at_peak == {
+        "weights": 164_000,
+        "optimizer": 984_000,
+        "reference": 164_000,
+        "buffers": 266_424,
+        "activations": 6_645_760,
+        "logits": 1_572_864,
+    }
     assert p.total == 164_000 * 2 + 984_000 + 6_645_760 + 1_572_864 + 266_424 == 9_797_048
     assert p.total == sum(p.at_peak.values())
     # Accumulating micro-batches keeps the gradients resident through every later backward.
@@ -167,11 +198,16 @@ def test_plan_by_hand_zero3_bf16(tiny):
 
 
 def test_plan_by_hand_zero0_fp32_and_lora(tiny):
-    p = plan({**tiny, "parallel.zero_stage": 0, "parallel.precision": "fp32", "ref_cache.mode": "auto"},
-             runtime_overhead_gib=1.0)
+    p = plan(
+        {**tiny, "parallel.zero_stage": 0, "parallel.precision": "fp32", "ref_cache.mode": "auto"},
+        runtime_overhead_gib=1.0,
+    )
     assert (p.weights, p.gradients, p.master_weights, p.optimizer_moments) == (
-        TINY_PARAMS * 4, TINY_PARAMS * 4, 0, TINY_PARAMS * 8,
-    )  # fmt: skip
+        TINY_PARAMS * 4,
+        TINY_PARAMS * 4,
+        0,
+        TINY_PARAMS * 8,
+    )
     assert p.reference == 0 and p.runtime == GIB
     # ZeRO-0 on 8 ranks: DeepSpeed's flat all-reduce bucket holds every gradient (fewer than 5e8 elements).
     assert p.buffers == TINY_PARAMS * 4
@@ -186,15 +222,15 @@ def test_plan_by_hand_zero0_fp32_and_lora(tiny):
     assert lora.logits_fused == 512 * V * 2  # bf16 logits block; frozen head: no dW accumulator
     # Frozen base: norm casts and outputs (4 x 2D) and down's input (2I) are no longer saved; each of the 7
     # adapted linears saves its fp32 input copy (4 x in) and lora_A's fp32 output (4r).
-    assert lora.activation_bytes_per_token_layer == 5912 - 4 * 2 * D - 2 * I + 4 * (6 * D + I) + 7 * 4 * 8 == 8952
+    assert lora.activation_bytes_per_token_layer == 5912 - 4 * 2 * D - 2 * FFN + 4 * (6 * D + FFN) + 7 * 4 * 8 == 8952
 
 
 def test_device_sets_chunk_attention_and_runtime(tiny):
     """The plan uses the chunk budget of the device it plans for (ddpo_kernels' own function), the
     attention kernel a run there gets, and the device's runtime constant."""
     import torch
-    from ddpo_kernels import default_block_rows
 
+    from ddpo_kernels import default_block_rows
     from engine.plan import CPU_RUNTIME_BYTES
 
     big_v = {**tiny, "model.name": "llama-8b"}
@@ -238,8 +274,13 @@ def test_offload_and_objectives(tiny):
 
 
 def test_monotonic(tiny):
-    big = {"model.name": "llama-8b", "parallel.zero_stage": 3, "data.max_tokens_per_row": 4096,
-           "parallel.precision": "bf16", "loss.objective": "dpo"}
+    big = {
+        "model.name": "llama-8b",
+        "parallel.zero_stage": 3,
+        "data.max_tokens_per_row": 4096,
+        "parallel.precision": "bf16",
+        "loss.objective": "dpo",
+    }
 
     def total(over=None, **where):
         return plan_memory(PlanSettings.of({**big, **(over or {})}, **where)).total
@@ -269,9 +310,20 @@ def test_monotonic(tiny):
 
 
 def test_llama8b_numbers():
-    p = plan_memory(PlanSettings.of({"model.name": "llama-8b", "parallel.zero_stage": 3, "parallel.precision": "bf16",
-                                     "data.max_tokens_per_row": 8192, "model.gradient_checkpointing": True},
-                                    nodes=4, gpus_per_node=8, runtime_overhead_gib=0))
+    p = plan_memory(
+        PlanSettings.of(
+            {
+                "model.name": "llama-8b",
+                "parallel.zero_stage": 3,
+                "parallel.precision": "bf16",
+                "data.max_tokens_per_row": 8192,
+                "model.gradient_checkpointing": True,
+            },
+            nodes=4,
+            gpus_per_node=8,
+            runtime_overhead_gib=0,
+        )
+    )
     d, dkv, i, h = 4096, 1024, 14336, 32
     assert p.activation_bytes_per_token_layer == 20 * d + 4 * dkv + 8 * i + 4 * h + 8 == 200_840
     assert p.weights == -(-8_030_261_248 * 2 // 32)
@@ -282,8 +334,16 @@ def test_llama8b_numbers():
 
 @pytest.mark.parametrize("field, step", [("max_tokens_per_row", 128), ("rows_per_batch", 1), ("max_tokens_per_row", 1)])
 def test_largest_fitting_consistent(field, step):
-    settings = PlanSettings.of({"model.name": "llama-8b", "parallel.zero_stage": 3, "parallel.precision": "bf16",
-                                "data.max_tokens_per_row": 1024, "model.gradient_checkpointing": True}, gpus_per_node=8)
+    settings = PlanSettings.of(
+        {
+            "model.name": "llama-8b",
+            "parallel.zero_stage": 3,
+            "parallel.precision": "bf16",
+            "data.max_tokens_per_row": 1024,
+            "model.gradient_checkpointing": True,
+        },
+        gpus_per_node=8,
+    )
     gpu = 40 * GIB
     best = largest_fitting(settings, gpu, field=field, step=step)
     assert best > 0 and best % step == 0
@@ -348,8 +408,13 @@ def test_activation_formula_matches_saved_tensors(tiny):
         base = m.get_base_model() if hasattr(m, "get_base_model") else m
         return _saved_bytes(m, base.get_decoder(), ids, positions, act_bytes, D)
 
-    settings = {**tiny, "parallel.zero_stage": 0, "data.rows_per_batch": 1, "data.max_length": 128,
-                "data.max_tokens_per_row": n}
+    settings = {
+        **tiny,
+        "parallel.zero_stage": 0,
+        "data.rows_per_batch": 1,
+        "data.max_length": 128,
+        "data.max_tokens_per_row": n,
+    }
     bf16 = build_model("llama-tiny", dtype="bfloat16", vocab_size=V).train()
     assert measure(bf16, 2) == plan(settings).activations_without_checkpointing
     fp32 = build_model("llama-tiny", vocab_size=V).train()
@@ -382,18 +447,48 @@ def test_activation_formula_gpt2(tmp_path):
     n = 192
     positions = torch.cat([torch.arange(100), torch.arange(92)])[None]
     measured = _saved_bytes(model, model.transformer, torch.randint(0, 512, (1, n)), positions, 4, 64)
-    p = plan({"model.name": str(tmp_path / "config.json"), "parallel.precision": "fp32", "data.max_prompt_length": 64,
-              "data.max_length": 96, "data.max_tokens_per_row": n}, device="cpu")
+    p = plan(
+        {
+            "model.name": str(tmp_path / "config.json"),
+            "parallel.precision": "fp32",
+            "data.max_prompt_length": 64,
+            "data.max_length": 96,
+            "data.max_tokens_per_row": n,
+        },
+        device="cpu",
+    )
     assert measured == p.activations_without_checkpointing
 
 
 def test_cli_table_and_json(capsys):
-    args = ["--model", "llama-8b", "--nodes", "4", "--gpus-per-node", "8", "--zero", "3", "--max-tokens-per-row", "8192",
-            "--gradient-checkpointing", "--lora-r", "128"]  # fmt: skip
+    args = [
+        "--model",
+        "llama-8b",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--zero",
+        "3",
+        "--max-tokens-per-row",
+        "8192",
+        "--gradient-checkpointing",
+        "--lora-r",
+        "128",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    words = ("weights", "gradients", "optimizer", "activations", "logits", "reference", "buffers", "peak",
-             "largest max_tokens_per_row")
+    words = (
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "reference",
+        "buffers",
+        "peak",
+        "largest max_tokens_per_row",
+    )
     for word in words:
         assert word in out
     assert "8,030,261,248" in out
@@ -417,8 +512,12 @@ def test_cli_run_config(capsys):
 def test_optimizer_step_peak_with_tied_embeddings():
     """Few tokens: the peak is the end of the backward, every gradient plus GPT-2's tied embedding's own [V, D]
     gradient before it joins the head's; Llama (untied) has no such transient."""
-    settings = {"parallel.precision": "fp32", "data.max_prompt_length": 64, "data.max_length": 128,
-                "data.max_tokens_per_row": 256}
+    settings = {
+        "parallel.precision": "fp32",
+        "data.max_prompt_length": 64,
+        "data.max_length": 128,
+        "data.max_tokens_per_row": 256,
+    }
     gpt2 = plan_memory(PlanSettings.of({**settings, "model.name": "gpt2-small"}, device="cpu"))
     v, d, p = 50257, 768, 124_439_808
     assert gpt2.peak_phase == "optimizer step" and gpt2.at_peak["gradients"] == 4 * p + 4 * v * d

@@ -31,9 +31,15 @@ ROWS_PER_PART = 2
 
 def _overrides(tmp: Path, **extra) -> list[str]:
     args = {
-        "data.synthetic_prompts": 20, "data.max_length": 64, "data.max_prompt_length": 24,
-        "data.max_tokens_per_row": 256, "data.cache_dir": str(tmp / "data-cache"), "loss.objective": "dpo",
-        "logging.progress": "false", "logging.output_dir": str(tmp / "runs"), "ref_cache.dir": str(tmp / "cache"),
+        "data.synthetic_prompts": 20,
+        "data.max_length": 64,
+        "data.max_prompt_length": 24,
+        "data.max_tokens_per_row": 256,
+        "data.cache_dir": str(tmp / "data-cache"),
+        "loss.objective": "dpo",
+        "logging.progress": "false",
+        "logging.output_dir": str(tmp / "runs"),
+        "ref_cache.dir": str(tmp / "cache"),
     }
     args.update({k.replace("__", "."): v for k, v in extra.items()})
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
@@ -51,7 +57,9 @@ def world(tmp_path_factory):
     cfg, tok, prep = _setup(tmp)
     assert len(prep.train_rows) > 2 * ROWS_PER_PART, "the resume test needs several parts"
     refcache.build_cache(cfg, tok, prep, rows_per_part=ROWS_PER_PART)
-    return dataclasses.make_dataclass("World", ["tmp", "cfg", "tok", "prep", "dir"])(tmp, cfg, tok, prep, Path(cfg.ref_cache.dir))
+    return dataclasses.make_dataclass("World", ["tmp", "cfg", "tok", "prep", "dir"])(
+        tmp, cfg, tok, prep, Path(cfg.ref_cache.dir)
+    )
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -59,7 +67,12 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     # Same intra-op thread count as this process, so float reductions are split the same way.
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
@@ -147,7 +160,9 @@ def test_missing_sequence_gives_a_clear_error(world):
     cache = _cache(world)
     pair = world.prep.train_rows[0].pair_ids[0]
     assert (pair, "chosen") in cache and ("0" * 16, "chosen") not in cache
-    with pytest.raises(RefCacheKeyError, match=r"sequence \('0000000000000000', 'rejected'\) not in cache .*rebuild with"):
+    with pytest.raises(
+        RefCacheKeyError, match=r"sequence \('0000000000000000', 'rejected'\) not in cache .*rebuild with"
+    ):
         cache.lookup([(pair, "chosen"), ("0" * 16, "rejected")])
     with pytest.raises(KeyError):
         cache.lookup([("x" * 40, "chosen")])  # longer than any stored key: a miss, never a prefix match
@@ -272,10 +287,24 @@ def test_two_process_build_equals_one_process_build(world, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "engine.refcache", "build", *_overrides(world.tmp, ref_cache__dir=d),
-        "--parallel.backend", "gloo", "--rows_per_part", str(ROWS_PER_PART),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "engine.refcache",
+        "build",
+        *_overrides(world.tmp, ref_cache__dir=d),
+        "--parallel.backend",
+        "gloo",
+        "--rows_per_part",
+        str(ROWS_PER_PART),
+    ]
     env = _subprocess_env()
     env["OMP_NUM_THREADS"] = "1"  # two workers on a small machine
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -313,7 +342,9 @@ def test_ensure_cache_modes_and_no_reference_with_a_cache(world, tmp_path, monke
 
     # auto with no cache builds one; a cache of other inputs is refused, never overwritten.
     d = tmp_path / "auto"
-    cache = refcache.ensure_cache(with_cache("auto", d), world.tok, world.prep, device="cpu", rows_per_part=ROWS_PER_PART)
+    cache = refcache.ensure_cache(
+        with_cache("auto", d), world.tok, world.prep, device="cpu", rows_per_part=ROWS_PER_PART
+    )
     assert _files(d) == _files(world.dir) and len(cache) == len(_cache(world))
     cfg2, tok2, prep2 = _setup(world.tmp, data__max_length=60, ref_cache__dir=d)
     with pytest.raises(RefCacheError, match="max_length"):
@@ -350,10 +381,18 @@ def test_training_with_the_cache_never_loads_a_reference(world, tmp_path, monkey
     from engine.refcache import reference
 
     monkeypatch.setattr(reference, "load_reference_model", no_reference)
-    cfg = load_config(_overrides(
-        world.tmp, ref_cache__mode="require", ref_cache__dir=world.dir, optim__max_steps=2, eval__enabled="false",
-        checkpoint__export_final="false", logging__tensorboard="false", logging__output_dir=tmp_path,
-    ))  # fmt: skip
+    cfg = load_config(
+        _overrides(
+            world.tmp,
+            ref_cache__mode="require",
+            ref_cache__dir=world.dir,
+            optim__max_steps=2,
+            eval__enabled="false",
+            checkpoint__export_final="false",
+            logging__tensorboard="false",
+            logging__output_dir=tmp_path,
+        )
+    )
     summary = train(cfg)
     assert summary["reference"] == "cache" and summary["steps"] == 2
     assert reference_use["forwards"] == 0

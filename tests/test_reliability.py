@@ -31,10 +31,30 @@ from engine.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
-    "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
-    "--data.max_tokens_per_row", "512", "--deviation.semantic_model", "", "--eval.enabled", "false",
-    "--optim.lr", "2e-3", "--optim.warmup_ratio", "0", "--optim.schedule", "constant", "--logging.progress", "false",
-    "--logging.tensorboard", "false", "--checkpoint.export_final", "false",
+    "--data.synthetic_prompts",
+    "24",
+    "--data.max_prompt_length",
+    "48",
+    "--data.max_length",
+    "128",
+    "--data.max_tokens_per_row",
+    "512",
+    "--deviation.semantic_model",
+    "",
+    "--eval.enabled",
+    "false",
+    "--optim.lr",
+    "2e-3",
+    "--optim.warmup_ratio",
+    "0",
+    "--optim.schedule",
+    "constant",
+    "--logging.progress",
+    "false",
+    "--logging.tensorboard",
+    "false",
+    "--checkpoint.export_final",
+    "false",
 ]
 
 
@@ -45,10 +65,20 @@ def caches(tmp_path_factory) -> Path:
 
 
 def _cfg(tmp: Path, caches: Path, *extra, name: str = "run"):
-    return load_config(TINY + [
-        "--logging.output_dir", str(tmp / "runs"), "--logging.run_name", name, "--data.cache_dir", str(caches / "data"),
-        "--deviation.cache_dir", str(caches / "emb"), *map(str, extra),
-    ])
+    return load_config(
+        TINY
+        + [
+            "--logging.output_dir",
+            str(tmp / "runs"),
+            "--logging.run_name",
+            name,
+            "--data.cache_dir",
+            str(caches / "data"),
+            "--deviation.cache_dir",
+            str(caches / "emb"),
+            *map(str, extra),
+        ]
+    )
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -276,8 +306,16 @@ def test_an_unwritable_checkpoint_dir_fails_before_training(tmp_path, caches):
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, caches, capsys):
     """Table row 11: resume auto skips a checkpoint that fails verification, says so, and resumes the one before."""
-    args = ["--loss.objective", "sft", "--optim.max_steps", 4, "--checkpoint.every_steps", 1,
-            "--checkpoint.keep_last", 3]
+    args = [
+        "--loss.objective",
+        "sft",
+        "--optim.max_steps",
+        4,
+        "--checkpoint.every_steps",
+        1,
+        "--checkpoint.keep_last",
+        3,
+    ]
     straight = _cfg(tmp_path, caches, *args, name="straight")
     train(straight)
     cfg = _cfg(tmp_path, caches, *args)
@@ -301,8 +339,12 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path
 
 def test_data_errors_name_the_1_based_line_and_the_column(tmp_path):
     """Table row 12: blank lines count, and the column points at the character JSON stumbled on."""
-    lines = ['{"prompt": "p1", "chosen": "a", "rejected": "b"}', "", '{"prompt": "p2", "chosen": "a", "rejected": "b"}',
-             '{"prompt": "p\u00e9", "chosen": "a" "rejected": "b"}']
+    lines = [
+        '{"prompt": "p1", "chosen": "a", "rejected": "b"}',
+        "",
+        '{"prompt": "p2", "chosen": "a", "rejected": "b"}',
+        '{"prompt": "p\u00e9", "chosen": "a" "rejected": "b"}',
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"line 4 is bad \(invalid_json\)") as err:
@@ -327,12 +369,28 @@ def test_engine_train_reports_known_errors_as_one_line(tmp_path, caches, capsys,
     from engine import train as T
 
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)  # later in-process runs reuse it
-    args = [*TINY, "--logging.output_dir", str(tmp_path / "runs"), "--data.cache_dir", str(caches / "data"),
-            "--deviation.cache_dir", str(caches / "emb"), "--optim.max_steps", "1", "--loss.objective", "dpo"]
-    want = {"data": "data error: ", "cache": "reference cache error: ", "checkpoint": "checkpoint error: ",
-            "run directory": "run directory error: ", "permission": "run directory error: cannot write to ",
-            "oom": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB; reduce memory with: ",
-            "disk": "I/O error: [Errno 28] No space left on device: 'ckpt'; free disk space"}[case]
+    args = [
+        *TINY,
+        "--logging.output_dir",
+        str(tmp_path / "runs"),
+        "--data.cache_dir",
+        str(caches / "data"),
+        "--deviation.cache_dir",
+        str(caches / "emb"),
+        "--optim.max_steps",
+        "1",
+        "--loss.objective",
+        "dpo",
+    ]
+    want = {
+        "data": "data error: ",
+        "cache": "reference cache error: ",
+        "checkpoint": "checkpoint error: ",
+        "run directory": "run directory error: ",
+        "permission": "run directory error: cannot write to ",
+        "oom": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB; reduce memory with: ",
+        "disk": "I/O error: [Errno 28] No space left on device: 'ckpt'; free disk space",
+    }[case]
     if case == "data":
         bad = tmp_path / "bad.jsonl"
         rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": 3, "chosen": "a", "rejected": "b"}]
@@ -348,8 +406,11 @@ def test_engine_train_reports_known_errors_as_one_line(tmp_path, caches, capsys,
     elif case == "permission":
         args += ["--data.cache_dir", str(_unwritable_dir(tmp_path) / "data")]
     else:  # failures deep inside a step or a save, raised where they would be
-        error = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail") if case == "oom"
-                 else OSError(28, "No space left on device", "ckpt"))
+        error = (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+            if case == "oom"
+            else OSError(28, "No space left on device", "ckpt")
+        )
 
         def fail(*a, **k):
             raise error
@@ -393,14 +454,17 @@ def test_a_corrupted_tokenisation_cache_is_recomputed(tmp_path, caches):
     cfg = _cfg(tmp_path, caches, "--data.cache_dir", tmp_path / "tok")
     tok = load_tokenizer()
     first = prepare_data(cfg, tok, compute_weights=False, verbose=False)
-    (path,) = [p for p in (tmp_path / "tok").rglob("*.npz") if p.stat().st_size == max(
-        q.stat().st_size for q in (tmp_path / "tok").rglob("*.npz"))]
+    (path,) = [
+        p
+        for p in (tmp_path / "tok").rglob("*.npz")
+        if p.stat().st_size == max(q.stat().st_size for q in (tmp_path / "tok").rglob("*.npz"))
+    ]
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["c_ids"] = arrays["c_ids"].copy()
     arrays["c_ids"][3] += 1  # a valid npz whose content no longer matches its digest
     np.savez(path, **arrays)
     again = prepare_data(cfg, tok, compute_weights=False, verbose=False)
-    assert [r.input_ids.tolist() for r in again.train_rows + again.val_rows] == \
-        [r.input_ids.tolist() for r in first.train_rows + first.val_rows]
-
+    assert [r.input_ids.tolist() for r in again.train_rows + again.val_rows] == [
+        r.input_ids.tolist() for r in first.train_rows + first.val_rows
+    ]

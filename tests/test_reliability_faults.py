@@ -80,16 +80,39 @@ T.main()
 """
 
 TINY = [
-    "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
-    "--data.max_tokens_per_row", "512", "--deviation.semantic_model", "", "--optim.lr", "2e-3",
-    "--optim.warmup_ratio", "0", "--optim.schedule", "constant", "--logging.progress", "false",
-    "--logging.tensorboard", "false", "--checkpoint.resume", "auto",
+    "--data.synthetic_prompts",
+    "24",
+    "--data.max_prompt_length",
+    "48",
+    "--data.max_length",
+    "128",
+    "--data.max_tokens_per_row",
+    "512",
+    "--deviation.semantic_model",
+    "",
+    "--optim.lr",
+    "2e-3",
+    "--optim.warmup_ratio",
+    "0",
+    "--optim.schedule",
+    "constant",
+    "--logging.progress",
+    "false",
+    "--logging.tensorboard",
+    "false",
+    "--checkpoint.resume",
+    "auto",
 ]
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -98,14 +121,29 @@ def _env() -> dict:
 
 def _args(root: Path, *extra) -> list[str]:
     """Outputs and caches under `root`, so that two lineages share nothing."""
-    return TINY + ["--logging.output_dir", str(root / "runs"), "--logging.run_name", "run", "--data.cache_dir",
-                   str(root / "cache"), "--deviation.cache_dir", str(root / "emb"), *map(str, extra)]
+    return TINY + [
+        "--logging.output_dir",
+        str(root / "runs"),
+        "--logging.run_name",
+        "run",
+        "--data.cache_dir",
+        str(root / "cache"),
+        "--deviation.cache_dir",
+        str(root / "emb"),
+        *map(str, extra),
+    ]
 
 
 def _launch(root: Path, args: list[str], **spec) -> subprocess.Popen:
     spec = {"root": str(root), "signal_log": str(root / "signals.log"), **spec}
-    return subprocess.Popen([sys.executable, "-c", HARNESS, json.dumps(spec), *args], cwd=root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", HARNESS, json.dumps(spec), *args],
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run(root: Path, args: list[str], **spec) -> subprocess.CompletedProcess:
@@ -125,8 +163,9 @@ def _category(eid: str) -> str | None:
         return "checkpoint"
     if "/ref_cache/" in eid:
         return "cache build"
-    if eid.startswith(("write:", "replace:")) and (eid.split(":", 1)[1].startswith(("cache/", "emb/")) or
-                                                   eid.endswith(("data_report.json", "run/config.yaml"))):
+    if eid.startswith(("write:", "replace:")) and (
+        eid.split(":", 1)[1].startswith(("cache/", "emb/")) or eid.endswith(("data_report.json", "run/config.yaml"))
+    ):
         return "data prep"
     return None
 
@@ -137,8 +176,20 @@ def test_sigkill_at_ten_random_points_then_resume_gives_the_uninterrupted_run(tm
     training and checkpoint writes; resume after each; the per-step losses equal those of an
     uninterrupted run, every step is logged once, the summary covers the whole run (table row 6), and
     the cache verifies and equals the uninterrupted run's byte for byte."""
-    args = ["--loss.objective", "ddpo", "--optim.max_steps", 8, "--checkpoint.every_steps", 2,
-            "--checkpoint.keep_last", 2, "--eval.enabled", "false", "--checkpoint.export_final", "false"]
+    args = [
+        "--loss.objective",
+        "ddpo",
+        "--optim.max_steps",
+        8,
+        "--checkpoint.every_steps",
+        2,
+        "--checkpoint.keep_last",
+        2,
+        "--eval.enabled",
+        "false",
+        "--checkpoint.export_final",
+        "false",
+    ]
     straight, faulty = tmp_path / "straight", tmp_path / "faulty"
     straight.mkdir()
     faulty.mkdir()
@@ -151,10 +202,14 @@ def test_sigkill_at_ten_random_points_then_resume_gives_the_uninterrupted_run(tm
         if (cat := _category(eid)) is not None:
             by_category.setdefault(cat, []).append(eid)
     assert {k: len(v) >= 3 for k, v in by_category.items()} == dict.fromkeys(
-        ("data prep", "cache build", "training", "checkpoint"), True), by_category
+        ("data prep", "cache build", "training", "checkpoint"), True
+    ), by_category
     rng = random.Random(17)
-    chosen = [e for cat, n in (("data prep", 2), ("cache build", 2), ("training", 3), ("checkpoint", 3))
-              for e in rng.sample(by_category[cat], n)]
+    chosen = [
+        e
+        for cat, n in (("data prep", 2), ("cache build", 2), ("training", 3), ("checkpoint", 3))
+        for e in rng.sample(by_category[cat], n)
+    ]
     points = sorted(chosen, key=events.index)
     print("SIGKILL points:", *points, sep="\n  ")  # shown with -s
 
@@ -191,14 +246,30 @@ def test_sigterm_and_sigint_at_every_stage_stop_quickly_and_resume(tmp_path):
     """Table row 5: a stop signal during data preparation, cache build, training, export and evaluation
     ends the process within seconds with 128 + signum, saying where it stopped; each time the run
     resumes to the end. A second SIGINT kills at once."""
-    args = _args(tmp_path, "--loss.objective", "dpo", "--optim.max_steps", 6, "--eval.num_prompts", 2,
-                 "--eval.n_samples", 2, "--eval.max_new_tokens", 8, "--eval.semantic_model", "")
+    args = _args(
+        tmp_path,
+        "--loss.objective",
+        "dpo",
+        "--optim.max_steps",
+        6,
+        "--eval.num_prompts",
+        2,
+        "--eval.n_samples",
+        2,
+        "--eval.max_new_tokens",
+        8,
+        "--eval.semantic_model",
+        "",
+    )
     # A signal during a stage that stops at once interrupts the 30 s the harness then waits; during a
     # training step it waits for the end of the step (the harness does not wait there).
-    stages = [("stage:data", signal.SIGTERM, "data preparation", 30),
-              ("stage:cache", signal.SIGINT, "reference cache", 30),
-              ("step:3", signal.SIGTERM, "training (checkpoint saved at step 3)", 0),
-              ("stage:export", signal.SIGTERM, "export", 30), ("stage:eval", signal.SIGINT, "evaluation", 30)]
+    stages = [
+        ("stage:data", signal.SIGTERM, "data preparation", 30),
+        ("stage:cache", signal.SIGINT, "reference cache", 30),
+        ("step:3", signal.SIGTERM, "training (checkpoint saved at step 3)", 0),
+        ("stage:export", signal.SIGTERM, "export", 30),
+        ("stage:eval", signal.SIGINT, "evaluation", 30),
+    ]
     for at, signum, where, wait in stages:
         r = _run(tmp_path, args, signals=[[at, int(signum), wait]])
         end = time.time()
@@ -216,8 +287,11 @@ def test_sigterm_and_sigint_at_every_stage_stop_quickly_and_resume(tmp_path):
     # Ctrl-C twice: the first asks for a checkpoint at the end of the step, the second stops at once.
     again = tmp_path / "again"
     again.mkdir()
-    r = _run(again, _args(again, "--loss.objective", "sft", "--optim.max_steps", 6, "--eval.enabled", "false"),
-             signals=[["step:2", int(signal.SIGINT), 0.5], ["step:2", int(signal.SIGINT), 60]])
+    r = _run(
+        again,
+        _args(again, "--loss.objective", "sft", "--optim.max_steps", 6, "--eval.enabled", "false"),
+        signals=[["step:2", int(signal.SIGINT), 0.5], ["step:2", int(signal.SIGINT), 60]],
+    )
     end = time.time()
     assert r.returncode == -signal.SIGINT, r.stderr[-2000:]
     assert "stopped by" not in r.stderr and _stopped_in_time(again, end, limit=5.0)

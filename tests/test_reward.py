@@ -35,9 +35,22 @@ from engine.reward import RewardWithLoss, held_out_metrics, load_reward_model, s
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "--config", str(ROOT / "configs/reward-tiny-cpu.yaml"), "--data.synthetic_prompts", "24",
-    "--data.max_length", "128", "--data.max_tokens_per_row", "512", "--data.val_fraction", "0.25",
-    "--optim.warmup_ratio", "0", "--optim.schedule", "constant", "--logging.progress", "false",
+    "--config",
+    str(ROOT / "configs/reward-tiny-cpu.yaml"),
+    "--data.synthetic_prompts",
+    "24",
+    "--data.max_length",
+    "128",
+    "--data.max_tokens_per_row",
+    "512",
+    "--data.val_fraction",
+    "0.25",
+    "--optim.warmup_ratio",
+    "0",
+    "--optim.schedule",
+    "constant",
+    "--logging.progress",
+    "false",
 ]
 
 
@@ -51,6 +64,7 @@ def _cfg(tmp_path, *extra):
 
 
 # ----------------------------------------------------------------------------------------------- losses
+
 
 # rewards (0.5, -1, 2), labels (1, -0.5, 2.5): every error is 0.5 -> L1 0.5, MSE 0.25.
 def test_pointwise_losses_hand_computed_and_match_torch():
@@ -129,8 +143,14 @@ def test_reward_loss_dispatch():
     pointwise = reward_loss("mse", r, labels=t([0.0, 0.0, 1.0, 0.0]))
     assert pointwise.loss.item() == pytest.approx((0.09 + 0.04) / 4)
     # Pairs (0, 1) and (2, 3) with label gaps 1 and 2 scaled by 0.5: margins 0.5 and 1.
-    bt = reward_loss("bradley_terry", r, chosen_index=torch.tensor([0, 2]), rejected_index=torch.tensor([1, 3]),
-                     margins=t([1.0, 2.0]), margin_scale=0.5)
+    bt = reward_loss(
+        "bradley_terry",
+        r,
+        chosen_index=torch.tensor([0, 2]),
+        rejected_index=torch.tensor([1, 3]),
+        margins=t([1.0, 2.0]),
+        margin_scale=0.5,
+    )
     want = bradley_terry_loss(t([0.3, 1.0]), t([-0.2, 0.0]), t([0.5, 1.0])).loss
     torch.testing.assert_close(bt.loss, want)
     with pytest.raises(ValueError, match="unknown reward loss"):
@@ -173,8 +193,11 @@ def test_spearman_and_held_out_metrics():
     m = held_out_metrics(rewards, prepared, cfg)
     assert m["pairwise_accuracy"] == 0.5 and m["loss"] == pytest.approx((0 + 1 + 1 + 0) / 4)
     assert m["spearman_label"] == pytest.approx(0.8) and m["spearman_quality"] == pytest.approx(0.8)
-    bt = held_out_metrics(rewards, prepared, SimpleNamespace(reward_loss="bradley_terry", reward_margin=0.0,
-                                                             center_rewards_coefficient=None))
+    bt = held_out_metrics(
+        rewards,
+        prepared,
+        SimpleNamespace(reward_loss="bradley_terry", reward_margin=0.0, center_rewards_coefficient=None),
+    )
     assert bt["loss"] == pytest.approx(float(bradley_terry_loss(t([3.0, 1.0]), t([0.0, 2.0])).loss))
 
 
@@ -232,8 +255,19 @@ def test_pair_data_needs_bradley_terry(tmp_path, tok):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match="use a WritingPrompts-schema source or loss.reward_loss bradley_terry"):
         prepare_reward_data(_cfg(tmp_path, "--data.source", str(path)), tok, verbose=False)
-    p = prepare_reward_data(_cfg(tmp_path, "--data.source", str(path), "--loss.reward_loss", "bradley_terry",
-                                 "--reward.score_transform", "none"), tok, verbose=False)
+    p = prepare_reward_data(
+        _cfg(
+            tmp_path,
+            "--data.source",
+            str(path),
+            "--loss.reward_loss",
+            "bradley_terry",
+            "--reward.score_transform",
+            "none",
+        ),
+        tok,
+        verbose=False,
+    )
     assert all(len(r.chosen_segments) == len(r.rejected_segments) >= 1 for r in p.train_rows)
 
 
@@ -253,8 +287,9 @@ def _module(cfg, prepared, lora_r=0):
 
 @pytest.mark.parametrize("kind", ["l1", "bradley_terry"])
 def test_packed_rows_give_the_unpacked_rewards_and_gradients(tmp_path, tok, kind):
-    cfg = _cfg(tmp_path, "--loss.reward_loss", kind, "--loss.reward_margin", "0.5",
-               "--loss.center_rewards_coefficient", "0.01")
+    cfg = _cfg(
+        tmp_path, "--loss.reward_loss", kind, "--loss.reward_margin", "0.5", "--loss.center_rewards_coefficient", "0.01"
+    )
     p = prepare_reward_data(cfg, tok, verbose=False)
     rows = [max(p.train_rows, key=lambda r: len(r.seq_lens)), min(p.train_rows, key=lambda r: r.num_tokens)]
     packed = collate_reward(rows)  # the shortest row is padded to the other's length
@@ -267,13 +302,21 @@ def test_packed_rows_give_the_unpacked_rewards_and_gradients(tmp_path, tok, kind
 
     # Every sequence alone in its own row, then the same loss from the per-sequence rewards.
     by_id = {r.response_id: r for r in p.train_responses}
-    singles = [module.rewards(collate_reward(pack_units([(by_id[i],)], 10_000, pad_id=0)))[0]
-               for i in packed.response_ids]
+    singles = [
+        module.rewards(collate_reward(pack_units([(by_id[i],)], 10_000, pad_id=0)))[0] for i in packed.response_ids
+    ]
     alone = torch.stack(singles)
     torch.testing.assert_close(out.extras["rewards"], alone.detach(), rtol=1e-5, atol=1e-5)
-    again = reward_loss(kind, alone, labels=packed.labels, chosen_index=packed.chosen_segments,
-                        rejected_index=packed.rejected_segments, margins=packed.margins, margin_scale=0.5,
-                        center_rewards_coefficient=0.01)
+    again = reward_loss(
+        kind,
+        alone,
+        labels=packed.labels,
+        chosen_index=packed.chosen_segments,
+        rejected_index=packed.rejected_segments,
+        margins=packed.margins,
+        margin_scale=0.5,
+        center_rewards_coefficient=0.01,
+    )
     torch.testing.assert_close(out.loss, again.loss, rtol=1e-5, atol=1e-6)
     again.loss.backward()
     assert len(grads_packed) > 10
@@ -306,8 +349,17 @@ def test_export_loads_and_scores_like_training(tmp_path, tok, template, lora_r):
     from engine.train import export
 
     # max_length 64 cuts the longer texts, so truncation has to agree too.
-    cfg = _cfg(tmp_path, "--reward.template", template, "--data.max_length", "64", "--data.max_prompt_length", "32",
-               "--model.lora_r", str(lora_r))
+    cfg = _cfg(
+        tmp_path,
+        "--reward.template",
+        template,
+        "--data.max_length",
+        "64",
+        "--data.max_prompt_length",
+        "32",
+        "--model.lora_r",
+        str(lora_r),
+    )
     p = prepare_reward_data(cfg, tok, verbose=False)
     assert max(r.num_tokens for r in p.val_responses) == 64
     module = _module(cfg, p, lora_r=lora_r).eval()
@@ -350,12 +402,15 @@ def test_authors_recipe():
     assert (r.score_transform, r.compression_factor, r.standardize_labels) == ("authors", 100, False)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--loss.reward_loss", "hinge"], "loss.reward_loss must be one of l1, mse, bradley_terry"),
-    (["--data.pairs", "divpo", "--deviation.enabled", "true"], "data.pairs divpo picks pairs by diversity"),
-    (["--checkpoint.merge_lora", "false"], "needs the LoRA adapters merged"),
-    (["--reward.template", "plain"], "reward.template must be one of chat, authors"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--loss.reward_loss", "hinge"], "loss.reward_loss must be one of l1, mse, bradley_terry"),
+        (["--data.pairs", "divpo", "--deviation.enabled", "true"], "data.pairs divpo picks pairs by diversity"),
+        (["--checkpoint.merge_lora", "false"], "needs the LoRA adapters merged"),
+        (["--reward.template", "plain"], "reward.template must be one of chat, authors"),
+    ],
+)
 def test_config_errors(args, message):
     from engine.config import ConfigError
 
@@ -374,11 +429,22 @@ def _run_in_process(tmp_path, name, *extra):
 
 def test_early_stopping_keeps_and_exports_the_best_model(tmp_path):
     # A learning rate this high diverges after the first evaluations: the best held-out loss is early.
-    summary = _run_in_process(tmp_path, "es", "--optim.lr", "0.3", "--optim.max_steps", "30",
-                              "--reward.eval_every_steps", "2", "--reward.early_stopping_patience", "2",
-                              "--optim.max_grad_norm", "0")
+    summary = _run_in_process(
+        tmp_path,
+        "es",
+        "--optim.lr",
+        "0.3",
+        "--optim.max_steps",
+        "30",
+        "--reward.eval_every_steps",
+        "2",
+        "--reward.early_stopping_patience",
+        "2",
+        "--optim.max_grad_norm",
+        "0",
+    )
     run = tmp_path / "es"
-    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in l]
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in ln]
     losses = [e["eval/loss"] for e in evals]
     best = min(range(len(losses)), key=losses.__getitem__)
     assert summary["stopped_early_at"] == evals[-1]["step"] < 30
@@ -389,10 +455,24 @@ def test_early_stopping_keeps_and_exports_the_best_model(tmp_path):
 
 def test_plateau_schedule_lowers_the_learning_rate_after_bad_evaluations(tmp_path):
     # min_delta 100: no evaluation after the first counts as an improvement.
-    _run_in_process(tmp_path, "plateau", "--optim.lr", "3e-3", "--optim.max_steps", "9",
-                    "--reward.eval_every_steps", "2", "--reward.early_stopping_patience", "0",
-                    "--reward.early_stopping_min_delta", "100",
-                    "--reward.lr_plateau_patience", "1", "--checkpoint.export_final", "false")
+    _run_in_process(
+        tmp_path,
+        "plateau",
+        "--optim.lr",
+        "3e-3",
+        "--optim.max_steps",
+        "9",
+        "--reward.eval_every_steps",
+        "2",
+        "--reward.early_stopping_patience",
+        "0",
+        "--reward.early_stopping_min_delta",
+        "100",
+        "--reward.lr_plateau_patience",
+        "1",
+        "--checkpoint.export_final",
+        "false",
+    )
     recs = {r["step"]: r for r in map(json.loads, (tmp_path / "plateau" / "metrics.jsonl").read_text().splitlines())}
     # Bad evaluations at steps 4, 6, 8: the second of them exceeds patience 1 and lowers the rate 10x.
     assert [recs[s]["eval/bad_evals"] for s in (2, 4, 6, 8)] == [0, 1, 2, 3]
@@ -408,9 +488,29 @@ def test_evaluate_reports_quality_reward_with_an_exported_reward_model(tmp_path,
     cfg = _cfg(tmp_path)
     export(_module(cfg, prepared).model, prepared.tokenizer, tmp_path / "rm", cfg, is_main=True)
     # Any policy (here the random-init tiny Llama), the reward model named as in the training config.
-    result = E.main(["--model", "llama-tiny", "--prompts", "synthetic", "--num-prompts", "2", "--n", "2",
-                     "--max-new-tokens", "8", "--semantic-model", "", "--style-model", "", "--no-progress",
-                     "--eval.reward_model", str(tmp_path / "rm"), "--out", str(tmp_path / "eval")])
+    result = E.main(
+        [
+            "--model",
+            "llama-tiny",
+            "--prompts",
+            "synthetic",
+            "--num-prompts",
+            "2",
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--semantic-model",
+            "",
+            "--style-model",
+            "",
+            "--no-progress",
+            "--eval.reward_model",
+            str(tmp_path / "rm"),
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert math.isfinite(result.summary["quality_reward"]) and "quality_true" in result.summary
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["settings"]["reward_model"] == str(tmp_path / "rm")
@@ -428,8 +528,12 @@ def _env():
     import os
 
     env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
@@ -439,25 +543,53 @@ def _env():
 def test_kill_9_then_resume_reproduces_losses_evaluations_and_the_export(tmp_path):
     """A run killed after step 3 and resumed matches the straight run: losses, held-out metrics, early-stopping
     state (it rides in the trainer state) and the exported best model."""
-    steps = ["--optim.max_steps", "8", "--checkpoint.every_steps", "1", "--checkpoint.keep_last", "2",
-             "--reward.eval_every_steps", "2", "--optim.lr", "3e-3"]
+    steps = [
+        "--optim.max_steps",
+        "8",
+        "--checkpoint.every_steps",
+        "1",
+        "--checkpoint.keep_last",
+        "2",
+        "--reward.eval_every_steps",
+        "2",
+        "--optim.lr",
+        "3e-3",
+    ]
 
     def cmd(name):
-        return [sys.executable, "-m", "engine.train", *TINY, "--logging.output_dir", str(tmp_path),
-                "--logging.run_name", name, "--data.cache_dir", str(tmp_path / "cache"), *steps]
+        return [
+            sys.executable,
+            "-m",
+            "engine.train",
+            *TINY,
+            "--logging.output_dir",
+            str(tmp_path),
+            "--logging.run_name",
+            name,
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+            *steps,
+        ]
 
     ref = subprocess.run(cmd("straight"), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-4000:]
-    proc = subprocess.Popen(cmd("killed"), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd("killed"), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     step3, deadline = tmp_path / "killed" / "checkpoints" / "step-3", time.time() + 300
     while not step3.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(cmd("killed") + ["--checkpoint.resume", "auto"], cwd=tmp_path, env=_env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        cmd("killed") + ["--checkpoint.resume", "auto"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
     want, got = _steps(tmp_path / "straight"), _steps(tmp_path / "killed")
@@ -479,10 +611,31 @@ def test_two_process_zero3_lora(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "engine.train", *TINY, "--logging.output_dir", str(tmp_path),
-            "--data.cache_dir", str(tmp_path / "cache"), "--parallel.zero_stage", "3", "--model.lora_r", "8",
-            "--optim.max_steps", "4", "--reward.eval_every_steps", "2", "--optim.lr", "3e-3"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "engine.train",
+        *TINY,
+        "--logging.output_dir",
+        str(tmp_path),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--parallel.zero_stage",
+        "3",
+        "--model.lora_r",
+        "8",
+        "--optim.max_steps",
+        "4",
+        "--reward.eval_every_steps",
+        "2",
+        "--optim.lr",
+        "3e-3",
+    ]
     r = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     run = tmp_path / "reward-tiny-cpu"
@@ -502,13 +655,26 @@ def test_benchmarks_md_reward_section_comes_from_the_rows(tmp_path):
     from bench.bench_reward import FIELDS
 
     base = {k: "" for k in FIELDS}
-    base.update(bench="reward-tiny-cpu", reward_loss="l1", steps="288", best_step="250", threads="1",
-                load1_start="1.0", load1_end="2.0", target_spearman_quality="0.6", hardware="cpu", torch="2",
-                transformers="5", commit="abc", timestamp="2026-01-01T00:00:00+00:00")
-    rows = [dict(base, variant="preset", labels="authors standardized", spearman_quality="0.8026", run_id="r1"),
-            dict(base, variant="published_labels", labels="authors", spearman_quality="0.5406", run_id="r1"),
-            dict(base, variant="preset", spearman_quality="0.1", run_id="r0",
-                 timestamp="2025-01-01T00:00:00+00:00")]
+    base.update(
+        bench="reward-tiny-cpu",
+        reward_loss="l1",
+        steps="288",
+        best_step="250",
+        threads="1",
+        load1_start="1.0",
+        load1_end="2.0",
+        target_spearman_quality="0.6",
+        hardware="cpu",
+        torch="2",
+        transformers="5",
+        commit="abc",
+        timestamp="2026-01-01T00:00:00+00:00",
+    )
+    rows = [
+        dict(base, variant="preset", labels="authors standardized", spearman_quality="0.8026", run_id="r1"),
+        dict(base, variant="published_labels", labels="authors", spearman_quality="0.5406", run_id="r1"),
+        dict(base, variant="preset", spearman_quality="0.1", run_id="r0", timestamp="2025-01-01T00:00:00+00:00"),
+    ]
     common.append_csv(tmp_path / "reward.csv", rows, FIELDS)
     text = report.render(tmp_path, tmp_path / "B.md")
     section = text.split("## Reward model")[1].split("\n## ")[0]

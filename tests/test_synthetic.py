@@ -6,7 +6,14 @@ import pytest
 
 from engine.data.synthetic import POPULAR_STYLE, POPULAR_THEME, STYLES, THEMES, classify, generate_rows
 
-SCHEMA = {"post_title": str, "post_text": str, "post_scores": int, "comment_texts": list, "comment_scores": list, "comment_times": list}
+SCHEMA = {
+    "post_title": str,
+    "post_text": str,
+    "post_scores": int,
+    "comment_texts": list,
+    "comment_scores": list,
+    "comment_times": list,
+}
 
 
 def test_deterministic():
@@ -61,7 +68,9 @@ def test_classify_on_arbitrary_text():
     assert classify("").quality == 0.0 and classify("").theme is None
     salad = classify("luminous luminous luminous luminous")
     assert salad.style is None
-    good = classify("Mara watched the luminous stars near the ancient station. Theo held the jagged comet near the silent orbit.")
+    good = classify(
+        "Mara watched the luminous stars near the ancient station. Theo held the jagged comet near the silent orbit."
+    )
     assert good.theme == "space" and good.style == "plain" and good.quality > 0
 
 

@@ -2,8 +2,7 @@
 
 import pytest
 
-from engine.model import CHAT_TEMPLATE
-from engine.model import load_tokenizer
+from engine.model import CHAT_TEMPLATE, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -11,7 +10,9 @@ def tok():
     return load_tokenizer()
 
 
-@pytest.mark.parametrize("text", ["Mara watched the luminous stars.", "héllo wörld 🙂\n\ttabs", '"quoted," she said; and yet', ""])
+@pytest.mark.parametrize(
+    "text", ["Mara watched the luminous stars.", "héllo wörld 🙂\n\ttabs", '"quoted," she said; and yet', ""]
+)
 def test_round_trip(tok, text):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
@@ -25,11 +26,14 @@ def test_special_tokens(tok):
 
 def test_chat_template_prompt_is_a_prefix(tok):
     assert tok.chat_template == CHAT_TEMPLATE
-    msgs = [{"role": "user", "content": "Write about the moon."}, {"role": "assistant", "content": "Theo held the comet."}]
+    msgs = [
+        {"role": "user", "content": "Write about the moon."},
+        {"role": "assistant", "content": "Theo held the comet."},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert text == "<|bos|><|user|>\nWrite about the moon.<|end|>\n<|assistant|>\nTheo held the comet.<|end|>\n"
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
     full_ids = tok(text, add_special_tokens=False)["input_ids"]
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert full_ids[: len(prompt_ids)] == prompt_ids
-    assert tok.decode(full_ids[len(prompt_ids):]) == "Theo held the comet.<|end|>\n"
+    assert tok.decode(full_ids[len(prompt_ids) :]) == "Theo held the comet.<|end|>\n"

@@ -23,9 +23,26 @@ from engine.train import PolicyWithLoss
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: style-only deviation (no MiniLM load), short sequences, no evaluation.
 TINY = [
-    "--data.synthetic_prompts", "24", "--data.max_prompt_length", "48", "--data.max_length", "128",
-    "--data.max_tokens_per_row", "512", "--deviation.semantic_model", "", "--eval.enabled", "false",
-    "--optim.lr", "2e-3", "--optim.warmup_ratio", "0", "--optim.schedule", "constant", "--logging.progress", "false",
+    "--data.synthetic_prompts",
+    "24",
+    "--data.max_prompt_length",
+    "48",
+    "--data.max_length",
+    "128",
+    "--data.max_tokens_per_row",
+    "512",
+    "--deviation.semantic_model",
+    "",
+    "--eval.enabled",
+    "false",
+    "--optim.lr",
+    "2e-3",
+    "--optim.warmup_ratio",
+    "0",
+    "--optim.schedule",
+    "constant",
+    "--logging.progress",
+    "false",
 ]
 
 
@@ -37,7 +54,12 @@ def _free_port():
 
 def _env(tmp_path):
     env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -45,8 +67,18 @@ def _env(tmp_path):
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(TINY + ["--logging.output_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache"),
-                               "--deviation.cache_dir", str(tmp_path / "emb")] + list(extra))
+    return load_config(
+        TINY
+        + [
+            "--logging.output_dir",
+            str(tmp_path),
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+            "--deviation.cache_dir",
+            str(tmp_path / "emb"),
+        ]
+        + list(extra)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +184,16 @@ def test_lora_with_adapters_disabled_is_the_base_model(setup):
 
 
 def _torchrun(tmp_path, args, *, nproc=2, extra=(), timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", *extra, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        *extra,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
@@ -163,8 +203,8 @@ def test_two_process_deepspeed_every_objective_learns(tmp_path, zero):
     overrides = TINY + ["--data.cache_dir", str(tmp_path / "cache"), "--deviation.cache_dir", str(tmp_path / "emb")]
     r = _torchrun(tmp_path, [str(ROOT / "tests/scripts/dist_objectives.py"), str(zero), "6", *overrides])
     assert r.returncode == 0, r.stderr[-4000:]
-    line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
-    results = json.loads(line[len("RESULT "):])
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))
+    results = json.loads(line[len("RESULT ") :])
     assert set(results) == {"dpo", "ddpo", "orpo", "dorpo", "sft"}
     for objective, losses in results.items():
         assert all(map(lambda x: x == x, losses)), (objective, losses)
@@ -172,8 +212,20 @@ def test_two_process_deepspeed_every_objective_learns(tmp_path, zero):
 
 
 def _train_cmd(tmp_path, name, *extra):
-    return ["-m", "engine.train", *TINY, "--logging.output_dir", str(tmp_path), "--logging.run_name", name,
-            "--data.cache_dir", str(tmp_path / "cache"), "--deviation.cache_dir", str(tmp_path / "emb"), *extra]
+    return [
+        "-m",
+        "engine.train",
+        *TINY,
+        "--logging.output_dir",
+        str(tmp_path),
+        "--logging.run_name",
+        name,
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--deviation.cache_dir",
+        str(tmp_path / "emb"),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -181,16 +233,31 @@ def test_two_nodes_simulated_on_loopback(tmp_path):
     port = _free_port()
     args = _train_cmd(tmp_path, "twonode", "--optim.max_steps", "3", "--loss.objective", "dpo")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                          "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", *args],
-                         cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *args,
+            ],
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     lines = (tmp_path / "twonode" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]
     # The export is a plain transformers checkpoint.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,11 +275,27 @@ def _losses(run_dir):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_losses(tmp_path):
-    steps = ["--optim.max_steps", "8", "--checkpoint.every_steps", "1", "--checkpoint.keep_last", "2",
-             "--loss.objective", "ddpo", "--checkpoint.export_final", "false"]
+    steps = [
+        "--optim.max_steps",
+        "8",
+        "--checkpoint.every_steps",
+        "1",
+        "--checkpoint.keep_last",
+        "2",
+        "--loss.objective",
+        "ddpo",
+        "--checkpoint.export_final",
+        "false",
+    ]
     env = _env(tmp_path)
-    ref = subprocess.run([sys.executable, *_train_cmd(tmp_path, "straight", *steps)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        [sys.executable, *_train_cmd(tmp_path, "straight", *steps)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-4000:]
 
     cmd = [sys.executable, *_train_cmd(tmp_path, "killed", *steps)]
@@ -225,11 +308,12 @@ def test_kill_9_then_resume_reproduces_the_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()
-    resumed = subprocess.run(cmd + ["--checkpoint.resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        cmd + ["--checkpoint.resume", "auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
-    norms = [json.loads(l)["grad_norm"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    norms = [json.loads(ln)["grad_norm"] for ln in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(n is not None and n > 0 for n in norms), norms  # ZeRO-0 fp32: DeepSpeed itself reports none
     want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 9))
@@ -242,7 +326,7 @@ def test_kill_9_then_resume_reproduces_the_losses(tmp_path):
 
 @pytest.mark.slow
 def test_cache_path_loads_no_reference_model(tmp_path):
-    script = f"""
+    script = """
 import sys, engine.model, engine.refcache, engine.train
 from engine.config import load_config
 loads = []
@@ -261,10 +345,18 @@ print("LOADS", loads, summary["reference"])
     args = _train_cmd(tmp_path, "cached", "--optim.max_steps", "2", "--loss.objective", "ddpo")[2:]
     env = _env(tmp_path)
     # First build the cache (its build runs the reference model once, by design), then train against it.
-    build = subprocess.run([sys.executable, "-m", "engine.refcache", "build", *args], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "engine.refcache", "build", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
-    r = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "LOADS [True] cache" in r.stdout  # only the policy was loaded
 
@@ -272,10 +364,16 @@ print("LOADS", loads, summary["reference"])
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     cmd = [sys.executable, *_train_cmd(tmp_path, "term", "--optim.max_steps", "500", "--loss.objective", "sft")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and proc.poll() is None and time.time() < deadline:
+    while (
+        not (metrics.is_file() and metrics.read_text().count("\n") >= 2)
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

@@ -21,8 +21,8 @@ import dataclasses
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from triton.backends.compiler import GPUTarget

@@ -15,8 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-USAGE = ("python -m engine.data prepare --data PATH --pairs MODE --out DIR [--no-weights] [--config FILE] "
-         "[--section.field VALUE ...]")
+USAGE = (
+    "python -m engine.data prepare --data PATH --pairs MODE --out DIR [--no-weights] [--config FILE] "
+    "[--section.field VALUE ...]"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data source (sets data.source)")
     parser.add_argument("--pairs", choices=PAIR_MODES, help="pair mode (sets data.pairs)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--no-weights", action="store_true",
-                        help="skip deviation weights even if the objective uses them")
+    parser.add_argument(
+        "--no-weights", action="store_true", help="skip deviation weights even if the objective uses them"
+    )
     args, rest = parser.parse_known_args(argv[1:])
     overrides = list(rest)
     if args.data is not None:

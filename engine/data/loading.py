@@ -31,9 +31,10 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from engine.data.records import Pair, Response, make_pair_id, make_prompt_id, make_response_id
 from engine.fileio import atomic_write
@@ -49,8 +50,17 @@ _LEADING_TAGS_RE = re.compile(r"^\s*(?:\[[^\]\n]*\]\s*)+")
 
 # Row-level reasons (the whole row is skipped).
 BAD_ROW_REASONS = (
-    "invalid_json", "invalid_utf8", "not_a_mapping", "missing_field", "non_string_text",
-    "not_a_list", "length_mismatch", "non_numeric_score", "nan_score", "identical_pair", "empty_prompt",
+    "invalid_json",
+    "invalid_utf8",
+    "not_a_mapping",
+    "missing_field",
+    "non_string_text",
+    "not_a_list",
+    "length_mismatch",
+    "non_numeric_score",
+    "nan_score",
+    "identical_pair",
+    "empty_prompt",
 )
 
 
@@ -100,17 +110,27 @@ class LoadReport:
 
     def to_dict(self) -> dict:
         return {
-            "source": self.source, "rows_seen": self.rows_seen, "rows_kept": self.rows_kept,
-            "rows_skipped": self.rows_skipped, "responses_kept": self.responses_kept, "pairs_kept": self.pairs_kept,
-            "counts": dict(sorted(self.counts.items())), "response_counts": dict(sorted(self.response_counts.items())),
+            "source": self.source,
+            "rows_seen": self.rows_seen,
+            "rows_kept": self.rows_kept,
+            "rows_skipped": self.rows_skipped,
+            "responses_kept": self.responses_kept,
+            "pairs_kept": self.pairs_kept,
+            "counts": dict(sorted(self.counts.items())),
+            "response_counts": dict(sorted(self.response_counts.items())),
             "examples": dict(sorted(self.examples.items())),
         }
 
     def summary(self) -> str:
-        kept = (f"{self.responses_kept} responses" if self.responses_kept or not self.pairs_kept
-                else f"{self.pairs_kept} pairs")
-        lines = [f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), "
-                 f"{self.rows_skipped} skipped"]
+        kept = (
+            f"{self.responses_kept} responses"
+            if self.responses_kept or not self.pairs_kept
+            else f"{self.pairs_kept} pairs"
+        )
+        lines = [
+            f"data {self.source}: {self.rows_seen} rows read, {self.rows_kept} kept ({kept}), "
+            f"{self.rows_skipped} skipped"
+        ]
         for reason, n in sorted(self.counts.items()):
             lines.append(f"  skipped row  {reason:<20} {n:>8}   e.g. {self.examples.get(reason, '')[:120]}")
         for reason, n in sorted(self.response_counts.items()):
@@ -182,8 +202,9 @@ def _iter_dataset(ds) -> Iterator[tuple[RowRef, Any]]:
     yield from enumerate(ds, start=1)
 
 
-def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-              synthetic_lengths: str = "short") -> Iterator[tuple[RowRef, Any]]:
+def iter_rows(
+    source: str, *, synthetic_prompts: int = 240, synthetic_seed: int = 0, synthetic_lengths: str = "short"
+) -> Iterator[tuple[RowRef, Any]]:
     """(where, row) from any supported source (see RowRef); unreadable lines come as `_BadRow` values."""
     if source == "synthetic":
         from engine.data.synthetic import generate_rows
@@ -214,7 +235,8 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
             yield from _iter_parquet(path)
         else:
             raise DataError(
-                f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
+                f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or a datasets directory"
+            )
         return
     if "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
         from datasets import load_dataset
@@ -231,7 +253,8 @@ def iter_rows(source: str, *, synthetic_prompts: int = 240, synthetic_seed: int 
         yield from _iter_dataset(ds)
         return
     raise DataError(
-        f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'")
+        f"data source {source!r} is neither an existing file/directory, a hub name (owner/name), nor 'synthetic'"
+    )
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -264,7 +287,7 @@ def clean_title(title: str, cleaning: str = "engine") -> str:
     """The title without its bracket tag(s); see the module docstring for the two cleanings."""
     if cleaning == "authors":
         found = _AUTHORS_TAG_RE.match(title)
-        return title[found.end():].strip() if found else title
+        return title[found.end() :].strip() if found else title
     return _LEADING_TAGS_RE.sub("", title, count=1).strip()
 
 
@@ -364,8 +387,15 @@ def _pair_row(row: Any) -> Pair:
     pid = make_prompt_id(prompt)
     cid, rid = make_response_id(pid, sides["chosen"]), make_response_id(pid, sides["rejected"])
     return Pair(
-        pair_id=make_pair_id(cid, rid), prompt_id=pid, prompt=prompt, chosen=sides["chosen"],
-        rejected=sides["rejected"], chosen_id=cid, rejected_id=rid, chosen_score=sc, rejected_score=sr,
+        pair_id=make_pair_id(cid, rid),
+        prompt_id=pid,
+        prompt=prompt,
+        chosen=sides["chosen"],
+        rejected=sides["rejected"],
+        chosen_id=cid,
+        rejected_id=rid,
+        chosen_score=sc,
+        rejected_score=sr,
     )
 
 
@@ -412,8 +442,16 @@ def responses_from_rows(
                 report.drop_response("duplicate_response")
                 continue
             seen.add(rid)
-            out.append(Response(prompt_id=pid, response_id=rid, prompt=prompt, text=text, score=score,
-                                meta={"row": where, "index": j, **meta}))
+            out.append(
+                Response(
+                    prompt_id=pid,
+                    response_id=rid,
+                    prompt=prompt,
+                    text=text,
+                    score=score,
+                    meta={"row": where, "index": j, **meta},
+                )
+            )
     report.responses_kept = len(out)
     return out, report
 
@@ -445,12 +483,19 @@ def pairs_from_rows(
 
 
 def load_responses(
-    source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-    synthetic_lengths: str = "short", cleaning: str = "engine", strict_off: str = STRICT_OFF,
+    source: str,
+    *,
+    strict: bool = False,
+    synthetic_prompts: int = 240,
+    synthetic_seed: int = 0,
+    synthetic_lengths: str = "short",
+    cleaning: str = "engine",
+    strict_off: str = STRICT_OFF,
 ):
     """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
-    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed,
-                     synthetic_lengths=synthetic_lengths)
+    rows = iter_rows(
+        source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths
+    )
     return responses_from_rows(rows, strict=strict, source=source, cleaning=cleaning, strict_off=strict_off)
 
 
@@ -478,11 +523,19 @@ def detect_schema(row: Any) -> str | None:
     return None
 
 
-def load_any(source: str, *, strict: bool = False, synthetic_prompts: int = 240, synthetic_seed: int = 0,
-             synthetic_lengths: str = "short", cleaning: str = "engine") -> LoadedData:
+def load_any(
+    source: str,
+    *,
+    strict: bool = False,
+    synthetic_prompts: int = 240,
+    synthetic_seed: int = 0,
+    synthetic_lengths: str = "short",
+    cleaning: str = "engine",
+) -> LoadedData:
     """Load a source of either schema, detected from its first row that has either schema's fields."""
-    rows = iter_rows(source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed,
-                     synthetic_lengths=synthetic_lengths)
+    rows = iter_rows(
+        source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths
+    )
     head: list = []  # rows read while detecting: only the unreadable ones before the first good row
     kind = None
     for item in rows:

@@ -22,13 +22,13 @@ device value back to the host.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import numpy as np
 import torch
-from ddpo_kernels.schedule import LossSchedule
 
+from ddpo_kernels.schedule import LossSchedule
 from engine.data.tokenize import TokenizedPair
 
 IGNORE_INDEX = -100
@@ -84,7 +84,7 @@ class PackedBatch:
     # collate and moved with the batch, so the loss never reads a device value back to the host.
     schedule: LossSchedule | None = None
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -109,13 +109,15 @@ class PackedBatch:
 # ---------------------------------------------------------------------------------- packing
 
 
-def sequence_targets(ids: np.ndarray, prompt_len: int, *, nll_on_prompt: bool, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def sequence_targets(
+    ids: np.ndarray, prompt_len: int, *, nll_on_prompt: bool, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
     """Shifted targets of one sequence: position t predicts token t + 1."""
     n = len(ids)
     t = np.full(n, ignore_index, dtype=np.int64)
     start = 0 if nll_on_prompt else max(prompt_len - 1, 0)
     if n > 1 and start < n - 1:
-        t[start:n - 1] = ids[start + 1:n]
+        t[start : n - 1] = ids[start + 1 : n]
     return t
 
 
@@ -128,7 +130,10 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
     too_big = [i for i in range(n) if sizes[i] > capacity]
     if too_big:
         i = too_big[0]
-        raise ValueError(f"item {i} has {sizes[i]} tokens > row capacity {capacity}; raise data.max_tokens_per_row or lower data.max_length")
+        raise ValueError(
+            f"item {i} has {sizes[i]} tokens > row capacity {capacity}; raise data.max_tokens_per_row or lower "
+            "data.max_length"
+        )
     width = 1
     while width < n:
         width *= 2
@@ -198,7 +203,10 @@ def _build_row(items: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int
     ids, pos, tgt, rtgt, lens, keys = [], [], [], [], [], []
     ch, rj = [], []
     for p in items:
-        for side, seq, plen in (("chosen", p.chosen_input_ids, p.chosen_prompt_len), ("rejected", p.rejected_input_ids, p.rejected_prompt_len)):
+        for side, seq, plen in (
+            ("chosen", p.chosen_input_ids, p.chosen_prompt_len),
+            ("rejected", p.rejected_input_ids, p.rejected_prompt_len),
+        ):
             seq = np.asarray(seq, dtype=np.int64)
             (ch if side == "chosen" else rj).append(len(lens))
             ids.append(seq)
@@ -209,11 +217,19 @@ def _build_row(items: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int
             lens.append(len(seq))
             keys.append((p.pair_id, side))
     return PackedRow(
-        input_ids=np.concatenate(ids), position_ids=np.concatenate(pos), targets=np.concatenate(tgt), seq_lens=lens,
-        pair_ids=[p.pair_id for p in items], chosen_segments=ch, rejected_segments=rj,
-        chosen_weights=[float(p.chosen_weight) for p in items], rejected_weights=[float(p.rejected_weight) for p in items],
-        sequence_keys=keys, response_targets=np.concatenate(rtgt) if nll_on_prompt else None,
-        pad_id=pad_id, ignore_index=ignore_index,
+        input_ids=np.concatenate(ids),
+        position_ids=np.concatenate(pos),
+        targets=np.concatenate(tgt),
+        seq_lens=lens,
+        pair_ids=[p.pair_id for p in items],
+        chosen_segments=ch,
+        rejected_segments=rj,
+        chosen_weights=[float(p.chosen_weight) for p in items],
+        rejected_weights=[float(p.rejected_weight) for p in items],
+        sequence_keys=keys,
+        response_targets=np.concatenate(rtgt) if nll_on_prompt else None,
+        pad_id=pad_id,
+        ignore_index=ignore_index,
     )
 
 
@@ -232,7 +248,11 @@ def pack_pairs(
     sizes = [p.num_tokens for p in tokenized]
     rows = []
     for b in pack_bins(sizes, max_tokens_per_row):
-        rows.append(_build_row([tokenized[i] for i in sorted(b)], pad_id=pad_id, ignore_index=ignore_index, nll_on_prompt=nll_on_prompt))
+        rows.append(
+            _build_row(
+                [tokenized[i] for i in sorted(b)], pad_id=pad_id, ignore_index=ignore_index, nll_on_prompt=nll_on_prompt
+            )
+        )
     return rows
 
 
@@ -261,7 +281,7 @@ def padded_pairs_padding_fraction(tokenized: Sequence[TokenizedPair], pairs_per_
     pairs, chosen and rejected concatenated batch-wise), for the comparison in the data report."""
     real = pad = 0
     for i in range(0, len(tokenized), pairs_per_batch):
-        batch = tokenized[i:i + pairs_per_batch]
+        batch = tokenized[i : i + pairs_per_batch]
         lens = [len(p.chosen_input_ids) for p in batch] + [len(p.rejected_input_ids) for p in batch]
         real += sum(lens)
         pad += len(lens) * max(lens) - sum(lens)
@@ -312,7 +332,7 @@ def collate(
         position_ids[r, n:] = np.arange(last, last + L - n)
         start = 0
         for k, ln in enumerate(row.seq_lens):
-            segment_ids[r, start:start + ln] = seg0 + k
+            segment_ids[r, start : start + ln] = seg0 + k
             start += ln
             cu.append(r * L + start)
         cu[-1] = (r + 1) * L
@@ -343,12 +363,22 @@ def collate(
         with_rejected=with_rejected,
     )
     batch = PackedBatch(
-        input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
-        targets=torch.from_numpy(targets), segment_ids=torch.from_numpy(segment_ids),
-        cu_seqlens=cu_t, max_seqlen=int((cu_t[1:] - cu_t[:-1]).max()),
-        chosen_segments=torch.tensor(chosen, dtype=torch.long), rejected_segments=torch.tensor(rejected, dtype=torch.long),
-        pair_ids=pair_ids, chosen_weights=torch.tensor(cw, dtype=torch.float32), rejected_weights=torch.tensor(rw, dtype=torch.float32),
-        ref_chosen_logps=None, ref_rejected_logps=None, num_real_tokens=real, num_pad_tokens=R * L - real, sequence_keys=keys,
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        targets=torch.from_numpy(targets),
+        segment_ids=torch.from_numpy(segment_ids),
+        cu_seqlens=cu_t,
+        max_seqlen=int((cu_t[1:] - cu_t[:-1]).max()),
+        chosen_segments=torch.tensor(chosen, dtype=torch.long),
+        rejected_segments=torch.tensor(rejected, dtype=torch.long),
+        pair_ids=pair_ids,
+        chosen_weights=torch.tensor(cw, dtype=torch.float32),
+        rejected_weights=torch.tensor(rw, dtype=torch.float32),
+        ref_chosen_logps=None,
+        ref_rejected_logps=None,
+        num_real_tokens=real,
+        num_pad_tokens=R * L - real,
+        sequence_keys=keys,
         response_targets=torch.from_numpy(response_targets) if response_targets is not None else None,
         schedule=schedule,
     )
@@ -374,7 +404,9 @@ def unpack(batch: PackedBatch) -> dict[tuple[str, str], dict[str, torch.Tensor]]
     for s, key in enumerate(batch.sequence_keys):
         mask = seg == s
         out[key] = {
-            "input_ids": batch.input_ids[mask], "position_ids": batch.position_ids[mask], "targets": batch.targets[mask],
+            "input_ids": batch.input_ids[mask],
+            "position_ids": batch.position_ids[mask],
+            "targets": batch.targets[mask],
         }
         if batch.response_targets is not None:
             out[key]["response_targets"] = batch.response_targets[mask]

@@ -23,8 +23,9 @@ import itertools
 import math
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Iterable, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -163,7 +164,7 @@ def divpo_set_size(n: int, rho: float) -> int:
 def _divpo(group: list[Response], rho: float, max_pairs: int | None, deviation) -> list[Pair]:
     k = divpo_set_size(len(group), rho)
     by_score = sorted(group, key=lambda r: -r.score)  # stable: input order among equal upvotes
-    high, low = by_score[:k], by_score[len(by_score) - k:]
+    high, low = by_score[:k], by_score[len(by_score) - k :]
     div = {r.response_id: float(deviation.score_of(r.response_id)) for r in high + low}
     high = sorted(high, key=lambda r: -div[r.response_id])  # most diverse first
     low = sorted(low, key=lambda r: div[r.response_id])  # least diverse first
@@ -235,11 +236,13 @@ def build_pairs(
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
         raise ValueError(f"max_pairs_per_prompt must be >= 1 or None, got {max_pairs_per_prompt}")
     if gap_sampler not in ("authors", "engine") or divpo_sampler not in ("authors", "engine"):
-        raise ValueError(f"gap_sampler and divpo_sampler must be 'authors' or 'engine'; got {gap_sampler!r}, "
-                         f"{divpo_sampler!r}")
+        raise ValueError(
+            f"gap_sampler and divpo_sampler must be 'authors' or 'engine'; got {gap_sampler!r}, {divpo_sampler!r}"
+        )
     if mode == "divpo" and deviation is None:
-        raise ValueError("divpo pairs rank responses by diversity: pass "
-                         "deviation=compute_deviation(responses, cfg.deviation)")
+        raise ValueError(
+            "divpo pairs rank responses by diversity: pass deviation=compute_deviation(responses, cfg.deviation)"
+        )
     if mode == "divpo" and not 0 < rho <= 0.5:
         raise ValueError(f"divpo rho must be in (0, 0.5] so the high and low sets do not overlap, got {rho}")
     if mode == "divpo" and divpo_sampler == "authors" and max_pairs_per_prompt is None:
@@ -310,8 +313,11 @@ def attach_weights(pairs: Sequence[Pair], deviation) -> list[Pair]:
     Only the chosen weight enters a loss (as in the authors' trainers, models/ddpo_trainer.py:1237 and
     models/dorpo_trainer.py:701,834); the rejected weight is recorded for reports."""
     return [
-        replace(p, chosen_weight=float(deviation.weight_of(p.chosen_id)),
-                rejected_weight=float(deviation.weight_of(p.rejected_id)))
+        replace(
+            p,
+            chosen_weight=float(deviation.weight_of(p.chosen_id)),
+            rejected_weight=float(deviation.weight_of(p.rejected_id)),
+        )
         for p in pairs
     ]
 

@@ -23,17 +23,16 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from engine.data.loading import DataError, LoadReport, load_any
 from engine.data.packing import microbatch_padding_fraction, pack_bins
-from engine.data.pairs import build_pairs, pair_skip_counts, split_by_prompt
-from engine.data.pairs import responses_of_pairs
+from engine.data.pairs import build_pairs, pair_skip_counts, responses_of_pairs, split_by_prompt
 from engine.data.prepare import write_data_report
 from engine.data.records import Pair, Response, content_id
 from engine.data.sampler import RowSampler
@@ -128,11 +127,11 @@ def _special_affixes(tokenizer) -> tuple[str, str]:
     full = tokenizer("x", add_special_tokens=True)["input_ids"]
     if not bare or len(full) < len(bare):
         return "", ""
-    start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), None)
+    start = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
     if start is None:
         return "", ""
     tokens = tokenizer.convert_ids_to_tokens(full)
-    return "".join(tokens[:start]), "".join(tokens[start + len(bare):])
+    return "".join(tokens[:start]), "".join(tokens[start + len(bare) :])
 
 
 def reward_tokenizer(tokenizer, template: str, max_length: int):
@@ -177,8 +176,9 @@ def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_leng
     eos tokenizers whose template ends turns with eos) is scored one token earlier, so those tokens are
     dropped here and the reward is read where the exported model reads it.
     """
-    ids = tokenizer(render(tokenizer, prompts, responses), add_special_tokens=False, truncation=True,
-                    max_length=max_length)["input_ids"]
+    ids = tokenizer(
+        render(tokenizer, prompts, responses), add_special_tokens=False, truncation=True, max_length=max_length
+    )["input_ids"]
     pad = tokenizer.pad_token_id
     out = []
     for seq in ids:
@@ -222,14 +222,18 @@ def _load_token_cache(path: Path, ids: list[str]) -> list[np.ndarray] | None:
         return None  # corrupted, a hash collision or a foreign file: recompute rather than trust it
     lens, flat = z["lens"], z["ids"]
     offsets = np.concatenate([[0], np.cumsum(lens)])
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(ids))]
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(ids))]
 
 
 def _save_token_cache(path: Path, ids: list[str], seqs: list[np.ndarray]) -> None:
-    save_npz_verified(path, dict(
-        response_ids=np.array(ids, dtype="U"), lens=np.array([len(s) for s in seqs], dtype=np.int64),
-        ids=np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int32),
-    ))
+    save_npz_verified(
+        path,
+        dict(
+            response_ids=np.array(ids, dtype="U"),
+            lens=np.array([len(s) for s in seqs], dtype=np.int64),
+            ids=np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int32),
+        ),
+    )
 
 
 def tokenize_responses(
@@ -248,7 +252,7 @@ def tokenize_responses(
     if seqs is None:
         seqs = []
         for i in range(0, len(responses), batch_size):
-            chunk = responses[i:i + batch_size]
+            chunk = responses[i : i + batch_size]
             encoded = encode(tokenizer, [r.prompt for r in chunk], [r.text for r in chunk], max_length)
             seqs += [np.asarray(s, dtype=np.int32) for s in encoded]
         if path is not None:
@@ -259,8 +263,16 @@ def tokenize_responses(
             dropped["empty_after_truncation"] += 1
             continue
         q = r.meta.get("quality") if isinstance(r.meta, dict) else None
-        out.append(TokenizedResponse(r.response_id, r.prompt_id, seq, float(label), float(r.score),
-                                     float(q) if isinstance(q, (int, float)) else None))
+        out.append(
+            TokenizedResponse(
+                r.response_id,
+                r.prompt_id,
+                seq,
+                float(label),
+                float(r.score),
+                float(q) if isinstance(q, (int, float)) else None,
+            )
+        )
     return out, dict(dropped)
 
 
@@ -301,7 +313,7 @@ class RewardBatch:
     num_real_tokens: int
     num_pad_tokens: int
 
-    def to(self, device, non_blocking: bool = False) -> "RewardBatch":
+    def to(self, device, non_blocking: bool = False) -> RewardBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -330,8 +342,14 @@ def _build_row(units: Sequence[Sequence[TokenizedResponse]], pad_id: int) -> Rew
             rids.append(r.response_id)
             labels.append(r.label)
     return RewardRow(
-        input_ids=np.concatenate(ids), position_ids=np.concatenate([np.arange(n, dtype=np.int64) for n in lens]),
-        seq_lens=lens, response_ids=rids, labels=labels, chosen_segments=ch, rejected_segments=rj, margins=margins,
+        input_ids=np.concatenate(ids),
+        position_ids=np.concatenate([np.arange(n, dtype=np.int64) for n in lens]),
+        seq_lens=lens,
+        response_ids=rids,
+        labels=labels,
+        chosen_segments=ch,
+        rejected_segments=rj,
+        margins=margins,
         pad_id=pad_id,
     )
 
@@ -370,10 +388,15 @@ def collate_reward(rows: Sequence[RewardRow], *, device: str | torch.device = "c
         seg0 += len(row.seq_lens)
     real = sum(r.num_tokens for r in rows)
     batch = RewardBatch(
-        input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
-        last_index=torch.tensor(last, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.float32),
-        chosen_segments=torch.tensor(ch, dtype=torch.long), rejected_segments=torch.tensor(rj, dtype=torch.long),
-        margins=torch.tensor(margins, dtype=torch.float32), response_ids=rids, num_real_tokens=real,
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        last_index=torch.tensor(last, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.float32),
+        chosen_segments=torch.tensor(ch, dtype=torch.long),
+        rejected_segments=torch.tensor(rj, dtype=torch.long),
+        margins=torch.tensor(margins, dtype=torch.float32),
+        response_ids=rids,
+        num_real_tokens=real,
         num_pad_tokens=R * L - real,
     )
     return batch if torch.device(device).type == "cpu" else batch.to(device)
@@ -406,8 +429,14 @@ def prepare_reward_data(
     """Load, clean, label, split, pair, tokenise and pack the data of `cfg` for objective reward."""
     d, kind = cfg.data, cfg.loss.reward_loss
     t0 = time.perf_counter()
-    loaded = load_any(d.source, strict=d.strict, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed,
-                      synthetic_lengths=d.synthetic_lengths, cleaning=d.cleaning)
+    loaded = load_any(
+        d.source,
+        strict=d.strict,
+        synthetic_prompts=d.synthetic_prompts,
+        synthetic_seed=d.synthetic_seed,
+        synthetic_lengths=d.synthetic_lengths,
+        cleaning=d.cleaning,
+    )
     if verbose:
         print(loaded.report.summary(), flush=True)
     counts: dict[str, int] = {}  # responses and pairs dropped after loading, by reason
@@ -421,12 +450,17 @@ def prepare_reward_data(
         pairs = loaded.pairs
         responses = responses_of_pairs(pairs)
     else:
-        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens,
-                                                  count=d.length_filter)
+        responses, n_long = filter_long_responses(
+            loaded.responses, tokenizer, d.max_response_tokens, count=d.length_filter
+        )
         if n_long:
             counts["response_too_long"] = n_long
         pairs = build_pairs(
-            responses, d.pairs, min_gap=d.min_gap, max_pairs_per_prompt=d.max_pairs_per_prompt, seed=d.seed,
+            responses,
+            d.pairs,
+            min_gap=d.min_gap,
+            max_pairs_per_prompt=d.max_pairs_per_prompt,
+            seed=d.seed,
             gap_sampler=d.gap_sampler,
         )
         pair_skips = pair_skip_counts(responses, pairs)
@@ -435,9 +469,13 @@ def prepare_reward_data(
     labels = response_labels(responses, cfg.reward.score_transform, cfg.reward.compression_factor)
     scores = [r.score for r in responses]
     label_stats = {
-        "transform": cfg.reward.score_transform, "compression_factor": cfg.reward.compression_factor,
-        "score_min": float(min(scores)), "score_max": float(max(scores)),
-        "label_min": float(labels.min()), "label_max": float(labels.max()), "standardized": False,
+        "transform": cfg.reward.score_transform,
+        "compression_factor": cfg.reward.compression_factor,
+        "score_min": float(min(scores)),
+        "score_max": float(max(scores)),
+        "label_min": float(labels.min()),
+        "label_max": float(labels.max()),
+        "standardized": False,
     }
     if cfg.reward.standardize_labels:
         labels, moments = standardize(labels, responses, d.val_fraction, d.seed)
@@ -479,7 +517,10 @@ def prepare_reward_data(
         "template": cfg.reward.template,
         "labels": label_stats,
         "responses": {
-            "loaded": len(responses), "tokenized": len(tokenized), "train": len(train_resp), "val": len(val_resp),
+            "loaded": len(responses),
+            "tokenized": len(tokenized),
+            "train": len(train_resp),
+            "val": len(val_resp),
         },
         "prompts": {"train": len({r.prompt_id for r in train_resp}), "val": len({r.prompt_id for r in val_resp})},
         "pair_mode": d.pairs if loaded.kind == "responses" else "given",
@@ -505,7 +546,16 @@ def prepare_reward_data(
     if out_dir is not None:
         write_data_report(out_dir, report)
     return PreparedRewardData(
-        train_rows=train_rows, val_rows=val_rows, train_responses=train_resp, val_responses=val_resp,
-        train_pairs=train_pairs, val_pairs=val_pairs, tokenizer=tok, label_stats=label_stats,
-        load_report=loaded.report, counts=counts, padding_fraction=pad_frac, report=report,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        train_responses=train_resp,
+        val_responses=val_resp,
+        train_pairs=train_pairs,
+        val_pairs=val_pairs,
+        tokenizer=tok,
+        label_stats=label_stats,
+        load_report=loaded.report,
+        counts=counts,
+        padding_fraction=pad_frac,
+        report=report,
     )

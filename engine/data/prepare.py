@@ -73,21 +73,33 @@ class PreparedData:
 
 
 def _deviation(responses, cfg, pair_counts=None, keep_embeddings=False):
-    return compute_deviation(responses, cfg.deviation, cache_dir=cfg.deviation.cache_dir, pair_counts=pair_counts,
-                             keep_embeddings=keep_embeddings)
+    return compute_deviation(
+        responses,
+        cfg.deviation,
+        cache_dir=cfg.deviation.cache_dir,
+        pair_counts=pair_counts,
+        keep_embeddings=keep_embeddings,
+    )
 
 
 def train_fingerprint(pairs: list[Pair], tok_fp: str) -> str:
     return content_id("train-set", tok_fp, *(p.pair_id for p in pairs))
 
 
-def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None,
-                 verbose: bool = True) -> PreparedData:
+def prepare_data(
+    cfg, tokenizer, *, compute_weights: bool = True, out_dir: str | Path | None = None, verbose: bool = True
+) -> PreparedData:
     """Load, clean, pair, weight, split, tokenise and pack the data of `cfg` (an engine.config.Config)."""
     d = cfg.data
     t0 = time.perf_counter()
-    loaded = load_any(d.source, strict=d.strict, synthetic_prompts=d.synthetic_prompts, synthetic_seed=d.synthetic_seed,
-                      synthetic_lengths=d.synthetic_lengths, cleaning=d.cleaning)
+    loaded = load_any(
+        d.source,
+        strict=d.strict,
+        synthetic_prompts=d.synthetic_prompts,
+        synthetic_seed=d.synthetic_seed,
+        synthetic_lengths=d.synthetic_lengths,
+        cleaning=d.cleaning,
+    )
     if verbose:
         print(loaded.report.summary(), flush=True)
     counts: dict[str, int] = {}
@@ -95,16 +107,24 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     deviation = None
 
     if loaded.kind == "responses":
-        responses, n_long = filter_long_responses(loaded.responses, tokenizer, d.max_response_tokens,
-                                                  count=d.length_filter)
+        responses, n_long = filter_long_responses(
+            loaded.responses, tokenizer, d.max_response_tokens, count=d.length_filter
+        )
         if n_long:
             counts["response_too_long"] = n_long
         if d.pairs == "divpo":
             # The authors' sampler scores subsets of a prompt's responses: it needs the embeddings.
             deviation = _deviation(responses, cfg, keep_embeddings=d.divpo_sampler == "authors")
         pairs = build_pairs(
-            responses, d.pairs, min_gap=d.min_gap, max_pairs_per_prompt=d.max_pairs_per_prompt, rho=d.divpo_rho,
-            seed=d.seed, deviation=deviation, gap_sampler=d.gap_sampler, divpo_sampler=d.divpo_sampler,
+            responses,
+            d.pairs,
+            min_gap=d.min_gap,
+            max_pairs_per_prompt=d.max_pairs_per_prompt,
+            rho=d.divpo_rho,
+            seed=d.seed,
+            deviation=deviation,
+            gap_sampler=d.gap_sampler,
+            divpo_sampler=d.divpo_sampler,
         )
         counts.update(pair_skip_counts(responses, pairs))
     else:
@@ -132,8 +152,12 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     train_pairs, val_pairs = split_by_prompt(pairs, d.val_fraction, d.seed)
 
     tok_kw = dict(
-        max_prompt_length=d.max_prompt_length, max_length=d.max_length, nll_on_prompt=cfg.loss.nll_on_prompt,
-        max_response_tokens=d.max_response_tokens, truncation=d.truncation, cache_dir=d.cache_dir,
+        max_prompt_length=d.max_prompt_length,
+        max_length=d.max_length,
+        nll_on_prompt=cfg.loss.nll_on_prompt,
+        max_response_tokens=d.max_response_tokens,
+        truncation=d.truncation,
+        cache_dir=d.cache_dir,
         num_workers=d.num_workers,
     )
     train_tok, dropped_t = tokenize_pairs_with_counts(train_pairs, tokenizer, **tok_kw)
@@ -151,13 +175,18 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     train_rows = pack_pairs(train_tok, d.max_tokens_per_row, **pack_kw)
     val_rows = pack_pairs(val_tok, d.max_tokens_per_row, **pack_kw) if val_tok else []
     tok_fp = tokenization_fingerprint(
-        tokenizer, max_prompt_length=d.max_prompt_length, max_length=d.max_length,
-        max_response_tokens=d.max_response_tokens, nll_on_prompt=cfg.loss.nll_on_prompt, truncation=d.truncation,
+        tokenizer,
+        max_prompt_length=d.max_prompt_length,
+        max_length=d.max_length,
+        max_response_tokens=d.max_response_tokens,
+        nll_on_prompt=cfg.loss.nll_on_prompt,
+        truncation=d.truncation,
     )
     cap_frac = packing_padding_fraction(train_rows, d.max_tokens_per_row)
     # The padding the trainer actually computes on: epoch-0 micro-batches of one rank, as sampled.
-    plan = RowSampler([r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch,
-                      seed=d.seed)
+    plan = RowSampler(
+        [r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed
+    )
     pad_frac = microbatch_padding_fraction(train_rows, list(plan))
     report = {
         "load": loaded.report.to_dict(),
@@ -191,11 +220,22 @@ def prepare_data(cfg, tokenizer, *, compute_weights: bool = True, out_dir: str |
     if out_dir is not None:
         write_data_report(out_dir, report)
     return PreparedData(
-        train_pairs=train_pairs, val_pairs=val_pairs, train_tokenized=train_tok, val_tokenized=val_tok,
-        train_rows=train_rows, val_rows=val_rows, load_report=loaded.report, counts=counts, padding_fraction=pad_frac,
+        train_pairs=train_pairs,
+        val_pairs=val_pairs,
+        train_tokenized=train_tok,
+        val_tokenized=val_tok,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        load_report=loaded.report,
+        counts=counts,
+        padding_fraction=pad_frac,
         padding_fraction_to_capacity=cap_frac,
-        fingerprint=report["fingerprint"], tokenization_fingerprint=tok_fp, responses=responses, deviation=deviation,
-        weights_attached=bool(needs_weights), report=report,
+        fingerprint=report["fingerprint"],
+        tokenization_fingerprint=tok_fp,
+        responses=responses,
+        deviation=deviation,
+        weights_attached=bool(needs_weights),
+        report=report,
     )
 
 

@@ -64,7 +64,7 @@ class Pair:
     rejected_weight: float = 1.0
 
     @classmethod
-    def from_responses(cls, chosen: Response, rejected: Response) -> "Pair":
+    def from_responses(cls, chosen: Response, rejected: Response) -> Pair:
         if chosen.prompt_id != rejected.prompt_id:
             raise ValueError(
                 f"a pair must share its prompt: chosen prompt_id {chosen.prompt_id} != rejected {rejected.prompt_id}"

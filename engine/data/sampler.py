@@ -16,7 +16,7 @@ computes the same plan without communication, and `state_dict()` (epoch + positi
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -71,9 +71,9 @@ class RowSampler:
         else:
             order = np.arange(n)
         per_step = W * B
-        steps = [order[i:i + per_step] for i in range(0, n - n % per_step, per_step)]
+        steps = [order[i : i + per_step] for i in range(0, n - n % per_step, per_step)]
         stats = {"repeated_rows": 0, "dropped_rows": 0}
-        rest = order[n - n % per_step:]
+        rest = order[n - n % per_step :]
         if len(rest):
             if self.drop_last:
                 stats["dropped_rows"] = int(len(rest))
@@ -97,7 +97,12 @@ class RowSampler:
             for w, rows in enumerate(step):
                 per_rank[w] += self.tokens[rows].sum()
         imbalance = float(per_rank.max() / per_rank.mean()) if per_rank.mean() > 0 else 1.0
-        return {**stats, "micro_batches": len(plan), "tokens_per_rank": per_rank.astype(int).tolist(), "imbalance": imbalance}
+        return {
+            **stats,
+            "micro_batches": len(plan),
+            "tokens_per_rank": per_rank.astype(int).tolist(),
+            "imbalance": imbalance,
+        }
 
     # ------------------------------------------------------------------------------ iteration
 
@@ -121,8 +126,13 @@ class RowSampler:
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": int(len(self.tokens)),
-            "num_replicas": self.num_replicas, "rows_per_batch": self.rows_per_batch, "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_rows": int(len(self.tokens)),
+            "num_replicas": self.num_replicas,
+            "rows_per_batch": self.rows_per_batch,
+            "shuffle": self.shuffle,
             "drop_last": self.drop_last,
         }
 

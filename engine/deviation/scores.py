@@ -143,8 +143,10 @@ def _mean_cosine(e, codes, n_groups, counts) -> np.ndarray:
         norms = np.sqrt(_row_dots(x, x))
         if not norms.all():
             bad = np.arange(len(codes))[rows(a, b)][norms == 0][:5].tolist()
-            raise ValueError(f"cosine distance is undefined for zero embeddings (rows {bad}); drop those rows or use "
-                             "metric='euclidean'")
+            raise ValueError(
+                f"cosine distance is undefined for zero embeddings (rows {bad}); drop those rows or use "
+                "metric='euclidean'"
+            )
         inv = 1.0 / norms
         return x, inv, inv if unit_counts else inv * counts[rows(a, b)]
 
@@ -234,6 +236,7 @@ def _mean_euclidean(e, codes, n_groups, counts) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- knn
 
+
 def faiss_has_gpu() -> bool:
     try:
         import faiss
@@ -318,7 +321,9 @@ def _prepare_for_faiss(e: np.ndarray, metric: str) -> np.ndarray:
     if metric == "cosine":
         norms = _row_norms(x)
         if np.any(norms == 0):
-            raise ValueError("cosine distance is undefined for zero embeddings; drop those rows or use metric='euclidean'")
+            raise ValueError(
+                "cosine distance is undefined for zero embeddings; drop those rows or use metric='euclidean'"
+            )
         x = (x / norms[:, None]).astype(np.float32, copy=False)
     return x
 
@@ -333,7 +338,9 @@ def _knn_scores(e, codes, n_groups, metric, k, scope, nlist, nprobe, ivf_min_siz
             return out
         index = _build_index(x, metric, n >= ivf_min_size, nlist, nprobe, use_gpu)
         for s in range(0, n, _CHUNK_ROWS):
-            out[s : s + _CHUNK_ROWS] = _knn_mean(index, x[s : s + _CHUNK_ROWS], np.arange(s, min(n, s + _CHUNK_ROWS)), k_eff, metric)
+            out[s : s + _CHUNK_ROWS] = _knn_mean(
+                index, x[s : s + _CHUNK_ROWS], np.arange(s, min(n, s + _CHUNK_ROWS)), k_eff, metric
+            )
         return out
     import faiss
 
@@ -395,13 +402,19 @@ def deviation_scores(
         return np.zeros(0, dtype=np.float64)
     if mode == "mean":
         if scope != "group":
-            raise ValueError("mode='mean' is defined within each prompt's group; use scope='group' (or mode='knn' for scope='global')")
+            raise ValueError(
+                "mode='mean' is defined within each prompt's group; use scope='group' (or mode='knn' for "
+                "scope='global')"
+            )
         if counts is None:
             cnt = np.ones(e.shape[0], dtype=np.float64)
         else:
             cnt = np.asarray(counts, dtype=np.float64)
             if cnt.shape != (e.shape[0],) or np.any(cnt < 1) or np.any(cnt != np.round(cnt)):
-                raise ValueError(f"counts must be [N] integers >= 1 (multiplicity of each row), got shape {cnt.shape}, min {cnt.min() if cnt.size else None}")
+                raise ValueError(
+                    f"counts must be [N] integers >= 1 (multiplicity of each row), got shape {cnt.shape}, "
+                    f"min {cnt.min() if cnt.size else None}"
+                )
         fn = _mean_cosine if metric == "cosine" else _mean_euclidean
         return fn(e, codes, n_groups, cnt)
     if counts is not None and np.any(np.asarray(counts) != 1):

@@ -56,8 +56,9 @@ from .scores import deviation_scores, group_codes
 DEFAULT_TIE_ATOL = 1e-6
 
 
-def minmax_scale_groups(scores: np.ndarray, codes: np.ndarray, n_groups: int,
-                        tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
+def minmax_scale_groups(
+    scores: np.ndarray, codes: np.ndarray, n_groups: int, tie_atol: float = DEFAULT_TIE_ATOL
+) -> np.ndarray:
     """Step 1's scaling: per group, map [min, max] linearly to [-1, 1]; all-equal groups -> 0."""
     scores = np.asarray(scores, dtype=np.float64)
     gmin = np.full(n_groups, np.inf)
@@ -83,8 +84,9 @@ def combine_geometric(scaled: list[np.ndarray]) -> np.ndarray:
     return 2.0 * acc - 1.0
 
 
-def normalise_weights(combined: np.ndarray, codes: np.ndarray, n_groups: int,
-                      tie_atol: float = DEFAULT_TIE_ATOL) -> np.ndarray:
+def normalise_weights(
+    combined: np.ndarray, codes: np.ndarray, n_groups: int, tie_atol: float = DEFAULT_TIE_ATOL
+) -> np.ndarray:
     """Step 3: w = (s + 1) / mean_group(s + 1); groups whose combined scores are all equal get weight 1."""
     a = np.asarray(combined, dtype=np.float64) + 1.0
     n = np.bincount(codes, minlength=n_groups).astype(np.float64)
@@ -164,14 +166,16 @@ def deviation_weights(
     raw, scaled = [], []
     for e in embeddings_list:
         es = e if subset is None else e[subset]
-        r = deviation_scores(es, sub_codes, metric=metric, mode=mode, k=k, scope=scope, counts=sub_counts,
-                             **knn_options)
+        r = deviation_scores(
+            es, sub_codes, metric=metric, mode=mode, k=k, scope=scope, counts=sub_counts, **knn_options
+        )
         raw.append(r)
         scaled.append(minmax_scale_groups(r, sub_codes, n_groups, tie_atol))
     combined = combine_geometric(scaled)
     w = normalise_weights(combined, sub_codes, n_groups, tie_atol)
 
     if subset is not None:
+
         def expand(v, fill):
             out = np.full(n, fill, dtype=np.float64)
             out[subset] = v

@@ -32,16 +32,46 @@ from engine.refcache.build import ROWS_PER_PART, build_cache, cache_dir_for, ens
 from engine.refcache.cli import describe, main
 from engine.refcache.fingerprint import cache_fingerprint, check_fingerprint, fingerprint_diff, model_identity
 from engine.refcache.format import (
-    MANIFEST_NAME, PLAN_NAME, RefCacheError, RefCacheKeyError, build_command, read_manifest, verify_parts,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    RefCacheError,
+    RefCacheKeyError,
+    build_command,
+    read_manifest,
+    verify_parts,
 )
 from engine.refcache.reader import RefCache
 from engine.refcache.reference import (
-    load_reference_model, on_the_fly_reference, reference_logps, reference_model_name, sequence_logps,
+    load_reference_model,
+    on_the_fly_reference,
+    reference_logps,
+    reference_model_name,
+    sequence_logps,
 )
 
 __all__ = [
-    "MANIFEST_NAME", "PLAN_NAME", "ROWS_PER_PART", "RefCache", "RefCacheError", "RefCacheKeyError", "build_cache",
-    "build_command", "cache_dir_for", "cache_fingerprint", "check_fingerprint", "describe", "ensure_cache",
-    "fingerprint_diff", "load_reference_model", "main", "make_plan", "model_identity", "on_the_fly_reference",
-    "read_manifest", "reference_logps", "reference_model_name", "sequence_logps", "verify_parts",
+    "MANIFEST_NAME",
+    "PLAN_NAME",
+    "ROWS_PER_PART",
+    "RefCache",
+    "RefCacheError",
+    "RefCacheKeyError",
+    "build_cache",
+    "build_command",
+    "cache_dir_for",
+    "cache_fingerprint",
+    "check_fingerprint",
+    "describe",
+    "ensure_cache",
+    "fingerprint_diff",
+    "load_reference_model",
+    "main",
+    "make_plan",
+    "model_identity",
+    "on_the_fly_reference",
+    "read_manifest",
+    "reference_logps",
+    "reference_model_name",
+    "sequence_logps",
+    "verify_parts",
 ]

@@ -16,21 +16,36 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from engine import parallelize
+from engine.refcache import reference
 from engine.refcache.fingerprint import cache_fingerprint, check_fingerprint, fingerprint_diff, sha256_hex
 from engine.refcache.format import (
-    FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, PLAN_NAME, RefCacheError, build_command, encode_key, part_name,
-    part_problem, part_record_name, plan_digest, read_manifest, record_dtype, row_keys, train_rows, verify_parts,
-    write_json, write_part,
+    FORMAT_VERSION,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    RefCacheError,
+    build_command,
+    encode_key,
+    part_name,
+    part_problem,
+    part_record_name,
+    plan_digest,
+    read_manifest,
+    record_dtype,
+    row_keys,
+    train_rows,
+    verify_parts,
+    write_json,
+    write_part,
 )
 from engine.refcache.reader import RefCache
-from engine.refcache import reference
 
 # Packed rows per part file: small enough that a killed build loses little work, large enough that
 # a lookup (one binary search per part) stays cheap. 256 rows of 2048 tokens are ~0.5M tokens.
@@ -102,8 +117,12 @@ def _existing_layout(cache_dir: Path, fingerprint: dict) -> int | None:
             doc = json.loads((cache_dir / name).read_text())
         except (OSError, ValueError):
             continue
-        if (isinstance(doc, dict) and doc.get("format") == FORMAT_VERSION and doc.get("fingerprint") == fingerprint
-                and isinstance(doc.get("rows_per_part"), int)):
+        if (
+            isinstance(doc, dict)
+            and doc.get("format") == FORMAT_VERSION
+            and doc.get("fingerprint") == fingerprint
+            and isinstance(doc.get("rows_per_part"), int)
+        ):
             return doc["rows_per_part"]
     return None
 
@@ -299,15 +318,19 @@ def build_cache(
         elapsed = time.perf_counter() - t0
         if done_rows:
             rate = done_tokens / max(elapsed, 1e-9)
-            log(f"refcache: rank 0 computed {done_rows} rows, {done_tokens} target tokens in {elapsed:.1f}s "
-                f"({rate:.0f} tok/s)")
+            log(
+                f"refcache: rank 0 computed {done_rows} rows, {done_tokens} target tokens in {elapsed:.1f}s "
+                f"({rate:.0f} tok/s)"
+            )
 
         error = None
         if rank == 0:
             try:
                 manifest = _finalize(cache_dir, plan)
-                log(f"refcache: wrote {cache_dir / MANIFEST_NAME}: {manifest['num_sequences']} sequences, "
-                    f"{manifest['num_pairs']} pairs")
+                log(
+                    f"refcache: wrote {cache_dir / MANIFEST_NAME}: {manifest['num_sequences']} sequences, "
+                    f"{manifest['num_pairs']} pairs"
+                )
             except Exception as e:
                 error = e
         parallelize.raise_if_any_failed(error, what="reference cache build", error_type=RefCacheError)
@@ -350,10 +373,16 @@ def ensure_cache(
     status = parallelize.broadcast_from_zero(status)
     if status != "ok":
         if rank == 0 and status != "missing":
-            problems = status[len("repair: "):]
+            problems = status[len("repair: ") :]
             print(f"refcache: WARNING: {cache_dir}: {problems}; recomputing those parts", file=sys.stderr, flush=True)
         build_cache(
-            cfg, tokenizer, prepared, cache_dir=cache_dir, device=device, rank=rank, world_size=world_size,
+            cfg,
+            tokenizer,
+            prepared,
+            cache_dir=cache_dir,
+            device=device,
+            rank=rank,
+            world_size=world_size,
             **build_kwargs,
         )
     return RefCache.open(cache_dir, fingerprint)

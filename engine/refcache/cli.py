@@ -1,8 +1,8 @@
 """CLI of the reference cache, run as `python -m engine.refcache` (same config loader and overrides as training):
 
-    torchrun [--nproc_per_node N] -m engine.refcache build --config F [--ref_cache.dir D] [--rows_per_part K]
-    python -m engine.refcache info <dir>
-    python -m engine.refcache verify <dir> [--config F ...]
+torchrun [--nproc_per_node N] -m engine.refcache build --config F [--ref_cache.dir D] [--rows_per_part K]
+python -m engine.refcache info <dir>
+python -m engine.refcache verify <dir> [--config F ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import torch
 from engine.refcache.build import ROWS_PER_PART, build_cache
 from engine.refcache.fingerprint import cache_fingerprint, check_fingerprint
 from engine.refcache.format import (
-    MANIFEST_NAME, PLAN_NAME, RefCacheError, build_command, part_problem, plan_digest, read_json, read_manifest,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    RefCacheError,
+    build_command,
+    part_problem,
+    plan_digest,
+    read_json,
+    read_manifest,
     verify_parts,
 )
 
@@ -29,10 +36,12 @@ def describe(cache_dir: Path) -> str:
     if manifest_path.is_file():
         m = read_json(manifest_path, "manifest")
         lines.append(f"  status: finished (format {m.get('format')})")
-        lines.append(f"  sequences: {m['num_sequences']}  pairs with both sides: {m['num_pairs']}  "
-                     f"packed rows: {m['num_rows']}")
-        lines.append(f"  parts: {len(m['parts'])} ({m['rows_per_part']} rows each, micro-batches of "
-                     f"{m['rows_per_batch']} rows)")
+        lines.append(
+            f"  sequences: {m['num_sequences']}  pairs with both sides: {m['num_pairs']}  packed rows: {m['num_rows']}"
+        )
+        lines.append(
+            f"  parts: {len(m['parts'])} ({m['rows_per_part']} rows each, micro-batches of {m['rows_per_batch']} rows)"
+        )
         size = sum(p["bytes"] for p in m["parts"])
         lines.append(f"  size: {size / 1024:.1f} KiB")
         fp = m["fingerprint"]
@@ -41,9 +50,11 @@ def describe(cache_dir: Path) -> str:
         digest = plan_digest(plan)
         done = [p for p in plan["parts"] if part_problem(cache_dir, p["file"], digest) is None]
         rows_done = sum(p["rows"][1] - p["rows"][0] for p in done)
-        lines.append(f"  status: unfinished build: {len(done)}/{len(plan['parts'])} parts, "
-                     f"{rows_done}/{plan['num_rows']} packed rows "
-                     f"({100.0 * rows_done / max(plan['num_rows'], 1):.1f}%); rerun the build to resume")
+        lines.append(
+            f"  status: unfinished build: {len(done)}/{len(plan['parts'])} parts, "
+            f"{rows_done}/{plan['num_rows']} packed rows "
+            f"({100.0 * rows_done / max(plan['num_rows'], 1):.1f}%); rerun the build to resume"
+        )
         fp = plan["fingerprint"]
     else:
         raise RefCacheError(f"{cache_dir} holds no reference cache ({MANIFEST_NAME} and {PLAN_NAME} missing)")
@@ -80,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser(
         "build", help="compute the cache for a config (every --section.field override of training works)"
     )
-    b.add_argument("--rows_per_part", type=int, default=None,
-                   help="packed rows per part file (resume granularity); default: the existing cache's, "
-                   f"else {ROWS_PER_PART}")
+    b.add_argument(
+        "--rows_per_part",
+        type=int,
+        default=None,
+        help=f"packed rows per part file (resume granularity); default: the existing cache's, else {ROWS_PER_PART}",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace a finished cache built for other inputs")
     i = sub.add_parser("info", help="print the manifest and coverage of a cache directory")
     i.add_argument("dir", type=Path)
@@ -117,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         rank, world_size, device = _init_distributed(cfg)
         tokenizer, prepared = _prepare_inputs(cfg)
         out = build_cache(
-            cfg, tokenizer, prepared, device=device, rank=rank, world_size=world_size,
-            rows_per_part=args.rows_per_part, overwrite=args.overwrite,
+            cfg,
+            tokenizer,
+            prepared,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            rows_per_part=args.rows_per_part,
+            overwrite=args.overwrite,
         )
         if rank == 0:
             print(describe(out))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from engine.fileio import sha256_file
 from engine.refcache.format import RefCacheError, build_command, encode_key, row_keys, train_rows

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -84,8 +84,13 @@ def write_part(cache_dir: Path, part_file: str, records: np.ndarray, plan_sha256
     """The part, then its checksum record (a part without a record is never adopted)."""
     path = cache_dir / part_file
     digest = atomic_write(path, lambda f: np.save(f, records, allow_pickle=False), checksum=True)
-    record = {"file": part_file, "plan_sha256": plan_sha256, "sha256": digest, "bytes": path.stat().st_size,
-              "records": int(len(records))}
+    record = {
+        "file": part_file,
+        "plan_sha256": plan_sha256,
+        "sha256": digest,
+        "bytes": path.stat().st_size,
+        "records": int(len(records)),
+    }
     write_json(cache_dir / part_record_name(part_file), record)
 
 

@@ -7,8 +7,8 @@ is one binary search per part over the sorted keys (vectorised over the batch). 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,13 @@ import torch
 from engine.data.packing import IGNORE_INDEX
 from engine.refcache.fingerprint import check_fingerprint
 from engine.refcache.format import (
-    RefCacheError, RefCacheKeyError, build_command, encode_key, read_manifest, record_dtype, verify_parts,
+    RefCacheError,
+    RefCacheKeyError,
+    build_command,
+    encode_key,
+    read_manifest,
+    record_dtype,
+    verify_parts,
 )
 
 
@@ -33,7 +39,7 @@ class RefCache:
     @classmethod
     def open(
         cls, cache_dir: str | Path, expected_manifest_fingerprint: dict | None = None, *, verify: bool = True
-    ) -> "RefCache":
+    ) -> RefCache:
         """Open a finished cache: fingerprint fields compared (when given), every shard's sha256 checked."""
         cache_dir = Path(cache_dir)
         manifest = read_manifest(cache_dir)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from engine.data.packing import IGNORE_INDEX
+
 
 def sequence_logps(model, batch, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob [S] fp32, token count [S] int64) of every segment of a PackedBatch under `model`.
@@ -26,8 +27,8 @@ def sequence_logps(model, batch, *, backend: str = "auto") -> tuple[torch.Tensor
     same row kernels, sums in sequence order), so for equal hidden states and weights the policy's
     log-probs are these bits whatever the batches (tests/test_kernels.py, test_step0_margins_*).
     """
-    from engine.model import trunk_and_head
     from ddpo_kernels import linear_logprob
+    from engine.model import trunk_and_head
 
     trunk, head = trunk_and_head(model)
     with torch.no_grad():

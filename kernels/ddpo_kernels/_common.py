@@ -78,7 +78,7 @@ class Launch:
     block_rows: int
 
     @classmethod
-    def make(cls, backend: str, hidden: torch.Tensor, weight: torch.Tensor, chunk_rows, block_rows) -> "Launch":
+    def make(cls, backend: str, hidden: torch.Tensor, weight: torch.Tensor, chunk_rows, block_rows) -> Launch:
         chunk = int(chunk_rows or default_chunk_rows(hidden.device))
         if chunk < 1:
             raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")

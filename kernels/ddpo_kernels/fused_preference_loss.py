@@ -18,22 +18,23 @@ group's sums are reduced, whatever placeholder values the other pairs hold.
 
 The walk (_common.py, the same one `linear_logprob` takes, hence the same bits): groups are packed
 into blocks of at most `block_rows` tokens. A block's logits are made once by fixed-shape GEMMs in
-the input dtype and kept (the GEMM chunk at a block boundary is shared with the next block); the row kernels (`chunk_logprob`) reduce them to lse and token
-log-probs, `segment_sum` adds each sequence's tokens in order, the epilogue gives g, the row
-kernels overwrite the logits with their gradient in place, and two more GEMMs give the block's dH
-rows and its dW share (3 matmuls in all, like Liger's chunked loss). A group larger than
-`block_rows` is a block of its own walked in windows: the forward keeps only lse, the backward
-recomputes each window's logits (4 matmuls for that group, the O(block x V) memory bound kept). No
-float atomics anywhere: dH rows are written once each, dW accumulates in fp32 (DwAccumulator),
-gradients are the same bits on every run. Extra memory beyond the inputs and gradients: one block
-of logits, the fp32 dW accumulator, O(N) vectors.
+the input dtype and kept (the GEMM chunk at a block boundary is shared with the next block); the row
+kernels (`chunk_logprob`) reduce them to lse and token log-probs, `segment_sum` adds each sequence's
+tokens in order, the epilogue gives g, the row kernels overwrite the logits with their gradient in
+place, and two more GEMMs give the block's dH rows and its dW share (3 matmuls in all, like Liger's
+chunked loss). A group larger than `block_rows` is a block of its own walked in windows: the forward
+keeps only lse, the backward recomputes each window's logits (4 matmuls for that group, the O(block
+x V) memory bound kept). No float atomics anywhere: dH rows are written once each, dW accumulates in
+fp32 (DwAccumulator), gradients are the same bits on every run. Extra memory beyond the inputs and
+gradients: one block of logits, the fp32 dW accumulator, O(N) vectors.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -33,9 +33,9 @@ import torch
 from ddpo_kernels._common import (
     DwAccumulator,
     Launch,
+    Walk,
     backward_window,
     check_inputs,
-    Walk,
     check_schedule,
     resolve_backend,
     walk_forward,

@@ -63,7 +63,7 @@ class LossSchedule:
     def device(self) -> torch.device:
         return self.rows.device
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "LossSchedule":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LossSchedule:
         """The same schedule with every tensor on `device` (one copy per tensor, made with the batch's)."""
         moved = {
             f.name: v.to(device, non_blocking=non_blocking)
@@ -98,7 +98,7 @@ class LossSchedule:
         *,
         vocab_size: int | None = None,
         ignore_index: int = -100,
-    ) -> "LossSchedule":
+    ) -> LossSchedule:
         """Every segment 0..S-1 in id order, each its own group (what `linear_logprob` needs)."""
         t, s = _as_numpy(targets, "targets"), _as_numpy(segment_ids, "segment_ids")
         if s.shape != t.shape:
@@ -123,7 +123,7 @@ class LossSchedule:
         vocab_size: int | None = None,
         ignore_index: int = -100,
         with_rejected: bool = True,
-    ) -> "LossSchedule":
+    ) -> LossSchedule:
         """The segments the pairs read, grouped by shared sequences (what `fused_preference_loss` needs).
 
         `prompt_targets` [N] (targets on prompt tokens, ignore_index elsewhere; `targets` then holds the
@@ -171,7 +171,7 @@ class LossSchedule:
         return cls._build(merged, token_seg, np.array(walk), np.array(groups), sides, num_segments, vocab_size)
 
     @classmethod
-    def _build(cls, t, token_seg, walk, groups, sides, num_segments, vocab_size) -> "LossSchedule":
+    def _build(cls, t, token_seg, walk, groups, sides, num_segments, vocab_size) -> LossSchedule:
         """t [N] targets, token_seg [N] segment id of each token (-1: no target; S + k: prompt of k),
         walk [K] the segment ids in walk order, groups [K] a group label per walk entry (contiguous runs),
         sides: the pair slots (chosen, rejected, prompt) as [P] segment ids, None where absent."""
