@@ -441,7 +441,6 @@ def evaluate_model(
     if synthetic is None:
         synthetic = _is_synthetic_meta(prompt_meta)
     samples = sample(model, tokenizer, prompts, cfg, show_progress=show_progress)
-    embedders, reward_scorer = _embedders_and_reward(cfg, device, embedders, reward_scorer)
     kwargs = sampling_kwargs(cfg, tokenizer, model)
     settings = {
         "source": "model",
@@ -451,18 +450,32 @@ def evaluate_model(
         "seed": int(cfg.seed),
         "generate_kwargs": {k: v for k, v in kwargs.items() if k not in ("pad_token_id", "eos_token_id")},
     }
-    return score_samples(
+    return _score_with(
+        cfg,
+        device,
+        embedders,
+        reward_scorer,
         prompts,
         samples,
         prompt_ids=prompt_ids,
         synthetic=synthetic,
-        semantic_embedder=embedders.get("semantic"),
-        style_embedder=embedders.get("style"),
-        reward_scorer=reward_scorer,
         settings=settings,
         out_dir=out_dir,
         show_progress=show_progress,
+    )
+
+
+def _score_with(cfg, device, embedders, reward_scorer, prompts, samples, **kwargs) -> EvalResult:
+    """score_samples with the embedders and reward model an EvalConfig names (built unless passed in)."""
+    embedders, reward_scorer = _embedders_and_reward(cfg, device, embedders, reward_scorer)
+    return score_samples(
+        prompts,
+        samples,
+        semantic_embedder=embedders.get("semantic"),
+        style_embedder=embedders.get("style"),
+        reward_scorer=reward_scorer,
         metrics_compat=getattr(cfg, "metrics_compat", "engine"),
+        **kwargs,
     )
 
 
@@ -503,7 +516,6 @@ def evaluate_human(
     chosen = [c for c in chosen if c]
     if synthetic is None:
         synthetic = _is_synthetic_meta([r.meta for c in chosen for r in c])
-    embedders, reward_scorer = _embedders_and_reward(cfg, device, embedders, reward_scorer)
     samples = [[{"text": r.text, "response_id": r.response_id, "score": float(r.score)} for r in c] for c in chosen]
     settings = {
         "source": "human",
@@ -512,18 +524,18 @@ def evaluate_human(
         "human_selection": how,
         "seed": int(cfg.seed),
     }
-    return score_samples(
+    return _score_with(
+        cfg,
+        device,
+        embedders,
+        reward_scorer,
         [c[0].prompt for c in chosen],
         samples,
         prompt_ids=[c[0].prompt_id for c in chosen],
         synthetic=synthetic,
-        semantic_embedder=embedders.get("semantic"),
-        style_embedder=embedders.get("style"),
-        reward_scorer=reward_scorer,
         settings=settings,
         out_dir=out_dir,
         show_progress=show_progress,
-        metrics_compat=getattr(cfg, "metrics_compat", "engine"),
     )
 
 

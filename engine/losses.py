@@ -151,6 +151,33 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < _LOG1MEXP_SWITCH, far, near)
 
 
+def _preference_output(
+    loss: torch.Tensor,
+    per_pair: torch.Tensor,
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    weights: torch.Tensor,
+    objective_metrics: dict[str, torch.Tensor] | None = None,
+) -> LossOutput:
+    """A preference loss's LossOutput with TRL's metric names: rewards/*, logps/chosen and logps/rejected
+    (mean sums), the objective's own metrics, weights/*."""
+    with torch.no_grad():
+        metrics = _reward_metrics(chosen_rewards, rejected_rewards)
+        metrics["logps/chosen"] = pc.detach().float().mean()
+        metrics["logps/rejected"] = pr.detach().float().mean()
+        metrics.update(objective_metrics or {})
+        metrics.update(_weights_metrics(weights))
+    return LossOutput(
+        loss=loss,
+        metrics=metrics,
+        per_pair_loss=per_pair.detach(),
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+    )
+
+
 def ddpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -204,19 +231,8 @@ def ddpo_loss(
         per_pair = weights * per_pair
     loss = per_pair.mean()
 
-    with torch.no_grad():
-        chosen_rewards = beta * chosen_logratios.detach()
-        rejected_rewards = beta * rejected_logratios.detach()
-        metrics = _reward_metrics(chosen_rewards, rejected_rewards)
-        metrics["logps/chosen"] = pc.detach().float().mean()
-        metrics["logps/rejected"] = pr.detach().float().mean()
-        metrics.update(_weights_metrics(weights))
-    return LossOutput(
-        loss=loss,
-        metrics=metrics,
-        per_pair_loss=per_pair.detach(),
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
+    return _preference_output(
+        loss, per_pair, pc, pr, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), weights
     )
 
 
@@ -290,23 +306,14 @@ def dorpo_loss(
         loss = weights.mean() * nll - per_pair.mean()
 
     with torch.no_grad():
-        chosen_rewards = beta * pc.detach()
-        rejected_rewards = beta * pr.detach()
-        metrics = _reward_metrics(chosen_rewards, rejected_rewards)
-        metrics["logps/chosen"] = pc.detach().float().mean()
-        metrics["logps/rejected"] = pr.detach().float().mean()
-        metrics["nll_loss"] = nll.detach().float()
-        metrics["log_odds_ratio"] = F.logsigmoid(log_odds.detach()).float().mean()
-        metrics["log_odds_chosen"] = log_odds.detach().float().mean()
-        metrics.update(_weights_metrics(weights))
-    return LossOutput(
-        loss=loss,
-        metrics=metrics,
-        per_pair_loss=per_pair.detach(),
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        extras={"log_odds": log_odds.detach()},
-    )
+        odds = {
+            "nll_loss": nll.detach().float(),
+            "log_odds_ratio": F.logsigmoid(log_odds.detach()).float().mean(),
+            "log_odds_chosen": log_odds.detach().float().mean(),
+        }
+    out = _preference_output(loss, per_pair, pc, pr, beta * pc.detach(), beta * pr.detach(), weights, odds)
+    out.extras["log_odds"] = log_odds.detach()
+    return out
 
 
 def orpo_loss(

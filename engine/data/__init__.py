@@ -29,7 +29,6 @@ from engine.data.tokenize import (
     filter_long_responses,
     tokenization_fingerprint,
     tokenize_pairs,
-    tokenize_pairs_with_counts,
     tokenizer_fingerprint,
 )
 
@@ -69,6 +68,5 @@ __all__ = [
     "filter_long_responses",
     "tokenization_fingerprint",
     "tokenize_pairs",
-    "tokenize_pairs_with_counts",
     "tokenizer_fingerprint",
 ]

@@ -412,6 +412,22 @@ def _fail_or_count(report: LoadReport, strict: bool, where: RowRef, bad: _BadRow
 STRICT_OFF = "run with --data.strict false"
 
 
+def _parsed_rows(rows, parse, report: LoadReport, strict: bool, strict_off: str):
+    """(where, parse(row)) for each row that parses; a bad row raises under strict, else is counted in
+    `report` by its reason and skipped."""
+    for where, row in rows:
+        report.rows_seen += 1
+        try:
+            if isinstance(row, _BadRow):
+                raise row
+            parsed = parse(row)
+        except _BadRow as bad:
+            _fail_or_count(report, strict, where, bad, strict_off)
+            continue
+        report.rows_kept += 1
+        yield where, parsed
+
+
 def responses_from_rows(
     rows, *, strict: bool = False, source: str = "<rows>", cleaning: str = "engine", strict_off: str = STRICT_OFF
 ) -> tuple[list[Response], LoadReport]:
@@ -421,16 +437,8 @@ def responses_from_rows(
     report = LoadReport(source=source)
     out: list[Response] = []
     seen: set[str] = set()
-    for where, row in rows:
-        report.rows_seen += 1
-        try:
-            if isinstance(row, _BadRow):
-                raise row
-            prompt, texts, scores, metas = _wp_row(row, cleaning)
-        except _BadRow as bad:
-            _fail_or_count(report, strict, where, bad, strict_off)
-            continue
-        report.rows_kept += 1
+    parse = lambda row: _wp_row(row, cleaning)
+    for where, (prompt, texts, scores, metas) in _parsed_rows(rows, parse, report, strict, strict_off):
         pid = make_prompt_id(prompt)
         for j, (text, score, meta) in enumerate(zip(texts, scores, metas)):
             reason = response_drop_reason(text, cleaning)
@@ -463,16 +471,7 @@ def pairs_from_rows(
     report = LoadReport(source=source)
     out: list[Pair] = []
     seen: set[str] = set()
-    for where, row in rows:
-        report.rows_seen += 1
-        try:
-            if isinstance(row, _BadRow):
-                raise row
-            pair = _pair_row(row)
-        except _BadRow as bad:
-            _fail_or_count(report, strict, where, bad, strict_off)
-            continue
-        report.rows_kept += 1
+    for _, pair in _parsed_rows(rows, _pair_row, report, strict, strict_off):
         if pair.pair_id in seen:
             report.drop_response("duplicate_pair")
             continue
@@ -483,19 +482,11 @@ def pairs_from_rows(
 
 
 def load_responses(
-    source: str,
-    *,
-    strict: bool = False,
-    synthetic_prompts: int = 240,
-    synthetic_seed: int = 0,
-    synthetic_lengths: str = "short",
-    cleaning: str = "engine",
-    strict_off: str = STRICT_OFF,
+    source: str, *, strict: bool = False, cleaning: str = "engine", strict_off: str = STRICT_OFF, **synthetic
 ):
-    """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator)."""
-    rows = iter_rows(
-        source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths
-    )
+    """(responses, LoadReport) from a WritingPrompts-schema source ("synthetic" = bundled generator;
+    `synthetic`: its settings as iter_rows takes them)."""
+    rows = iter_rows(source, **synthetic)
     return responses_from_rows(rows, strict=strict, source=source, cleaning=cleaning, strict_off=strict_off)
 
 
@@ -523,19 +514,10 @@ def detect_schema(row: Any) -> str | None:
     return None
 
 
-def load_any(
-    source: str,
-    *,
-    strict: bool = False,
-    synthetic_prompts: int = 240,
-    synthetic_seed: int = 0,
-    synthetic_lengths: str = "short",
-    cleaning: str = "engine",
-) -> LoadedData:
-    """Load a source of either schema, detected from its first row that has either schema's fields."""
-    rows = iter_rows(
-        source, synthetic_prompts=synthetic_prompts, synthetic_seed=synthetic_seed, synthetic_lengths=synthetic_lengths
-    )
+def load_any(source: str, *, strict: bool = False, cleaning: str = "engine", **synthetic) -> LoadedData:
+    """Load a source of either schema, detected from its first row that has either schema's fields
+    (`synthetic`: the bundled generator's settings as iter_rows takes them)."""
+    rows = iter_rows(source, **synthetic)
     head: list = []  # rows read while detecting: only the unreadable ones before the first good row
     kind = None
     for item in rows:

@@ -30,13 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.loading import DataError, LoadReport, load_any
-from engine.data.packing import microbatch_padding_fraction, pack_bins
+from engine.data.loading import DataError, LoadReport
+from engine.data.packing import pack_bins
 from engine.data.pairs import build_pairs, pair_skip_counts, responses_of_pairs, split_by_prompt
-from engine.data.prepare import write_data_report
+from engine.data.prepare import (
+    drop_long_responses,
+    finish_report,
+    load_source,
+    rows_report,
+    sampled_padding_fraction,
+)
 from engine.data.records import Pair, Response, content_id
-from engine.data.sampler import RowSampler
-from engine.data.tokenize import filter_long_responses, tokenizer_fingerprint
+from engine.data.tokenize import tokenizer_fingerprint
 from engine.fileio import load_npz_verified, save_npz_verified
 
 # Bump when the reward tokenisation changes: invalidates every cached reward tokenisation.
@@ -429,16 +434,7 @@ def prepare_reward_data(
     """Load, clean, label, split, pair, tokenise and pack the data of `cfg` for objective reward."""
     d, kind = cfg.data, cfg.loss.reward_loss
     t0 = time.perf_counter()
-    loaded = load_any(
-        d.source,
-        strict=d.strict,
-        synthetic_prompts=d.synthetic_prompts,
-        synthetic_seed=d.synthetic_seed,
-        synthetic_lengths=d.synthetic_lengths,
-        cleaning=d.cleaning,
-    )
-    if verbose:
-        print(loaded.report.summary(), flush=True)
+    loaded = load_source(d, verbose=verbose)
     counts: dict[str, int] = {}  # responses and pairs dropped after loading, by reason
     pair_skips: dict[str, int] = {}  # prompts that give no preference pair (their responses still train l1/mse)
     if loaded.kind == "pairs":
@@ -450,11 +446,7 @@ def prepare_reward_data(
         pairs = loaded.pairs
         responses = responses_of_pairs(pairs)
     else:
-        responses, n_long = filter_long_responses(
-            loaded.responses, tokenizer, d.max_response_tokens, count=d.length_filter
-        )
-        if n_long:
-            counts["response_too_long"] = n_long
+        responses = drop_long_responses(loaded.responses, tokenizer, d, counts)
         pairs = build_pairs(
             responses,
             d.pairs,
@@ -505,10 +497,7 @@ def prepare_reward_data(
         )
     train_rows = pack_units(units, d.max_tokens_per_row, pad_id=pad_id)
     val_rows = pack_units([(r,) for r in val_resp], d.max_tokens_per_row, pad_id=pad_id) if val_resp else []
-    plan = RowSampler(
-        [r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed
-    )
-    pad_frac = microbatch_padding_fraction(train_rows, list(plan))
+    pad_frac = sampled_padding_fraction(train_rows, d)
     report = {
         "load": loaded.report.to_dict(),
         "kind": loaded.kind,
@@ -527,24 +516,19 @@ def prepare_reward_data(
         "pairs": {"train": len(train_pairs), "val": len(val_pairs)},
         "prompts_without_pairs": dict(sorted(pair_skips.items())),
         "dropped": dict(sorted(counts.items())),
-        "rows": {"train": len(train_rows), "val": len(val_rows)},
-        "tokens": {"train": sum(r.num_tokens for r in train_rows), "val": sum(r.num_tokens for r in val_rows)},
-        "max_tokens_per_row": d.max_tokens_per_row,
+        **rows_report(train_rows, val_rows, d),
         "padding_fraction_packed": pad_frac,
         "tokenization_fingerprint": reward_tokenization_fingerprint(tok, d.max_length),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if verbose:
-        print(
-            f"reward data: {len(train_resp)} train / {len(val_resp)} val responses, {len(train_pairs)} / "
-            f"{len(val_pairs)} pairs; labels {cfg.reward.score_transform} in [{label_stats['label_min']:.4g}, "
-            f"{label_stats['label_max']:.4g}]{', standardized' if label_stats['standardized'] else ''}; "
-            f"{len(train_rows)} rows of <= {d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}%; "
-            f"dropped {report['dropped'] or 'nothing'}",
-            flush=True,
-        )
-    if out_dir is not None:
-        write_data_report(out_dir, report)
+    summary = (
+        f"reward data: {len(train_resp)} train / {len(val_resp)} val responses, {len(train_pairs)} / "
+        f"{len(val_pairs)} pairs; labels {cfg.reward.score_transform} in [{label_stats['label_min']:.4g}, "
+        f"{label_stats['label_max']:.4g}]{', standardized' if label_stats['standardized'] else ''}; "
+        f"{len(train_rows)} rows of <= {d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}%; "
+        f"dropped {report['dropped'] or 'nothing'}"
+    )
+    finish_report(report, out_dir, summary, verbose=verbose)
     return PreparedRewardData(
         train_rows=train_rows,
         val_rows=val_rows,

@@ -46,7 +46,7 @@ from engine.data.tokenize import (
     TokenizedPair,
     filter_long_responses,
     tokenization_fingerprint,
-    tokenize_pairs_with_counts,
+    tokenize_pairs,
 )
 from engine.deviation import compute_deviation
 from engine.fileio import atomic_write
@@ -92,26 +92,13 @@ def prepare_data(
     """Load, clean, pair, weight, split, tokenise and pack the data of `cfg` (an engine.config.Config)."""
     d = cfg.data
     t0 = time.perf_counter()
-    loaded = load_any(
-        d.source,
-        strict=d.strict,
-        synthetic_prompts=d.synthetic_prompts,
-        synthetic_seed=d.synthetic_seed,
-        synthetic_lengths=d.synthetic_lengths,
-        cleaning=d.cleaning,
-    )
-    if verbose:
-        print(loaded.report.summary(), flush=True)
+    loaded = load_source(d, verbose=verbose)
     counts: dict[str, int] = {}
     needs_weights = compute_weights and cfg.loss.needs_weights and cfg.deviation.enabled
     deviation = None
 
     if loaded.kind == "responses":
-        responses, n_long = filter_long_responses(
-            loaded.responses, tokenizer, d.max_response_tokens, count=d.length_filter
-        )
-        if n_long:
-            counts["response_too_long"] = n_long
+        responses = drop_long_responses(loaded.responses, tokenizer, d, counts)
         if d.pairs == "divpo":
             # The authors' sampler scores subsets of a prompt's responses: it needs the embeddings.
             deviation = _deviation(responses, cfg, keep_embeddings=d.divpo_sampler == "authors")
@@ -160,8 +147,8 @@ def prepare_data(
         cache_dir=d.cache_dir,
         num_workers=d.num_workers,
     )
-    train_tok, dropped_t = tokenize_pairs_with_counts(train_pairs, tokenizer, **tok_kw)
-    val_tok, dropped_v = tokenize_pairs_with_counts(val_pairs, tokenizer, **tok_kw)
+    train_tok, dropped_t = tokenize_pairs(train_pairs, tokenizer, **tok_kw)
+    val_tok, dropped_v = tokenize_pairs(val_pairs, tokenizer, **tok_kw)
     for k, v in list(dropped_t.items()) + list(dropped_v.items()):
         counts[f"pair_{k}"] = counts.get(f"pair_{k}", 0) + v
     if not train_tok:
@@ -183,11 +170,7 @@ def prepare_data(
         truncation=d.truncation,
     )
     cap_frac = packing_padding_fraction(train_rows, d.max_tokens_per_row)
-    # The padding the trainer actually computes on: epoch-0 micro-batches of one rank, as sampled.
-    plan = RowSampler(
-        [r.num_tokens for r in train_rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed
-    )
-    pad_frac = microbatch_padding_fraction(train_rows, list(plan))
+    pad_frac = sampled_padding_fraction(train_rows, d)
     report = {
         "load": loaded.report.to_dict(),
         "kind": loaded.kind,
@@ -196,9 +179,7 @@ def prepare_data(
         "pairs": {"train": len(train_pairs), "val": len(val_pairs)},
         "tokenized_pairs": {"train": len(train_tok), "val": len(val_tok)},
         "dropped": dict(sorted(counts.items())),
-        "rows": {"train": len(train_rows), "val": len(val_rows)},
-        "tokens": {"train": sum(r.num_tokens for r in train_rows), "val": sum(r.num_tokens for r in val_rows)},
-        "max_tokens_per_row": d.max_tokens_per_row,
+        **rows_report(train_rows, val_rows, d),
         "rows_per_batch": d.rows_per_batch,
         "padding_fraction_packed": pad_frac,
         "padding_fraction_packed_to_capacity": cap_frac,
@@ -208,17 +189,13 @@ def prepare_data(
         "tokenization_fingerprint": tok_fp,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if verbose:
-        print(
-            f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs -> {len(train_rows)} rows of <= "
-            f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of "
-            f"{d.rows_per_batch} row(s), "
-            f"{100 * cap_frac:.2f}% if padded to the row size (padded pair batches of 8: "
-            f"{100 * report['padding_fraction_padded_pairs']:.1f}%); dropped {report['dropped'] or 'nothing'}",
-            flush=True,
-        )
-    if out_dir is not None:
-        write_data_report(out_dir, report)
+    summary = (
+        f"data: {len(train_pairs)} train / {len(val_pairs)} val pairs -> {len(train_rows)} rows of <= "
+        f"{d.max_tokens_per_row} tokens, padding {100 * pad_frac:.2f}% in micro-batches of {d.rows_per_batch} "
+        f"row(s), {100 * cap_frac:.2f}% if padded to the row size (padded pair batches of 8: "
+        f"{100 * report['padding_fraction_padded_pairs']:.1f}%); dropped {report['dropped'] or 'nothing'}"
+    )
+    finish_report(report, out_dir, summary, verbose=verbose)
     return PreparedData(
         train_pairs=train_pairs,
         val_pairs=val_pairs,
@@ -237,6 +214,54 @@ def prepare_data(
         weights_attached=bool(needs_weights),
         report=report,
     )
+
+
+def load_source(d, *, verbose: bool = True):
+    """data.source (either schema) loaded with the data section's generator settings, strictness and cleaning."""
+    loaded = load_any(
+        d.source,
+        strict=d.strict,
+        synthetic_prompts=d.synthetic_prompts,
+        synthetic_seed=d.synthetic_seed,
+        synthetic_lengths=d.synthetic_lengths,
+        cleaning=d.cleaning,
+    )
+    if verbose:
+        print(loaded.report.summary(), flush=True)
+    return loaded
+
+
+def drop_long_responses(responses: list[Response], tokenizer, d, counts: dict[str, int]) -> list[Response]:
+    """The responses data.length_filter keeps under data.max_response_tokens; the rest counted in `counts`."""
+    kept, n_long = filter_long_responses(responses, tokenizer, d.max_response_tokens, count=d.length_filter)
+    if n_long:
+        counts["response_too_long"] = n_long
+    return kept
+
+
+def sampled_padding_fraction(rows, d) -> float:
+    """The padding the trainer actually computes on: epoch-0 micro-batches of one rank, as sampled."""
+    plan = RowSampler(
+        [r.num_tokens for r in rows], num_replicas=1, rank=0, rows_per_batch=d.rows_per_batch, seed=d.seed
+    )
+    return microbatch_padding_fraction(rows, list(plan))
+
+
+def rows_report(train_rows, val_rows, d) -> dict:
+    """The packed rows' part of a data report: rows and real tokens per split, the row length."""
+    return {
+        "rows": {"train": len(train_rows), "val": len(val_rows)},
+        "tokens": {"train": sum(r.num_tokens for r in train_rows), "val": sum(r.num_tokens for r in val_rows)},
+        "max_tokens_per_row": d.max_tokens_per_row,
+    }
+
+
+def finish_report(report: dict, out_dir: str | Path | None, summary: str, *, verbose: bool) -> None:
+    """Print the one-line summary of a preparation and write its data_report.json into `out_dir`."""
+    if verbose:
+        print(summary, flush=True)
+    if out_dir is not None:
+        write_data_report(out_dir, report)
 
 
 def write_data_report(out_dir: str | Path, report: dict) -> None:

@@ -49,25 +49,9 @@ _THEME_WORDS = {
 }
 _NAMES = ("Mara", "Theo", "Ilse", "Jonah", "Priya", "Oskar", "Wren", "Dalia", "Emeka", "Sol")
 # Craft vocabulary: strong stories use vivid words, weak ones lean on filler. Quality is measured from these.
-_VIVID = (
-    "luminous",
-    "jagged",
-    "brittle",
-    "hollow",
-    "crimson",
-    "trembling",
-    "silent",
-    "ancient",
-    "restless",
-    "shimmering",
-    "bitter",
-    "feral",
-    "velvet",
-    "scorched",
-    "gleaming",
-    "frantic",
-    "patient",
-    "ragged",
+_VIVID = tuple(
+    "luminous jagged brittle hollow crimson trembling silent ancient restless "
+    "shimmering bitter feral velvet scorched gleaming frantic patient ragged".split()
 )
 _FILLER = ("very", "really", "thing", "stuff", "basically", "kind", "somehow", "just", "pretty", "okay")
 _VERBS = ("watched", "found", "followed", "remembered", "carried", "crossed", "opened", "heard", "lost", "held")

@@ -307,7 +307,7 @@ def _load_cache(path: Path, pair_ids: list[str]):
 # ----------------------------------------------------------------------------------------- API
 
 
-def tokenize_pairs_with_counts(
+def tokenize_pairs(
     pairs: Sequence[Pair],
     tokenizer,
     *,
@@ -320,7 +320,8 @@ def tokenize_pairs_with_counts(
     num_workers: int = 1,
     chunk_size: int = 256,
 ) -> tuple[list[TokenizedPair], dict[str, int]]:
-    """Like `tokenize_pairs`, with the dropped pairs counted per reason.
+    """(tokenized pairs in input order, dropped pairs counted per reason); see the module docstring for the
+    policy.
 
     `nll_on_prompt` does not change token ids (targets are made at packing); it enters the
     fingerprint only, so caches keyed on it are separate for the two target conventions.
@@ -376,33 +377,6 @@ def tokenize_pairs_with_counts(
             )
         )
     return out, dict(dropped)
-
-
-def tokenize_pairs(
-    pairs: Sequence[Pair],
-    tokenizer,
-    *,
-    max_prompt_length: int,
-    max_length: int,
-    nll_on_prompt: bool = False,
-    max_response_tokens: int | None = None,
-    truncation: str = "engine",
-    cache_dir: str | Path | None = None,
-    num_workers: int = 1,
-) -> tuple[list[TokenizedPair], int]:
-    """(tokenized pairs in input order, number of pairs dropped); see the module docstring for the policy."""
-    out, dropped = tokenize_pairs_with_counts(
-        pairs,
-        tokenizer,
-        max_prompt_length=max_prompt_length,
-        max_length=max_length,
-        nll_on_prompt=nll_on_prompt,
-        max_response_tokens=max_response_tokens,
-        truncation=truncation,
-        cache_dir=cache_dir,
-        num_workers=num_workers,
-    )
-    return out, sum(dropped.values())
 
 
 def filter_long_responses(
