@@ -67,9 +67,7 @@ def test_truncation_keeps_prompt_start_and_response_start(tok):
 def test_drops_are_counted(tok):
     ok = mk("p", "fine", "also fine")
     too_long = mk("p", " ".join(["word"] * 300), "x")
-    out, counts = T.tokenize_pairs(
-        [ok, too_long], tok, max_prompt_length=16, max_length=64, max_response_tokens=100
-    )
+    out, counts = T.tokenize_pairs([ok, too_long], tok, max_prompt_length=16, max_length=64, max_response_tokens=100)
     assert [t.pair_id for t in out] == [ok.pair_id] and counts == {"response_too_long": 1}
     # A template that adds nothing after the response: an empty response has no tokens and is dropped.
     bare = copy.deepcopy(tok)
@@ -118,9 +116,7 @@ def test_cache_hit_and_keying(tok, tmp_path, monkeypatch):
 
 def test_workers_match_serial(tok):
     pairs = [mk(f"prompt number {i}", f"a story of {i} words", f"meh {i}") for i in range(40)]
-    serial, _ = T.tokenize_pairs(
-        pairs, tok, max_prompt_length=32, max_length=64, num_workers=1, chunk_size=8
-    )
+    serial, _ = T.tokenize_pairs(pairs, tok, max_prompt_length=32, max_length=64, num_workers=1, chunk_size=8)
     para, _ = T.tokenize_pairs(pairs, tok, max_prompt_length=32, max_length=64, num_workers=2, chunk_size=8)
     assert [t.chosen_input_ids.tolist() for t in serial] == [t.chosen_input_ids.tolist() for t in para]
     assert [t.rejected_prompt_len for t in serial] == [t.rejected_prompt_len for t in para]
