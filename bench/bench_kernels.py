@@ -59,6 +59,7 @@ from bench import common  # noqa: E402
 from ddpo_kernels import LossSchedule, fused_preference_loss, linear_logprob  # noqa: E402
 from engine import flops  # noqa: E402
 from engine.losses import loss_epilogue, preference_loss  # noqa: E402
+from engine.memory import limit_allocator_retention  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "kernels.csv"
 CSV_FIELDS = [
@@ -410,6 +411,10 @@ class PeakMeter:
         self.peaks: list[float] = []
 
     def start(self) -> None:
+        if self.device != "cuda":
+            # Freed blocks of 1 MiB or more leave the process (engine.train's CPU policy), so each round's
+            # temporaries raise the RSS again instead of reusing what glibc kept from the round before.
+            limit_allocator_retention()
         gc.collect()
         if self.device == "cuda":
             torch.cuda.synchronize()

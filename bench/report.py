@@ -272,6 +272,17 @@ def fmt(v, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
+def fmt_mem(v) -> str:
+    """A peak-memory cell in MB: below 1 MB with 3 decimals; a measured 0 (on CPU: no new resident page
+    during the call, an op that writes into memory it was given) as "< 0.004" (one 4 KiB page)."""
+    x = _f(v)
+    if x is None or x != x:
+        return "-"
+    if x == 0:
+        return "< 0.004"
+    return fmt(x, 3) if abs(x) < 1 else fmt(x)
+
+
 def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -324,7 +335,7 @@ def comparison_table(spec: Spec, rows: list[dict]) -> list[str]:
         if spec.throughput:
             cells.append(fmt(r.get(spec.throughput)))
         if spec.mem:
-            cells.append(fmt(r.get(spec.mem)))
+            cells.append(fmt_mem(r.get(spec.mem)))
         if spec.plan:
             pred, peak = _f(r.get(spec.plan)), _f(r.get(spec.mem)) if spec.mem else None
             cells += [fmt(r.get(spec.plan)), fmt_ratio(peak / pred if pred and peak else None)]

@@ -422,3 +422,11 @@ def test_readme_performance_summary_is_generated_from_the_results():
     readme = (ROOT / "README.md").read_text()
     begin, end = readme.index(report.README_BEGIN), readme.index(report.README_END) + len(report.README_END)
     assert readme[begin:end] == "\n".join(report.readme_summary(report.RESULTS_DIR))
+
+
+def test_memory_cells_never_read_zero_mb():
+    """A measured 0 is shown as below one resident page, small peaks keep their digits, missing ones a dash."""
+    assert report.fmt_mem("0.0") == "< 0.004"
+    assert report.fmt_mem("0.05") == "0.050"
+    assert report.fmt_mem("3445.2") == "3,445.2"
+    assert report.fmt_mem("") == "-"
