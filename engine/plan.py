@@ -35,10 +35,10 @@ gpus_per_node data-parallel ranks; w = 2 bytes in bf16/fp16, 4 in fp32):
   recomputed.
 - logits: eager (HF-style full logits) N * V * (w + 4 + 4): the logits in the compute dtype, the fp32
   log-softmax kept for backward and its fp32 gradient. Fused (ddpo_kernels.fused_preference_loss): one
-  block of logits in the compute dtype, block = ddpo_kernels.default_block_rows(V, dtype, device) rows
-  of the device planned for (on a CPU a 128 MiB block, on a GPU 1 GiB; the "triton" backend keeps tiles
-  in SRAM, so this is an upper bound), plus the fp32 [V, D] dW accumulator the kernel fills when the LM
-  head is trained (full fine-tuning; LoRA leaves the head frozen).
+  buffer of logits in the compute dtype: a block of ddpo_kernels.default_block_rows(V, dtype, device)
+  rows of the device planned for (on a CPU a 128 MiB block, on a GPU 1 GiB) plus the GEMM chunk it
+  shares with the next block, at most the micro-batch's tokens in whole chunks, plus the fp32 [V, D] dW
+  accumulator the kernel fills when the LM head is trained (full fine-tuning; LoRA leaves the head frozen).
 - reference model: 0 with the reference log-prob cache (engine.refcache) or for objectives without a
   reference (orpo, dorpo, sft); on the fly (ref_cache.mode off), a frozen copy of P parameters in
   ref_cache.dtype (divided by W under ZeRO-3; 0 with offload_params), or 0 with LoRA (the reference is
@@ -479,7 +479,7 @@ class MemoryPlan:
     activations_without_checkpointing: int
     logits_fused: int
     logits_eager: int
-    logits_block: int  # the fused loss's [block, V] logits block alone (logits_fused adds the head's dW)
+    logits_block: int  # the fused loss's logits buffer, block + one chunk rows (logits_fused adds the head's dW)
     reference_cached: int
     reference_on_the_fly: int
     parameters: int
@@ -628,14 +628,14 @@ def _final_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
     return (4 * d + 4 + a * d) + a * d + 2 * a * shape.head_dim
 
 
-def _fused_block_rows(vocab_size: int, itemsize: int, device: str) -> int:
-    """Rows of the fused loss's [block, V] logits block on `device` (the kernels' own budget)."""
+def _fused_block_rows(vocab_size: int, itemsize: int, device: str) -> tuple[int, int]:
+    """(block rows, GEMM chunk rows) of the fused loss's logits walk on `device` (the kernels' own sizes)."""
     import torch
 
-    from ddpo_kernels import default_block_rows
+    from ddpo_kernels import default_block_rows, default_chunk_rows
 
     dtype = {2: torch.bfloat16, 4: torch.float32}.get(itemsize, torch.float32)
-    return default_block_rows(vocab_size, dtype, device)
+    return default_block_rows(vocab_size, dtype, device), default_chunk_rows(device)
 
 
 def planned_attn_implementation(requested: str, device: str, model_type: str | None) -> str:
@@ -708,9 +708,11 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
     act_with = n * (shape.num_layers * w * dh + per_layer + final)
     activations = act_with if m.gradient_checkpointing else act_without
 
-    chunk = _fused_block_rows(v, w, s.device)
+    block, chunk = _fused_block_rows(v, w, s.device)
     head_trained = m.lora_r == 0
-    logits_block = min(chunk, n) * v * w
+    # The walk's one logits buffer holds a block plus the GEMM chunk it shares with the next block, never
+    # more than the micro-batch's tokens rounded up to whole chunks (ddpo_kernels._common.Walk).
+    logits_block = min(block + chunk, -(-n // chunk) * chunk) * v * w
     logits_fused = logits_block + (v * dh * 4 if head_trained else 0)
     logits_eager = n * v * (w + 4 + 4)
     logits = logits_eager if cfg.loss.backend == "eager" else logits_fused
@@ -765,7 +767,7 @@ def plan_memory(settings: PlanSettings, shape: ModelShape | None = None) -> Memo
         lora_parameters=A,
         tokens_per_micro_batch=n,
         world_size=W,
-        block_rows=chunk,
+        block_rows=block,
         activation_bytes_per_token_layer=per_layer,
         attn_implementation=attn,
         settings=_settings_record(s),
