@@ -27,39 +27,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny_run import TINY_RUN, argv
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo", "sft")
 STEPS = 3
 TOL = 1e-4
-TRAIN_ARGS = [
-    "--data.synthetic_prompts",
-    "24",
-    "--data.max_prompt_length",
-    "48",
-    "--data.max_length",
-    "128",
-    "--data.max_tokens_per_row",
-    "512",
-    "--deviation.semantic_model",
-    "",
-    "--eval.enabled",
-    "false",
-    "--optim.lr",
-    "2e-3",
-    "--optim.warmup_ratio",
-    "0",
-    "--optim.schedule",
-    "constant",
-    "--logging.progress",
-    "false",
-    "--logging.tensorboard",
-    "false",
-    "--optim.max_steps",
-    str(STEPS),
-    "--checkpoint.export_final",
-    "true",
-]
+TRAIN_ARGS = argv(
+    {
+        **TINY_RUN,
+        "eval.enabled": False,
+        "logging.tensorboard": False,
+        "optim.max_steps": STEPS,
+        "checkpoint.export_final": True,
+    }
+)
 
 
 def machine() -> dict:

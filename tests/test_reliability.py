@@ -28,34 +28,10 @@ from engine.model import load_tokenizer
 from engine.refcache import RefCache
 from engine.rundir import RunDirError, RunLock
 from engine.train import train
+from tests.tiny_run import TINY_RUN, argv
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "--data.synthetic_prompts",
-    "24",
-    "--data.max_prompt_length",
-    "48",
-    "--data.max_length",
-    "128",
-    "--data.max_tokens_per_row",
-    "512",
-    "--deviation.semantic_model",
-    "",
-    "--eval.enabled",
-    "false",
-    "--optim.lr",
-    "2e-3",
-    "--optim.warmup_ratio",
-    "0",
-    "--optim.schedule",
-    "constant",
-    "--logging.progress",
-    "false",
-    "--logging.tensorboard",
-    "false",
-    "--checkpoint.export_final",
-    "false",
-]
+TINY = argv({**TINY_RUN, "eval.enabled": False, "logging.tensorboard": False, "checkpoint.export_final": False})
 
 
 @pytest.fixture(scope="module")

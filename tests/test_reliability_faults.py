@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from engine.refcache import RefCache
+from tests.tiny_run import TINY_RUN, argv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,30 +80,7 @@ if spec.get("rows_per_part"):
 T.main()
 """
 
-TINY = [
-    "--data.synthetic_prompts",
-    "24",
-    "--data.max_prompt_length",
-    "48",
-    "--data.max_length",
-    "128",
-    "--data.max_tokens_per_row",
-    "512",
-    "--deviation.semantic_model",
-    "",
-    "--optim.lr",
-    "2e-3",
-    "--optim.warmup_ratio",
-    "0",
-    "--optim.schedule",
-    "constant",
-    "--logging.progress",
-    "false",
-    "--logging.tensorboard",
-    "false",
-    "--checkpoint.resume",
-    "auto",
-]
+TINY = argv({**TINY_RUN, "logging.tensorboard": False, "checkpoint.resume": "auto"})
 
 
 def _env() -> dict:

@@ -19,31 +19,11 @@ from engine.config import load_config
 from engine.data import collate, pack_pairs, prepare_data
 from engine.model import load_model, load_tokenizer
 from engine.train import PolicyWithLoss
+from tests.tiny_run import TINY_RUN, argv
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: style-only deviation (no MiniLM load), short sequences, no evaluation.
-TINY = [
-    "--data.synthetic_prompts",
-    "24",
-    "--data.max_prompt_length",
-    "48",
-    "--data.max_length",
-    "128",
-    "--data.max_tokens_per_row",
-    "512",
-    "--deviation.semantic_model",
-    "",
-    "--eval.enabled",
-    "false",
-    "--optim.lr",
-    "2e-3",
-    "--optim.warmup_ratio",
-    "0",
-    "--optim.schedule",
-    "constant",
-    "--logging.progress",
-    "false",
-]
+TINY = argv({**TINY_RUN, "eval.enabled": False})
 
 
 def _free_port():
