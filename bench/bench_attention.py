@@ -37,28 +37,10 @@ if str(REPO) not in sys.path:
 from bench import common  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "attention.csv"
-FIELDS = [
-    "bench",
-    "impl",
-    "heads",
-    "head_dim",
-    "sequences",
-    "row_tokens",
-    "dtype",
-    "device",
-    "time_ms_median",
-    "time_ms_p10",
-    "time_ms_p90",
-    "reps",
-    "tokens_per_s",
-    "peak_mem_mb",
-    "hardware",
-    "torch",
-    "commit",
-    "run_id",
-    "timestamp",
-    "notes",
-]
+FIELDS = (
+    "bench impl heads head_dim sequences row_tokens dtype device time_ms_median time_ms_p10 time_ms_p90 "
+    "reps tokens_per_s peak_mem_mb hardware torch commit run_id timestamp notes"
+).split()
 # Sequence lengths of one packed row: 8 sequences of WritingPrompts-length stories (prompt + response, as in
 # the cpu-gpt2-stories benchmark) and 8 of the short default data.
 CONFIGS = {

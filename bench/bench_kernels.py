@@ -62,35 +62,11 @@ from engine.losses import loss_epilogue, preference_loss  # noqa: E402
 from engine.memory import limit_allocator_retention  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "kernels.csv"
-CSV_FIELDS = [
-    "bench",
-    "op",
-    "backend",
-    "objective",
-    "N",
-    "D",
-    "V",
-    "dtype",
-    "device",
-    "time_ms_median",
-    "time_ms_p10",
-    "time_ms_p90",
-    "reps",
-    "peak_mem_mb",
-    "tokens_per_s",
-    "tflops",
-    "pct_peak",
-    "loss",
-    "hardware",
-    "torch",
-    "triton",
-    "liger",
-    "cce",
-    "commit",
-    "run_id",
-    "timestamp",
-    "notes",
-]
+CSV_FIELDS = (
+    "bench op backend objective N D V dtype device time_ms_median time_ms_p10 time_ms_p90 reps "
+    "peak_mem_mb tokens_per_s tflops pct_peak loss hardware torch triton liger cce commit run_id "
+    "timestamp notes"
+).split()
 IGNORE = -100
 HAS_CUDA = torch.cuda.is_available()
 OBJECTIVES = ("dpo", "ddpo", "orpo", "dorpo")

@@ -50,29 +50,11 @@ def _hardware() -> str:
 
 
 RESULTS_CSV = REPO / "bench" / "results" / "refcache.csv"
-CSV_FIELDS = [
-    "bench",
-    "config",
-    "variant",
-    "device",
-    "model",
-    "dtype",
-    "lora_r",
-    "tokens_per_step",
-    "step_time_ms_median",
-    "step_time_ms_p10",
-    "step_time_ms_p90",
-    "ref_time_ms_median",
-    "reps",
-    "peak_mem_mb",
-    "ref_model_mb",
-    "hardware",
-    "torch",
-    "transformers",
-    "commit",
-    "timestamp",
-    "note",
-]
+CSV_FIELDS = (
+    "bench config variant device model dtype lora_r tokens_per_step step_time_ms_median step_time_ms_p10 "
+    "step_time_ms_p90 ref_time_ms_median reps peak_mem_mb ref_model_mb hardware torch transformers commit "
+    "timestamp note"
+).split()
 DEFAULT_OVERRIDES = [
     "--data.synthetic_prompts",
     "64",

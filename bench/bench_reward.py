@@ -55,42 +55,12 @@ VARIANTS = {
     "published_labels": ["--reward.standardize_labels", "false"],
     "bradley_terry": ["--loss.reward_loss", "bradley_terry", "--optim.epochs", "1"],
 }
-FIELDS = [
-    "bench",
-    "variant",
-    "config",
-    "model",
-    "reward_loss",
-    "labels",
-    "template",
-    "train_responses",
-    "val_responses",
-    "val_pairs",
-    "epochs",
-    "steps",
-    "best_step",
-    "stopped_early_at",
-    "spearman_quality",
-    "spearman_quality_train",
-    "spearman_label",
-    "pairwise_accuracy",
-    "val_loss",
-    "target_spearman_quality",
-    "wall_s",
-    "cpu_s",
-    "threads",
-    "load1_start",
-    "load1_end",
-    "peak_mem_mb",
-    "hardware",
-    "torch",
-    "transformers",
-    "deepspeed",
-    "commit",
-    "run_id",
-    "timestamp",
-    "notes",
-]
+FIELDS = (
+    "bench variant config model reward_loss labels template train_responses val_responses val_pairs "
+    "epochs steps best_step stopped_early_at spearman_quality spearman_quality_train spearman_label "
+    "pairwise_accuracy val_loss target_spearman_quality wall_s cpu_s threads load1_start load1_end "
+    "peak_mem_mb hardware torch transformers deepspeed commit run_id timestamp notes"
+).split()
 
 
 def score_export(final_dir: Path, cfg) -> dict:

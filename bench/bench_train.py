@@ -80,31 +80,11 @@ from bench import common  # noqa: E402
 from engine import flops  # noqa: E402
 
 RESULTS_CSV = common.RESULTS_DIR / "train.csv"
-FIELDS = [
-    "bench",
-    "system",
-    "variant",
-    "model",
-    "pairs_per_step",
-    "tokens_per_step",
-    "step_time_ms_median",
-    "step_time_ms_p10",
-    "step_time_ms_p90",
-    "reps",
-    "tokens_per_s",
-    "peak_mem_mb",
-    "plan_mb",
-    "mfu",
-    "hardware",
-    "torch",
-    "transformers",
-    "trl",
-    "deepspeed",
-    "commit",
-    "run_id",
-    "timestamp",
-    "notes",
-]
+FIELDS = (
+    "bench system variant model pairs_per_step tokens_per_step step_time_ms_median step_time_ms_p10 "
+    "step_time_ms_p90 reps tokens_per_s peak_mem_mb plan_mb mfu hardware torch transformers trl deepspeed "
+    "commit run_id timestamp notes"
+).split()
 ENGINE = "ddpo-engine"
 TRL = "trl"
 ENGINE_VARIANTS = ("packed+cache", "packed+on_the_fly", "unpacked+cache")
@@ -139,160 +119,67 @@ class Setup:
         return self.warmup + self.reps
 
 
+_TINY = Setup("cpu-tiny", "llama-tiny", "float32", "cpu", 4, max_prompt_length=64, max_length=256, warmup=3, reps=20)
+_GPT2 = Setup(
+    "cpu-gpt2", "gpt2-small", "float32", "cpu", 4, max_prompt_length=64, max_length=512, warmup=1, reps=10, threads=2
+)
+_8B = Setup(
+    "gpu-8b",
+    "llama-8b",
+    "bfloat16",
+    "cuda",
+    4,
+    max_prompt_length=256,
+    max_length=1024,
+    warmup=2,
+    reps=10,
+    lr=5e-6,
+    objective="ddpo",
+)
+
+
+def _variant(base: Setup, name: str, **changes) -> Setup:
+    return dataclasses.replace(base, name=name, **changes)
+
+
 SETUPS = {
-    # Same batch geometry as the default run (configs/tiny-cpu.yaml), fp32 on CPU.
-    "cpu-tiny": Setup(
-        "cpu-tiny",
-        "llama-tiny",
-        "float32",
-        "cpu",
-        pairs_per_step=4,
-        max_prompt_length=64,
-        max_length=256,
-        warmup=3,
-        reps=20,
-    ),
-    # Batch-size sweep around cpu-tiny (bench-full): 2, 4, 8 pairs per step. The synthetic sequences are
-    # ~100 tokens, below every max_length, so a max_length sweep would change nothing; the pairs per
-    # step set the packed row length (engine) and the padded batch (TRL). BENCHMARKS.md plots time and
-    # memory against the resulting tokens per step.
-    "cpu-tiny-p2": Setup(
-        "cpu-tiny-p2",
-        "llama-tiny",
-        "float32",
-        "cpu",
-        pairs_per_step=2,
-        max_prompt_length=64,
-        max_length=256,
-        warmup=3,
-        reps=20,
-    ),
-    "cpu-tiny-p8": Setup(
-        "cpu-tiny-p8",
-        "llama-tiny",
-        "float32",
-        "cpu",
-        pairs_per_step=8,
-        max_prompt_length=64,
-        max_length=256,
-        warmup=3,
-        reps=20,
-    ),
-    # The smallest size, for the smoke test (tests/test_bench.py).
-    "cpu-tiny-smoke": Setup(
-        "cpu-tiny-smoke",
-        "llama-tiny",
-        "float32",
-        "cpu",
-        pairs_per_step=2,
-        max_prompt_length=64,
-        max_length=128,
-        warmup=1,
-        reps=10,
-    ),
-    # The `make bench` size: a few seconds per worker on 2 cores.
-    "cpu-tiny-quick": Setup(
-        "cpu-tiny-quick",
-        "llama-tiny",
-        "float32",
-        "cpu",
-        pairs_per_step=4,
-        max_prompt_length=64,
-        max_length=256,
-        warmup=2,
-        reps=10,
-    ),
-    # The seed recipe's model at WritingPrompts-like response lengths (bench-full): responses of hundreds of
-    # tokens with a long tail, cut at 512 tokens per sequence so that TRL's padded batches fit a shared machine.
-    "cpu-gpt2-stories": Setup(
-        "cpu-gpt2-stories",
-        "gpt2-small",
-        "float32",
-        "cpu",
-        pairs_per_step=4,
-        max_prompt_length=64,
-        max_length=512,
-        warmup=1,
-        reps=10,
-        lengths="stories",
-        threads=2,
-        breakdown=True,
-    ),
-    # gpt2-small at the make-bench size: short responses, the engine's default variant against TRL's faster one.
-    "cpu-gpt2-quick": Setup(
-        "cpu-gpt2-quick",
-        "gpt2-small",
-        "float32",
-        "cpu",
-        pairs_per_step=2,
-        max_prompt_length=64,
-        max_length=256,
-        warmup=1,
-        reps=10,
-        threads=2,
-        jobs=(("ddpo-engine", "packed+cache"), ("trl", "precomputed_ref")),
-    ),
-    # Llama-3-8B architecture, random init, bf16, LoRA; DDPO (deviation weights are per-pair scalars,
-    # 1.0 here: the step's cost is the same as with computed weights).
-    "gpu-8b-lora": Setup(
-        "gpu-8b-lora",
-        "llama-8b",
-        "bfloat16",
-        "cuda",
-        pairs_per_step=4,
-        max_prompt_length=256,
-        max_length=1024,
-        warmup=2,
-        reps=10,
-        lr=5e-6,
-        lora_r=16,
-        gradient_checkpointing=True,
-        objective="ddpo",
-    ),
-    "gpu-8b-full": Setup(
-        "gpu-8b-full",
-        "llama-8b",
-        "bfloat16",
-        "cuda",
-        pairs_per_step=2,
-        max_prompt_length=256,
-        max_length=1024,
-        warmup=2,
-        reps=10,
-        lr=5e-6,
-        gradient_checkpointing=True,
-        objective="ddpo",
-    ),
-    # `make gpu-check` (bench/gpu_check.py): Llama-3-8B shapes with 4 of its 32 decoder layers, so that
-    # every worker fits the check's minutes; both setups take the same pairs, so one reference cache
-    # serves both. No gradient checkpointing: the 4-layer model fits a 80 GB GPU without it.
-    "gpu-8b4l-lora": Setup(
-        "gpu-8b4l-lora",
-        "llama-8b-4layers",
-        "bfloat16",
-        "cuda",
-        pairs_per_step=16,
-        max_prompt_length=256,
-        max_length=1024,
-        warmup=2,
-        reps=10,
-        lr=5e-6,
-        lora_r=16,
-        objective="ddpo",
-    ),
-    "gpu-8b4l-full": Setup(
-        "gpu-8b4l-full",
-        "llama-8b-4layers",
-        "bfloat16",
-        "cuda",
-        pairs_per_step=16,
-        max_prompt_length=256,
-        max_length=1024,
-        warmup=2,
-        reps=10,
-        lr=5e-6,
-        objective="ddpo",
-    ),
+    s.name: s
+    for s in (
+        # Same batch geometry as the default run (configs/tiny-cpu.yaml), fp32 on CPU.
+        _TINY,
+        # Batch-size sweep around cpu-tiny (bench-full): 2, 4, 8 pairs per step. The synthetic sequences are
+        # ~100 tokens, below every max_length, so a max_length sweep would change nothing; the pairs per
+        # step set the packed row length (engine) and the padded batch (TRL). BENCHMARKS.md plots time and
+        # memory against the resulting tokens per step.
+        _variant(_TINY, "cpu-tiny-p2", pairs_per_step=2),
+        _variant(_TINY, "cpu-tiny-p8", pairs_per_step=8),
+        # The smallest size, for the smoke test (tests/test_bench.py).
+        _variant(_TINY, "cpu-tiny-smoke", pairs_per_step=2, max_length=128, warmup=1, reps=10),
+        # The `make bench` size: a few seconds per worker on 2 cores.
+        _variant(_TINY, "cpu-tiny-quick", warmup=2, reps=10),
+        # The seed recipe's model at WritingPrompts-like response lengths (bench-full): responses of hundreds
+        # of tokens with a long tail, cut at 512 tokens per sequence so that TRL's padded batches fit a
+        # shared machine.
+        _variant(_GPT2, "cpu-gpt2-stories", lengths="stories", breakdown=True),
+        # gpt2-small at the make-bench size: short responses, the engine's default variant against TRL's
+        # faster one.
+        _variant(
+            _GPT2,
+            "cpu-gpt2-quick",
+            pairs_per_step=2,
+            max_length=256,
+            jobs=(("ddpo-engine", "packed+cache"), ("trl", "precomputed_ref")),
+        ),
+        # Llama-3-8B architecture, random init, bf16; DDPO (deviation weights are per-pair scalars, 1.0
+        # here: the step's cost is the same as with computed weights).
+        _variant(_8B, "gpu-8b-lora", lora_r=16, gradient_checkpointing=True),
+        _variant(_8B, "gpu-8b-full", pairs_per_step=2, gradient_checkpointing=True),
+        # `make gpu-check` (bench/gpu_check.py): Llama-3-8B shapes with 4 of its 32 decoder layers, so that
+        # every worker fits the check's minutes; both setups take the same pairs, so one reference cache
+        # serves both. No gradient checkpointing: the 4-layer model fits a 80 GB GPU without it.
+        _variant(_8B, "gpu-8b4l-lora", model="llama-8b-4layers", pairs_per_step=16, lora_r=16),
+        _variant(_8B, "gpu-8b4l-full", model="llama-8b-4layers", pairs_per_step=16),
+    )
 }
 QUICK_SETUPS = ("cpu-tiny-quick", "cpu-gpt2-quick")
 FULL_SETUPS = ("cpu-tiny", "cpu-tiny-p2", "cpu-tiny-p8", "cpu-gpt2-stories")
@@ -567,23 +454,10 @@ def engine_worker(s: Setup, variant: str, cache_dir: str, data_cache: str) -> di
 
 
 MEMORY_CSV = common.RESULTS_DIR / "memory.csv"
-MEMORY_FIELDS = [
-    "bench",
-    "model",
-    "variant",
-    "tokens_per_step",
-    "component",
-    "mb",
-    "plan_mb",
-    "note",
-    "hardware",
-    "torch",
-    "transformers",
-    "deepspeed",
-    "commit",
-    "run_id",
-    "timestamp",
-]
+MEMORY_FIELDS = (
+    "bench model variant tokens_per_step component mb plan_mb note hardware torch transformers deepspeed "
+    "commit run_id timestamp"
+).split()
 
 
 def breakdown_worker(

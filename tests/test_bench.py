@@ -71,29 +71,10 @@ def test_append_csv_refuses_a_different_header(tmp_path):
 # ------------------------------------------------------------------------------------------ report
 
 
-KERNEL_FIELDS = [
-    "bench",
-    "op",
-    "backend",
-    "objective",
-    "N",
-    "D",
-    "V",
-    "dtype",
-    "device",
-    "time_ms_median",
-    "time_ms_p10",
-    "time_ms_p90",
-    "reps",
-    "peak_mem_mb",
-    "tokens_per_s",
-    "hardware",
-    "torch",
-    "triton",
-    "liger",
-    "commit",
-    "timestamp",
-]
+KERNEL_FIELDS = (
+    "bench op backend objective N D V dtype device time_ms_median time_ms_p10 time_ms_p90 reps "
+    "peak_mem_mb tokens_per_s hardware torch triton liger commit timestamp"
+).split()
 
 
 def _kernel_row(backend, n, t, mem, commit, ts, v=8000):
