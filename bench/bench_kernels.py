@@ -385,12 +385,12 @@ class PeakMeter:
         self.device = device
         self.base = 0.0
         self.peaks: list[float] = []
-
-    def start(self) -> None:
-        if self.device != "cuda":
+        if device != "cuda":
             # Freed blocks of 1 MiB or more leave the process (engine.train's CPU policy), so each round's
             # temporaries raise the RSS again instead of reusing what glibc kept from the round before.
             limit_allocator_retention()
+
+    def start(self) -> None:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.synchronize()

@@ -714,17 +714,24 @@ def cpu_targets_section(train_rows: list[dict], deviation_rows: list[dict]) -> l
     return ["## CPU targets (issue #22)", "", intro, ""] + _target_table(checks) + [""]
 
 
-def readme_summary(results_dir: Path) -> list[str]:
-    """The README's performance summary: the CPU target table from the committed CSVs."""
-    data = {
-        stem: read_rows(results_dir / f"{stem}.csv")
-        for stem in ("train", "deviation")
-        if (results_dir / f"{stem}.csv").exists()
-    }
-    data = {stem: [r for r in rows if not is_dry_run(r)] for stem, rows in data.items()}
+def load_results(results_dir: Path, *, include_dry_run: bool = False) -> tuple[dict, list[dict], int]:
+    """(rows by CSV stem, orchestrated jobs, dry-run rows seen) of `results_dir`, every row with its `_run`
+    and `_t`; dry-run rows and jobs (and stems left empty by them) are dropped unless include_dry_run."""
     jobs = read_rows(results_dir / RUNS_CSV) if (results_dir / RUNS_CSV).exists() else []
+    data = {p.stem: read_rows(p) for p in sorted(results_dir.glob("*.csv")) if p.name != RUNS_CSV}
+    dry = sum(is_dry_run(r) for rows in [jobs, *data.values()] for r in rows)
+    if not include_dry_run:
+        jobs = [r for r in jobs if not is_dry_run(r)]
+        data = {stem: [r for r in rows if not is_dry_run(r)] for stem, rows in data.items()}
+        data = {stem: rows for stem, rows in data.items() if rows}
     for stem, rows in data.items():
         attribute_runs(stem, rows, jobs)
+    return data, jobs, dry
+
+
+def readme_summary(results_dir: Path) -> list[str]:
+    """The README's performance summary: the CPU target table from the committed CSVs."""
+    data, _, _ = load_results(results_dir)
     lines = _target_table(cpu_targets(data.get("train", []), data.get("deviation", [])))
     return [README_BEGIN, "", *lines, "", README_END]
 
@@ -754,18 +761,10 @@ def render(
     counted) unless include_dry_run.
     """
     plots_dir = plots_dir or results_dir / "plots"
-    jobs = read_rows(results_dir / RUNS_CSV) if (results_dir / RUNS_CSV).exists() else []
-    files = sorted(p for p in results_dir.glob("*.csv") if p.name != RUNS_CSV)
     specs = {s.stem: s for s in SPECS}
+    files = sorted(p for p in results_dir.glob("*.csv") if p.name != RUNS_CSV)
     order = [s.stem for s in SPECS] + sorted(p.stem for p in files if p.stem not in specs)
-    data = {p.stem: read_rows(p) for p in files}
-    dry = sum(is_dry_run(r) for rows in [jobs, *data.values()] for r in rows)
-    if not include_dry_run:
-        jobs = [r for r in jobs if not is_dry_run(r)]
-        data = {stem: [r for r in rows if not is_dry_run(r)] for stem, rows in data.items()}
-        data = {stem: rows for stem, rows in data.items() if rows}
-    for stem, rows in data.items():
-        attribute_runs(stem, rows, jobs)
+    data, jobs, dry = load_results(results_dir, include_dry_run=include_dry_run)
 
     if plots and plots_dir.exists():
         for old in plots_dir.glob("*.png"):
