@@ -128,7 +128,9 @@ _STAT_DEFAULTS = {
     "primary_metric": "semantic_diversity",
     "pilot": "DPO",
     "matched_quality_fraction": 0.75,
+    "design_basis": None,
 }
+_BASIS_KEYS = {"source", "within", "between"}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -200,6 +202,18 @@ def load_design(path: str | Path = DESIGN, *, quick: bool = False) -> Design:
     if not 0 < stats["matched_quality_fraction"] <= 1:
         raise DesignError(
             f"{path}: statistics.matched_quality_fraction must be in (0, 1], got {stats['matched_quality_fraction']!r}"
+        )
+    basis = stats["design_basis"]
+    if basis is not None and not (
+        isinstance(basis, dict)
+        and set(basis) == _BASIS_KEYS
+        and isinstance(basis["source"], str)
+        and all(isinstance(basis[k], (int, float)) and basis[k] >= 0 for k in ("within", "between"))
+        and basis["within"] > 0
+    ):
+        raise DesignError(
+            f"{path}: statistics.design_basis must be {{source: <text>, within: <variance > 0>, between: "
+            f"<variance >= 0>}} (the variance components the design was chosen from), got {basis!r}"
         )
     if not (0.5 < stats["level"] < 1 and 0.5 <= stats["power"] < 1):
         raise DesignError(

@@ -174,8 +174,12 @@ def power_estimate(evals: list[dict], design) -> dict:
     vc = VarianceComponents(pilot_vc.within, 2 * pilot_vc.between, pilot_vc.n_seeds, pilot_vc.n_prompts)
     alpha, power = 1 - stats["level"], stats["power"]
     n_prompts, n_seeds = min(len(d) for d in diffs), len(seeds)
-    grid_p = sorted({25, 50, 100, 150, 200, n_prompts})
-    grid_s = sorted({3, 5, 8, n_seeds})
+    grid_p = sorted({20, 30, 60, 100, 200, n_prompts})
+    grid_s = sorted({5, 8, 16, 24, 32, n_seeds})
+    basis = stats.get("design_basis")
+    if basis:
+        predicted = VarianceComponents(basis["within"], basis["between"], 0, 0)
+        basis = {**basis, "detectable": predicted.detectable_difference(n_prompts, n_seeds, alpha, power)}
     return {
         "metric": metric,
         "pilot": pilot,
@@ -190,6 +194,7 @@ def power_estimate(evals: list[dict], design) -> dict:
         "detectable": vc.detectable_difference(n_prompts, n_seeds, alpha, power),
         "target": stats["target_detectable"],
         "power_at_target": vc.power(stats["target_detectable"], n_prompts, n_seeds, alpha),
+        "design_basis": basis,
         "grid": {
             "prompts": grid_p,
             "seeds": grid_s,
@@ -620,6 +625,19 @@ def _setup_lines(result: dict) -> list[str]:
         "checkpoints along training (comparison at matched quality); the two learning-rate controls (the mean "
         "weight confound); evaluation prompts in batches of "
         f"{ev['batch_size']} (speed; it changes the sampling random stream, equally for every run).",
+        *(
+            [
+                f"- This version changes only the numbers of seeds and prompts ({len(design['seeds'])} seeds x "
+                f"{ev['num_prompts']} prompts), chosen from the variance components of the {basis['source']} and the "
+                "45-minute budget: the between-seed term was larger than the prompt term, so at equal evaluation "
+                "cost seeds buy more power than prompts (the choice and its cost model are in "
+                "`experiments/method.yaml`). The previous version's comparison was run and read before this choice "
+                "(its document is in the git history); the choice uses only its pilot's variance components and "
+                "the time budget.",
+            ]
+            if (basis := design["statistics"].get("design_basis"))
+            else []
+        ),
         "- The learning rate, steps, beta and SFT recipe are those of the first version (chosen there before any "
         "DDPO/DORPO comparison) and were not retuned.",
     ]
@@ -642,7 +660,13 @@ def _power_lines(result: dict, analysis: dict) -> list[str]:
         f"{100 * p['alpha']:.0f}%, power {100 * p['power']:.0f}%), this design of {p['n_prompts']} prompts x "
         f"{result['recipe']['eval']['n_samples']} samples x {p['n_seeds']} seeds detects a {met} difference of "
         f"**{p['detectable']:.4f}** (target: at most {p['target']}: {'met' if ok else 'NOT met'}); a true difference "
-        f"of {p['target']} would be detected with probability {p['power_at_target']:.2f}.",
+        f"of {p['target']} would be detected with probability {p['power_at_target']:.2f}."
+        + (
+            f" The design was chosen before this run from the {b['source']} (within {b['within']:.3g}, between "
+            f"{b['between']:.3g}), which predicted {b['detectable']:.4f} for it."
+            if (b := p.get("design_basis"))
+            else ""
+        ),
         "",
         "| prompts per seed \\ seeds | " + " | ".join(map(str, grid["seeds"])) + " |",
         "|" + "---|" * (1 + len(grid["seeds"])),

@@ -198,10 +198,13 @@ def test_design_loads_and_bad_designs_name_the_fix(tmp_path):
         X.load_design(_design_file(tmp_path, comparisons=[["DDPO", "PPO"]]))
     with pytest.raises(X.DesignError, match="best_vs_worst.seeds"):
         X.load_design(
-            _design_file(tmp_path, best_vs_worst={"pairing": "best_vs_worst", "methods": ["DPO"], "seeds": [9]})
+            _design_file(tmp_path, best_vs_worst={"pairing": "best_vs_worst", "methods": ["DPO"], "seeds": [999]})
         )
     with pytest.raises(X.DesignError, match="must be a non-empty list"):
         X.load_design(_design_file(tmp_path, seeds=[]))
+    stats = {**yaml.safe_load(X.DESIGN.read_text())["statistics"], "design_basis": {"within": 0.1, "between": 0.0}}
+    with pytest.raises(X.DesignError, match="design_basis must be"):
+        X.load_design(_design_file(tmp_path, statistics=stats))
     ctx = X.Context(X.load_design(_design_file(tmp_path, checkpoints=3)), str(tmp_path), "llama-tiny")
     with pytest.raises(X.DesignError, match=r"multiple of checkpoints \(3\)"):
         ctx.method_config("DPO", 0)
@@ -316,3 +319,8 @@ def test_power_estimate_from_the_pilot():
     assert math.isfinite(p["detectable"]) and p["detectable"] < 0.02
     # The target is above the detectable difference, so it is detected with more than the design's power.
     assert p["power_at_target"] > p["power"]
+    # What the components the design was chosen from predicted for this design, beside the pilot's own estimate.
+    basis = res["design"]["statistics"]["design_basis"]
+    predicted = R.VarianceComponents(basis["within"], basis["between"], 0, 0).detectable_difference(60, 4)
+    assert p["design_basis"]["detectable"] == pytest.approx(predicted)
+    assert p["design_basis"]["source"] == basis["source"]
