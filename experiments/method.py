@@ -712,6 +712,7 @@ def run_experiment(
         futures += [ex.submit(job_sft_eval, ctx, s) for s in design.seeds]
         _collect(futures, evals, runs)
         phases["phase1_s"] = time.time() - t0
+        loads = [os.getloadavg()[0]]  # 1-minute load average at each phase end, the workers busy till then
         power = power_estimate(evals, design)
         power["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         _atomic_json(out / "power.json", power)
@@ -733,6 +734,7 @@ def run_experiment(
         jobs.sort(key=lambda j: -len(j[1]) * ((1 if j[2].get("final_only") else design.checkpoints) + 0.35))
         _collect([ex.submit(job_chain, ctx, s, c, **kw) for s, c, kw in jobs], evals, runs)
         phases["phase2_s"] = time.time() - t0
+        loads.append(os.getloadavg()[0])
     phases["total_s"] = time.time() - t_start
     cpu["runs_train"] = sum(r["train_cpu_s"] for r in runs)
     cpu["evals"] = sum(e["eval_cpu_s"] for e in evals if e["method"] != HUMAN)
@@ -748,6 +750,7 @@ def run_experiment(
         "workers": workers,
         "load_start": load_start,
         "load_end": os.getloadavg(),
+        "load_phase_ends": loads,
         "quick": design.quick,
         "recipe": make_config(design.recipe, ctx.common).to_dict(),
         "sft_given": sft_dir is not None,

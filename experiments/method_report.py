@@ -174,8 +174,13 @@ def power_estimate(evals: list[dict], design) -> dict:
     vc = VarianceComponents(pilot_vc.within, 2 * pilot_vc.between, pilot_vc.n_seeds, pilot_vc.n_prompts)
     alpha, power = 1 - stats["level"], stats["power"]
     n_prompts, n_seeds = min(len(d) for d in diffs), len(seeds)
+    detectable = vc.detectable_difference(n_prompts, n_seeds, alpha, power)
+    target = stats["target_detectable"]
+    seeds_for_target = next(
+        (s for s in range(2, 10_000) if vc.detectable_difference(n_prompts, s, alpha, power) <= target), None
+    )
     grid_p = sorted({20, 30, 60, 100, 200, n_prompts})
-    grid_s = sorted({5, 8, 16, 24, 32, n_seeds})
+    grid_s = sorted({5, 8, 16, 24, 32, n_seeds} | ({seeds_for_target} if seeds_for_target else set()))
     basis = stats.get("design_basis")
     if basis:
         predicted = VarianceComponents(basis["within"], basis["between"], 0, 0)
@@ -191,9 +196,10 @@ def power_estimate(evals: list[dict], design) -> dict:
         "n_seeds": n_seeds,
         "alpha": alpha,
         "power": power,
-        "detectable": vc.detectable_difference(n_prompts, n_seeds, alpha, power),
-        "target": stats["target_detectable"],
-        "power_at_target": vc.power(stats["target_detectable"], n_prompts, n_seeds, alpha),
+        "detectable": detectable,
+        "target": target,
+        "power_at_target": vc.power(target, n_prompts, n_seeds, alpha),
+        "seeds_for_target": seeds_for_target,
         "design_basis": basis,
         "grid": {
             "prompts": grid_p,
@@ -519,6 +525,19 @@ def _f(x, digits=4) -> str:
     return "-" if x is None or not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _load_note(result: dict) -> str:
+    """Did other jobs share the CPU? The 1-minute load average at each phase end (the workers' own load is
+    their number) and how busy the workers kept the cores: CPU time / (wall time x workers)."""
+    workers, loads = result["workers"], result.get("load_phase_ends") or [result["load_end"][0]]
+    busy = sum(result["cpu_s"].values()) / (result["phases"]["total_s"] * workers)
+    shared = max(loads) > workers + 0.5
+    return (
+        f"Load average at the phase ends {', '.join(f'{x:.1f}' for x in loads)}; the workers' CPU time was "
+        f"{100 * busy:.0f}% of wall time x workers"
+        + (": other jobs shared the CPU, so the times are pessimistic." if shared else ": nothing else ran.")
+    )
+
+
 def _setup_lines(result: dict) -> list[str]:
     design, rec, v = result["design"], result["recipe"], result["versions"]
     ph, cpu = result["phases"], result["cpu_s"]
@@ -540,9 +559,7 @@ def _setup_lines(result: dict) -> list[str]:
         f"- Versions: engine {v['engine']}, commit {v['engine_commit']}, torch {v['torch']}, transformers "
         f"{v['transformers']}, numpy {v['numpy']}, Python {v['python']}",
         f"- Machine: {v['cpu_model']}, {v['cpu_count']} CPU cores visible, {v['platform']}; {result['workers']} worker "
-        f"process(es) with one torch thread each; load average {result['load_start'][0]:.1f} at start, "
-        f"{result['load_end'][0]:.1f} at the end (above the core count: other jobs shared the CPU, times are "
-        "pessimistic)",
+        f"process(es) with one torch thread each. {_load_note(result)}",
         f"- Wall time: **{ph['total_s'] / 60:.1f} min** (phase 0: SFT and embedding warm-up {ph['phase0_s']:.0f} s; "
         f"phase 1, pilot {ph['phase1_s']:.0f} s; phase 2 {ph['phase2_s']:.0f} s). CPU time: SFT {cpu['sft']:.0f} s, "
         f"warm-up and human references {cpu['warmup']:.0f} s, preference training {cpu['runs_train']:.0f} s, "
@@ -673,6 +690,20 @@ def _power_lines(result: dict, analysis: dict) -> list[str]:
     ]
     for i, n in enumerate(grid["prompts"]):
         lines.append(f"| {n} | " + " | ".join(f"{x:.4f}" for x in grid["detectable"][i]) + " |")
+    need = p.get("seeds_for_target")
+    if not ok and need:
+        cpu, seeds = result["cpu_s"], p["n_seeds"]
+        per_seed = (cpu["runs_train"] + cpu["evals"]) / seeds
+        fixed = cpu["sft"] + cpu["warmup"]
+        lines += [
+            "",
+            f"Meeting the target at {p['n_prompts']} prompts per seed takes {need} seeds. At this run's measured CPU "
+            f"time per seed ({per_seed:.0f} s: every method trained and evaluated, the best-vs-worst runs spread "
+            f"over the seeds) plus its fixed part ({fixed:.0f} s), that is at least "
+            f"{(fixed + per_seed * need) / result['workers'] / 60:.0f} min of wall time with {result['workers']} "
+            "workers (CPU time / workers), against this run's "
+            f"{(fixed + per_seed * seeds) / result['workers'] / 60:.0f} min by the same count.",
+        ]
     ph = analysis["post_hoc"]
     if ph:
         lines += [

@@ -324,3 +324,21 @@ def test_power_estimate_from_the_pilot():
     predicted = R.VarianceComponents(basis["within"], basis["between"], 0, 0).detectable_difference(60, 4)
     assert p["design_basis"]["detectable"] == pytest.approx(predicted)
     assert p["design_basis"]["source"] == basis["source"]
+    # The fewest seeds that meet the target at the run's prompts per seed.
+    vc = R.VarianceComponents(p["within"], p["between"], 0, 0)
+    need = p["seeds_for_target"]
+    assert vc.detectable_difference(60, need, p["alpha"], p["power"]) <= p["target"]
+    assert need == 2 or vc.detectable_difference(60, need - 1, p["alpha"], p["power"]) > p["target"]
+
+
+def test_load_note_tells_a_shared_cpu_from_a_quiet_one():
+    result = {
+        "workers": 2,
+        "load_end": [2.0],
+        "load_phase_ends": [2.1, 1.9],
+        "cpu_s": {"sft": 10.0, "warmup": 10.0, "runs_train": 80.0, "evals": 280.0},
+        "phases": {"total_s": 200.0},
+    }
+    assert R._load_note(result).endswith("95% of wall time x workers: nothing else ran.")
+    result["load_phase_ends"] = [3.4, 2.0]
+    assert "other jobs shared the CPU" in R._load_note(result)
